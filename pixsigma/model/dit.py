@@ -1,0 +1,152 @@
+"""The PixArt-Σ Diffusion Transformer (PixArtMS XL/2 and smaller siblings).
+
+Parameter names follow the original PixArt checkpoints (``x_embedder``, ``t_block``,
+``blocks.N.attn.qkv``, ``blocks.N.cross_attn.kv_linear``, ``final_layer`` …), so an
+official ``.pth`` loads with no renaming; ``pixsigma.weights`` converts diffusers folders.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pixsigma.config import DiTConfig
+from pixsigma.model.attention import CrossAttention, SelfAttention
+from pixsigma.model.embeddings import (
+    CaptionEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    layer_norm,
+    modulate,
+    sincos_pos_embed,
+    unpatchify,
+)
+
+Tensor = torch.Tensor
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PixArtBlock(nn.Module):
+    """adaLN-single block: the six modulation vectors are the shared t_block output plus a
+    learned per-block ``scale_shift_table`` (PixArt-α Sec. 2.3)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, kv_ratio: int = 1, kv_operator: str = "conv"):
+        super().__init__()
+        self.attn = SelfAttention(dim, heads, kv_ratio, kv_operator)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, y: Tensor, t6: Tensor, mask: Tensor | None, hw: tuple[int, int]) -> Tensor:
+        # x: (B, N, C), y: (B, L, C), t6: (B, 6*C), mask: (B, L)
+        mod = self.scale_shift_table[None] + t6.reshape(x.shape[0], 6, -1)  # (B, 6, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unsqueeze(2).unbind(1)  # (B, 1, C)
+        x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa), hw)
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, modulated by the embedded timestep and its own table, then a linear to p·p·C_out."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:  # (B, N, C), (B, C)
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).unsqueeze(2).unbind(1)  # (B, 1, C)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class PixArtDiT(nn.Module):
+    """ε-and-variance predictor: (latent x_t, timestep t, T5 tokens y, their mask) -> (B, C_out, H, W)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        d = c.hidden_size
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = CaptionEmbedder(c.caption_channels, d)
+        if c.micro_condition:  # PixArt-α 1024: image size and aspect ratio, d/3 each
+            self.csize_embedder = TimestepEmbedder(d // 3)
+            self.ar_embedder = TimestepEmbedder(d // 3)
+        kv = c.kv_compress
+        self.blocks = nn.ModuleList(
+            PixArtBlock(d, c.num_heads, c.mlp_ratio, kv.ratio_for(i), kv.operator) for i in range(c.depth)
+        )
+        self.final_layer = FinalLayer(d, c.patch_size, c.out_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT/PixArt init: xavier linears, zeroed adaLN output and final projection (a fresh model predicts 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for emb in (self.t_embedder, getattr(self, "csize_embedder", None), getattr(self, "ar_embedder", None)):
+            if emb is not None:
+                nn.init.normal_(emb.mlp[0].weight, std=0.02)
+                nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.cross_attn.proj.weight)
+            nn.init.zeros_(blk.cross_attn.proj.bias)
+            if hasattr(blk.attn, "sr"):
+                blk.attn.reset_kv_compression()
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None,
+                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
+        """x: (B, C_in, H, W) latent; t: (B,) timesteps; y: (B, L, C_text); mask: (B, L) 1 = real token;
+        resolution: (B, 2) image (h, w) and aspect_ratio: (B, 1), only for micro-conditioned models."""
+        c = self.config
+        p = c.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"latent {tuple(x.shape[-2:])} is not divisible by the patch size {p}")
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        pos = sincos_pos_embed(c.hidden_size, h, w, c.base_size, c.pe_interpolation, x.device)
+        x = self.x_embedder(x) + pos.to(x.dtype)  # (B, N, D)
+        b = x.shape[0]
+        t = t.expand(b) if t.ndim == 0 or t.shape[0] == 1 else t
+        t_emb = self.t_embedder(t.to(x.device))  # (B, D)
+        if c.micro_condition:
+            if resolution is None or aspect_ratio is None:
+                raise ValueError("this model is micro-conditioned: pass resolution (B, 2) and aspect_ratio (B, 1)")
+            cs = self.csize_embedder(resolution.flatten()).reshape(b, -1)  # (B, 2D/3)
+            ar = self.ar_embedder(aspect_ratio.flatten()).reshape(b, -1)  # (B, D/3)
+            t_emb = t_emb + torch.cat([cs, ar], dim=1)
+        t6 = self.t_block(t_emb)  # (B, 6D)
+        y = self.y_embedder(y.to(x.dtype))  # (B, L, D)
+        if mask is not None:
+            mask = mask.to(torch.bool)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, t6, mask, (h, w), use_reentrant=False)
+            else:
+                x = block(x, y, t6, mask, (h, w))
+        x = self.final_layer(x, t_emb)  # (B, N, p*p*C_out)
+        return unpatchify(x, h, w, p, c.out_channels)  # (B, C_out, H, W)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
