@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixsigma.config import DiTConfig
+from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.attention import CrossAttention, SelfAttention
 from pixsigma.model.embeddings import (
     CaptionEmbedder,
@@ -147,6 +147,31 @@ class PixArtDiT(nn.Module):
                 x = block(x, y, t6, mask, (h, w))
         x = self.final_layer(x, t_emb)  # (B, N, p*p*C_out)
         return unpatchify(x, h, w, p, c.out_channels)  # (B, C_out, H, W)
+
+    @torch.no_grad()
+    def set_kv_compress(self, kv: KVCompress) -> None:
+        """Switch KV compression at inference without reloading: layers keep trained ``sr``/``norm`` weights
+        when their ratio is unchanged; newly compressed conv layers start from the average init."""
+        if any(i >= self.config.depth for i in kv.layers):
+            raise ValueError(f"KV layers {list(kv.layers)} out of range 0-{self.config.depth - 1}")
+        ref = self.final_layer.linear.weight
+        for i, blk in enumerate(self.blocks):
+            attn, ratio = blk.attn, kv.ratio_for(i)
+            stash = getattr(attn, "_stash", {})
+            if hasattr(attn, "sr"):
+                stash[attn.kv_ratio] = (attn.sr, attn.norm)  # keep trained weights for a switch back
+                del attn.sr, attn.norm
+            attn.kv_ratio, attn.kv_operator, attn._stash = ratio, kv.operator, stash
+            if ratio > 1 and kv.operator == "conv":
+                if ratio in stash:
+                    attn.sr, attn.norm = stash.pop(ratio)
+                else:
+                    attn.sr = nn.Conv2d(ref.shape[1], ref.shape[1], ratio, stride=ratio, groups=ref.shape[1])
+                    attn.norm = nn.LayerNorm(ref.shape[1])
+                    attn.reset_kv_compression()
+                    attn.sr.to(ref.device, ref.dtype)
+                    attn.norm.to(ref.device, ref.dtype)
+        self.config = self.config.with_kv(kv)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,48 @@
+"""Atomic output files: PNGs carrying their generation parameters in a text chunk."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from pixsigma.constants import PARAMS_CHUNK
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
+    """Write ``image`` to ``path`` with ``params`` as JSON in the PNG text chunk 'parameters'.
+    Written to a temp file in the same folder, then renamed: a crash never leaves half a PNG."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output {path} must end in .png (the parameters travel in a PNG text chunk)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMS_CHUNK, json.dumps(params, sort_keys=True, default=str))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_params(path: str | os.PathLike) -> dict[str, Any]:
+    """The generation parameters a pixsigma PNG carries ({} if none)."""
+    with Image.open(path) as im:
+        text = im.text.get(PARAMS_CHUNK) if hasattr(im, "text") else None
+    return json.loads(text) if text else {}
+
+
+def numbered_paths(path: str | os.PathLike, n: int) -> list[Path]:
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``… for several."""
+    path = Path(path)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]

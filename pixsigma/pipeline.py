@@ -1,0 +1,316 @@
+"""Text -> image: T5 features -> CFG sampling with a diffusers scheduler -> VAE decode -> PIL.
+
+With the same folder, seed and settings this makes the same image as diffusers'
+``PixArtSigmaPipeline`` (noise drawn on the CPU from one generator, prompts
+lower-cased and stripped, padding to the model's token length, binning on the
+PixArt tables, bilinear cover-resize + centre-crop back to the asked size).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pixsigma.buckets import check_size, nearest_bucket
+from pixsigma.config import KVCompress
+from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.model.dit import PixArtDiT
+from pixsigma.sampling import (
+    SAMPLERS,
+    decode,
+    default_steps,
+    denoise,
+    initial_noise,
+    latent_preview_array,
+    make_scheduler,
+    resize_and_crop,
+    to_uint8,
+)
+from pixsigma.weights import LAYOUTS, load_dit
+
+__all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "latent_preview",
+           "resolve_model", "OutOfMemory"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_IMAGES = 16
+ALPHA_TOKENS = 120  # PixArt-α's T5 length
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_MODELS = {"demo": _ASSETS / "sigma", "demo-sigma": _ASSETS / "sigma", "demo-alpha": _ASSETS / "alpha"}
+MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a smaller --width/--height, "
+                "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
+
+
+class OutOfMemory(RuntimeError):
+    """Raised instead of a bare CUDA OOM, naming what lowers memory."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | list[str]
+    negative_prompt: str = ""
+    width: int | None = None  # None: the model's base resolution
+    height: int | None = None
+    steps: int | None = None  # None: the sampler's default
+    guidance: float = DEFAULT_GUIDANCE
+    sampler: str | None = None  # None / "default": the model folder's scheduler
+    seed: int | None = None  # None: a random seed, reported in the result
+    num_images: int = 1  # per prompt
+    binning: bool = True
+    kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
+
+    def __post_init__(self) -> None:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance must be >= 0 (1 = no guidance, {DEFAULT_GUIDANCE} default), "
+                             f"got {self.guidance!r}")
+        if self.sampler not in (None, *SAMPLERS):
+            raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
+        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
+            raise ValueError(f"num_images must be an integer in 1-{MAX_IMAGES}, got {self.num_images!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    params: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+    width: int = 0
+    height: int = 0
+
+
+def latent_preview(latents: torch.Tensor) -> Image.Image:
+    """A cheap preview of the first latent (no VAE), for progress displays."""
+    return Image.fromarray(latent_preview_array(latents).numpy())
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
+
+
+def resolve_model(model: str) -> Path:
+    """A local pipeline folder, a shipped demo name, or a hub id (downloaded through huggingface_hub)."""
+    if model in DEMO_MODELS:
+        path = DEMO_MODELS[model]
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"demo model {model!r} is missing at {path}; rebuild it with "
+                                    "`python -m pixsigma.demo.build`")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json). --model accepts a "
+                                    "diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, "
+                                    "tokenizer/, scheduler/), a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, "
+                                    f"or 'demo'; --transformer accepts {'; '.join(LAYOUTS)}")
+        return path
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:
+            raise FileNotFoundError(f"cannot get hub model {model!r} ({type(e).__name__}: {str(e)[:200]}); "
+                                    "download it where there is network and pass the local folder") from None
+    raise FileNotFoundError(f"model {model!r} not found: no such folder, not a hub id (owner/name), not 'demo'")
+
+
+class PixSigmaPipeline:
+    """The loaded parts of a PixArt pipeline folder, and ``generate``."""
+
+    def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
+                 device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = ""):
+        self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
+        self.scheduler_config, self.device, self.dtype = scheduler_config, device, dtype
+        self.offload_t5, self.name = offload_t5, name
+        self.max_tokens = transformer.config.max_tokens
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
+                        dtype: str = "fp32", offload_t5: bool = False, kv: KVCompress | None = None
+                        ) -> PixSigmaPipeline:
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        dev, torch_dtype = resolve_device(device), DTYPES[dtype]
+        folder = resolve_model(model)
+        dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(dev).eval()
+        t5_dev = torch.device("cpu") if offload_t5 else dev
+        text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype).to(t5_dev).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        sched = json.loads(sched_file.read_text()) if sched_file.is_file() else None
+        pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model)
+        pipe.max_tokens = _token_length(folder, transformer)
+        return pipe
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words the tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None:
+            return []
+        out = []
+        for word in dict.fromkeys(prompt.lower().replace(",", " ").replace(".", " ").split()):
+            ids = self.tokenizer(word, add_special_tokens=False).input_ids
+            if unk in ids:
+                out.append(word)
+        return out
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(B, L, C) T5 features, (B, L) mask, and a warning per prompt cut at the token limit."""
+        texts = [p.lower().strip() for p in prompts]
+        warnings: list[str] = []
+        need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if need:
+            tok = self.tokenizer(need, padding="max_length", max_length=self.max_tokens, truncation=True,
+                                 add_special_tokens=True, return_tensors="pt")
+            if self.offload_t5 and self.device.type != "cpu":
+                self.text_encoder.to(self.device)
+            enc_dev = next(self.text_encoder.parameters()).device
+            emb = self.text_encoder(tok.input_ids.to(enc_dev), attention_mask=tok.attention_mask.to(enc_dev))[0]
+            if self.offload_t5 and self.device.type != "cpu":
+                self.text_encoder.to("cpu")
+                torch.cuda.empty_cache()
+            for i, t in enumerate(need):
+                self._text_cache[t] = (emb[i].to(self.device), tok.attention_mask[i].to(self.device))
+                while len(self._text_cache) > 32:
+                    self._text_cache.popitem(last=False)
+        for p, t in zip(prompts, texts):
+            n = len(self.tokenizer(t, add_special_tokens=True).input_ids)
+            if n > self.max_tokens:
+                warnings.append(f"prompt {p[:40]!r}… is {n} tokens; the model reads {self.max_tokens}, "
+                                f"so the last {n - self.max_tokens} tokens were dropped")
+        emb = torch.stack([self._text_cache[t][0] for t in texts])
+        mask = torch.stack([self._text_cache[t][1] for t in texts])
+        return emb, mask, warnings
+
+    # -- images -------------------------------------------------------------------------------------------
+    @property
+    def base_resolution(self) -> int:
+        return self.transformer.config.sample_size * VAE_SCALE_FACTOR
+
+    def plan_size(self, req: GenerationRequest) -> tuple[int, int, int, int]:
+        """(asked h, asked w, generated h, generated w)."""
+        h = req.height or self.base_resolution
+        w = req.width or self.base_resolution
+        if req.binning:
+            gh, gw = nearest_bucket(h, w, self.base_resolution)
+        else:
+            check_size(h, w)
+            gh, gw = h, w
+        return h, w, gh, gw
+
+    @torch.no_grad()
+    def generate(self, req: GenerationRequest,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
+        try:
+            return self._generate(req, callback)
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory generating {req.width}x{req.height} × {req.num_images}: "
+                              f"lower memory with {MEMORY_HINTS}") from e
+
+    def _generate(self, req: GenerationRequest, callback) -> GenerationResult:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
+        h, w, gh, gw = self.plan_size(req)
+        dit = self.transformer
+        if req.kv is not None and req.kv != dit.config.kv_compress:
+            own = dit.config.kv_compress
+            dit.set_kv_compress(req.kv)
+        else:
+            own = None
+        try:
+            prompts = [p for p in req.prompts for _ in range(req.num_images)]
+            cond, cmask, warnings = self.encode_prompts(prompts)
+            if req.guidance > 1.0:
+                uncond, umask, _ = self.encode_prompts([req.negative_prompt] * len(prompts))
+                y, mask = torch.cat([uncond, cond]), torch.cat([umask, cmask])  # (2B, L, C), (2B, L)
+            else:
+                y, mask = cond, cmask
+            y = y.to(self.dtype)
+            scheduler = make_scheduler(req.sampler, self.scheduler_config)
+            steps = req.steps or default_steps(req.sampler)
+            shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
+            latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
+            extra = {}
+            if dit.config.micro_condition:
+                n = y.shape[0]
+                extra = {"resolution": torch.tensor([[gh, gw]], dtype=self.dtype, device=self.device).repeat(n, 1),
+                         "aspect_ratio": torch.full((n, 1), gh / gw, dtype=self.dtype, device=self.device)}
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return dit(x, t, y, mask, **extra)
+
+            latents = denoise(model_fn, scheduler, latents, steps, req.guidance, gen, callback,
+                              dit.config.learn_sigma)
+            images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
+            if req.binning:
+                images = resize_and_crop(images, h, w)
+            arrays = to_uint8(images).numpy()
+        finally:
+            if own is not None:
+                dit.set_kv_compress(own)
+        kv = req.kv if req.kv is not None else dit.config.kv_compress
+        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": steps,
+                  "guidance": req.guidance, "sampler": req.sampler or "default", "width": w, "height": h,
+                  "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
+                  "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
+                  "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return GenerationResult([Image.fromarray(a) for a in arrays], seed, params, warnings,
+                                time.perf_counter() - start, peak, w, h)
+
+
+def _token_length(folder: Path, transformer: str | None) -> int:
+    """T5 tokens the model was trained with: a pixsigma folder says so; diffusers folders imply it by pipeline
+    class (PixArt-α: 120, PixArt-Σ: 300)."""
+    for cand in ([Path(transformer)] if transformer else []) + [folder / "transformer"]:
+        meta = cand / "pixsigma.json"
+        if meta.is_file():
+            return int(json.loads(meta.read_text())["dit"]["max_tokens"])
+    index = json.loads((folder / "model_index.json").read_text())
+    return ALPHA_TOKENS if index.get("_class_name") == "PixArtAlphaPipeline" else MAX_TOKENS

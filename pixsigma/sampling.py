@@ -1,0 +1,128 @@
+"""Sampling as plain functions: scheduler by name -> denoise loop with CFG -> VAE decode.
+
+No printing, file I/O or globals here: the pipeline and the CLI own those.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
+
+Tensor = torch.Tensor
+StepCallback = Callable[[int, int, Tensor], None]  # (step, total, latents)
+
+SAMPLERS = ("default", "dpm-solver", "sa-solver", "ddim", "euler")
+DEFAULT_STEPS_FOR = {"default": DEFAULT_STEPS, "dpm-solver": DEFAULT_STEPS, "sa-solver": 25, "ddim": 50, "euler": 30}
+# PixArt's training schedule, used when a model folder carries no scheduler config.
+PIXART_BETAS = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 0.0001, "beta_end": 0.02,
+                "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None):
+    """A diffusers scheduler: the folder's own (``default``), or one of SAMPLERS built on the same betas."""
+    import diffusers
+
+    name = name or "default"
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)}")
+    base = dict(folder_config or {})
+    if name == "default":
+        if base.get("_class_name"):
+            return getattr(diffusers, base["_class_name"]).from_config(base)
+        name = "dpm-solver"
+    base = {**PIXART_BETAS, **{k: v for k, v in base.items() if k in PIXART_BETAS or k == "trained_betas"}}
+    if name == "dpm-solver":
+        return diffusers.DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "sa-solver":
+        return diffusers.SASolverScheduler.from_config(base)
+    if name == "ddim":
+        return diffusers.DDIMScheduler.from_config(base)
+    return diffusers.EulerDiscreteScheduler.from_config(base)
+
+
+def default_steps(sampler: str | None) -> int:
+    return DEFAULT_STEPS_FOR.get(sampler or "default", DEFAULT_STEPS)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype,
+                  init_sigma: float = 1.0) -> tuple[Tensor, torch.Generator]:
+    """Noise drawn on the CPU from ``seed`` (same image on every device), and the generator that drew it."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device) * init_sigma, gen
+
+
+def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor, steps: int,
+            guidance: float, generator: torch.Generator | None = None, callback: StepCallback | None = None,
+            learn_sigma: bool = True) -> Tensor:
+    """The sampling loop. ``model_fn(x, t)`` gets the CFG-doubled batch ([uncond; cond]) when guidance > 1
+    and returns the model output; only its ε half is used when the model also predicts variance."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scheduler.set_timesteps(steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    step_params = inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if "generator" in step_params else {}
+    cfg = guidance > 1.0
+    channels = latents.shape[1]
+    for i, t in enumerate(timesteps):
+        x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, H, W)
+        x = scheduler.scale_model_input(x, t)
+        out = model_fn(x, t.reshape(1).to(x.device).expand(x.shape[0]))
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        eps = out[:, :channels] if learn_sigma and out.shape[1] == 2 * channels else out
+        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if callback is not None:
+            callback(i + 1, len(timesteps), latents)
+    return latents
+
+
+def decode(vae, latents: Tensor, tiled: bool = False) -> Tensor:
+    """Latents -> images in [-1, 1], (B, 3, 8H, 8W). Tiled decoding keeps 2K/4K within memory."""
+    scale = vae.config.scaling_factor
+    dtype = vae.dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SD/SDXL VAEs overflow in fp16
+        dtype = torch.float32
+    if tiled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    return vae.decode(latents.to(dtype) / scale, return_dict=False)[0]
+
+
+def resize_and_crop(images: Tensor, height: int, width: int) -> Tensor:
+    """Cover (height, width) by bilinear resize, then centre-crop: back from a bucket to the asked size."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return images[:, :, top:top + height, left:left + width]
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+
+
+# Rough latent -> RGB projection for previews without the VAE (SD/SDXL-like latents; good enough to watch).
+_PREVIEW = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                         [-0.184, -0.271, -0.473]])
+
+
+def latent_preview_array(latents: Tensor) -> Tensor:
+    """(B, 4, H, W) latents -> uint8 (H, W, 3) preview of the first image."""
+    lat = latents[0, :4].float().cpu()  # (4, H, W)
+    rgb = torch.einsum("chw,cr->hwr", lat, _PREVIEW)
+    rgb = (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-6)
+    return (rgb * 255).to(torch.uint8)
