@@ -8,7 +8,7 @@ scales the nearest table and snaps each side to a multiple of ``SIZE_MULTIPLE``.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from pixsigma.constants import SIZE_MULTIPLE
 
@@ -34,7 +34,7 @@ def _snap(x: float) -> int:
     return max(SIZE_MULTIPLE, int(round(x / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bucket_table(resolution: int) -> dict[float, tuple[int, int]]:
     """ratio h/w -> (h, w) px for a base ``resolution`` (the side of its square bucket)."""
     if not isinstance(resolution, int) or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:

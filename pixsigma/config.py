@@ -62,7 +62,8 @@ def parse_layers(spec: str) -> tuple[int, ...]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ValueError(f"bad layer range {part!r} in {spec!r}: use 'A-B' or 'A,B,C' with A <= B, e.g. '14-27'") from None
+            raise ValueError(f"bad layer range {part!r} in {spec!r}: use 'A-B' or 'A,B,C' with A <= B, "
+                             "e.g. '14-27'") from None
     return tuple(out)
 
 

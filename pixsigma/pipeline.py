@@ -146,7 +146,10 @@ def resolve_model(model: str) -> Path:
         except Exception as e:
             raise FileNotFoundError(f"cannot get hub model {model!r} ({type(e).__name__}: {str(e)[:200]}); "
                                     "download it where there is network and pass the local folder") from None
-    raise FileNotFoundError(f"model {model!r} not found: no such folder, not a hub id (owner/name), not 'demo'")
+    raise FileNotFoundError(f"model {model!r} not found: no such folder, not a hub id (owner/name), not 'demo'. "
+                            "--model accepts a diffusers pipeline folder (model_index.json, transformer/, vae/, "
+                            "text_encoder/, tokenizer/, scheduler/), a hub id such as "
+                            "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, or 'demo' / 'demo-alpha'")
 
 
 class PixSigmaPipeline:

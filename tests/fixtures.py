@@ -79,7 +79,8 @@ def make_tiny_pipeline(folder: str | Path, kv: KVCompress | None = None, layout:
     else:
         save_dit(dit, folder / "transformer")
     index = {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.42.1",
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "text_encoder": ["transformers", "T5EncoderModel"],
              "vae": ["diffusers", "AutoencoderKL"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
              "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,158 @@
+"""The command line: ``python -m pixsigma generate|convert …``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pixsigma.config import KV_OPERATORS, KVCompress, parse_layers
+from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS
+from pixsigma.sampling import SAMPLERS
+
+log = logging.getLogger("pixsigma")
+
+EPILOG = f"""
+models:
+  --model takes a diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+  scheduler/), a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, or 'demo' / 'demo-alpha' (the shipped
+  shapes-world models). --transformer replaces the DiT with a diffusers transformer folder or an original
+  checkpoint (.pth/.safetensors, {{'state_dict': …}} or bare); KV compression is read from blocks.N.attn.sr.*.
+
+examples:
+  python -m pixsigma generate "a red star above a blue ring" --model demo --out star.png
+  python -m pixsigma generate "a cat in a hat" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --dtype bf16 \\
+      --width 1024 --height 768 --out cat.png
+  python -m pixsigma generate "a lighthouse" --model PixArt-alpha/PixArt-Sigma-XL-2-2K-MS --kv-compress 2 \\
+      --kv-layers 14-27 --width 2048 --height 2048 --dtype bf16 --offload-t5 --out lighthouse.png
+  python -m pixsigma convert PixArt-Sigma-XL-2-2K-MS.pth --out sigma-2k-transformer
+
+Prompts longer than {MAX_TOKENS} T5 tokens are truncated with a warning naming how many were dropped.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pixsigma", epilog=EPILOG,
+                                description="PixArt-Σ text-to-image up to 4K, with KV token compression.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text -> PNG", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("--model", required=True, help="pipeline folder, hub id, or 'demo'")
+    g.add_argument("--transformer", help="replacement DiT weights (diffusers folder or original .pth/.safetensors)")
+    g.add_argument("--out", required=True, help="output PNG (several images: out-0.png, out-1.png, …)")
+    g.add_argument("--negative", default="", help="negative prompt (default: empty, as PixArt was trained)")
+    g.add_argument("--seed", type=int, help="random seed (default: random, stored in the PNG)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the sampler's, 20 for DPM-Solver++)")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    g.add_argument("--width", type=int, help="image width in px (default: the model's base resolution)")
+    g.add_argument("--height", type=int, help="image height in px")
+    g.add_argument("--sampler", choices=SAMPLERS, default="default",
+                   help="default = the model folder's scheduler; dpm-solver = DPM-Solver++ multistep")
+    g.add_argument("--no-binning", action="store_true", help="generate at exactly --width/--height (multiples "
+                   "of 16) instead of the nearest aspect-ratio bucket resized back")
+    g.add_argument("--kv-compress", type=int, metavar="R", help="KV token compression ratio (1 = off; default: "
+                   "what the checkpoint was trained with)")
+    g.add_argument("--kv-layers", default=None, help="layers to compress, e.g. 14-27 (default: the deep half)")
+    g.add_argument("--kv-operator", choices=KV_OPERATORS, default="conv")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="default: bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
+                   "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
+    c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
+    c.add_argument("checkpoint", help="original .pth/.safetensors (or any layout load accepts)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--base-resolution", type=int, help="base resolution if the file name does not say "
+                   "(256, 512, 1024, 2048, 4096)")
+    return p
+
+
+def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompress | None:
+    if args.kv_compress is None:
+        if args.kv_layers is not None:
+            raise ValueError("--kv-layers needs --kv-compress R")
+        return None
+    if args.kv_compress < 1:
+        raise ValueError(f"--kv-compress must be >= 1 (1 = off, 2 or 3 compress), got {args.kv_compress}")
+    if args.kv_compress == 1:
+        return KVCompress()
+    layers = parse_layers(args.kv_layers) if args.kv_layers else tuple(range((depth or 28) // 2, depth or 28))
+    return KVCompress(ratio=args.kv_compress, layers=layers, operator=args.kv_operator)
+
+
+def run_generate(args: argparse.Namespace) -> list[Path]:
+    from pixsigma.io import numbered_paths, save_png
+    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline, resolve_device
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out} must end in .png")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
+    kv_arg = kv_from_args(args, depth=None)
+    dtype = args.dtype or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32")
+    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, dtype, args.offload_t5)
+    if kv_arg is not None and args.kv_layers is None and kv_arg.active:
+        kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)
+    req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,
+                            args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg)
+    for word in pipe.unknown_words(args.prompt):
+        log.warning("unknown word %r: this model's tokenizer does not know it", word)
+    res = pipe.generate(req)
+    for w in res.warnings:
+        log.warning(w)
+    paths = numbered_paths(out, len(res.images))
+    for img, path in zip(res.images, paths):
+        save_png(img, path, res.params)
+    mem = f", peak {res.peak_memory_bytes / 2**30:.1f} GiB" if res.peak_memory_bytes else ""
+    print(f"wrote {', '.join(map(str, paths))} ({res.width}x{res.height}, seed {res.seed}, "
+          f"{res.seconds:.1f} s{mem})")
+    return paths
+
+
+def run_convert(args: argparse.Namespace) -> Path:
+    from pixsigma.model.dit import PixArtDiT
+    from pixsigma.weights import CheckpointError, load_weights, read_checkpoint, save_diffusers_transformer, save_dit
+
+    config, sd = read_checkpoint(args.checkpoint, args.base_resolution)
+    model = PixArtDiT(config)
+    load_weights(model, sd, str(args.checkpoint))
+    if config.kv_compress.active:
+        save_dit(model, args.out)
+        raise CheckpointError(
+            f"{args.checkpoint} is KV-compressed (R={config.kv_compress.ratio}, layers "
+            f"{list(config.kv_compress.layers)}): diffusers' PixArtTransformer2DModel cannot run it. Wrote a "
+            f"pixsigma folder instead at {args.out}; use it with `python -m pixsigma generate --transformer "
+            f"{args.out}`")
+    save_diffusers_transformer(model, args.out)
+    print(f"wrote diffusers transformer folder {args.out} ({config.depth} layers, base "
+          f"{config.resolution} px, {model.num_params() / 1e6:.0f}M params)")
+    return Path(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    from pixsigma.pipeline import OutOfMemory
+    from pixsigma.weights import CheckpointError
+
+    try:
+        if args.command == "generate":
+            run_generate(args)
+        else:
+            run_convert(args)
+    except (ValueError, FileNotFoundError, CheckpointError, OutOfMemory) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
