@@ -39,7 +39,7 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
     if name == "dpm-solver":
         return diffusers.DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++", solver_order=2)
     if name == "sa-solver":
-        return diffusers.SASolverScheduler.from_config(base)
+        return diffusers.SASolverScheduler.from_config(base, algorithm_type="data_prediction")
     if name == "ddim":
         return diffusers.DDIMScheduler.from_config(base)
     return diffusers.EulerDiscreteScheduler.from_config(base)

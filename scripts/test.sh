@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command (README): sets up on first use, then runs the whole suite offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/python -m pytest -q "$@"

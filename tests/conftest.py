@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A random PixArt-Σ pipeline folder in diffusers layout (made once per test session)."""
+    from fixtures import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_pipeline(tmp_path_factory):
+    """The same with KV compression (R=2 on layer 1), stored in the pixsigma layout."""
+    from fixtures import make_tiny_pipeline
+
+    from pixsigma.config import KVCompress
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_kv_pipeline"), kv=KVCompress(2, (1,)), layout="pixsigma")
