@@ -23,6 +23,7 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.demo import DEMO_ALPHA, DEMO_SIGMA
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import (
     SAMPLERS,
@@ -43,8 +44,7 @@ __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipelin
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_IMAGES = 16
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_MODELS = {"demo": _ASSETS / "sigma", "demo-sigma": _ASSETS / "sigma", "demo-alpha": _ASSETS / "alpha"}
+DEMO_MODELS = {"demo": DEMO_SIGMA, "demo-sigma": DEMO_SIGMA, "demo-alpha": DEMO_ALPHA}
 MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a smaller --width/--height, "
                 "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
 

@@ -33,10 +33,12 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pixsigma.demo.world import (
     BACKGROUNDS,
+    CROSS_ARM,
     PALETTE,
     SHAPES,
     SIZE_FRACTION,
     SIZES,
+    STAR_INNER,
     ObjectSpec,
     ParsedPrompt,
     Scene,
@@ -52,13 +54,17 @@ from pixsigma.demo.world import (
 BENCH_SIZE = 256
 BENCH_SEED = 0
 COLOUR_THRESHOLD = 50.0  # max RGB distance from a palette colour for a pixel to count as that colour
-MIN_AREA_FRACTION = 0.002  # components smaller than this share of the image are noise
+MIN_AREA_FRACTION = 0.025  # components smaller than this share of a square cell are noise
 MAX_DETECTIONS = 8  # largest components considered when matching (bounds the assignment search)
 _PAL = np.array(list(PALETTE.values()), dtype=np.float32)  # (K, 3)
 _BG = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
 _COLOURS = tuple(PALETTE)
 _SIZE_EDGES = (0.5 * (SIZE_FRACTION["small"] + SIZE_FRACTION["medium"]),
                0.5 * (SIZE_FRACTION["medium"] + SIZE_FRACTION["large"]))
+# Hole-filled area / side² of each shape as the world draws it (side = the box side, SIZE_FRACTION).
+AREA_FACTOR = {"circle": np.pi / 4, "ring": np.pi / 4, "square": 1.0, "triangle": 0.5,
+               "star": 5 * STAR_INNER * np.sin(np.radians(36)) / (4 * np.sin(np.radians(72)) ** 2),
+               "cross": 2 * CROSS_ARM - CROSS_ARM ** 2}
 METRICS = ("attribute", "count", "colour", "shape", "position", "size")
 
 
@@ -73,7 +79,8 @@ class Detection:
     fill: float  # hole-filled area / bbox area
     solidity: float  # hole-filled area / convex hull area
     hole: float  # hole area / hole-filled area
-    extent: float  # bbox long side / cell short side
+    symmetry: float  # IoU of the hole-filled mask with its top-bottom mirror image
+    extent: float  # estimated side / cell short side (SIZE_FRACTION scale)
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,17 @@ class BenchItem:
     scene: Scene
 
 
-def classify_shape(fill: float, solidity: float, hole: float) -> str:
-    """Shape from geometry: rings have a hole; stars and crosses are concave; the rest by bbox fill
-    (square 1.0, circle π/4, triangle 1/2)."""
+def classify_shape(fill: float, solidity: float, hole: float, symmetry: float) -> str:
+    """Shape from geometry of the hole-filled mask: rings have a hole; stars (concave) and triangles
+    (convex) are top-bottom asymmetric; of the symmetric ones crosses are concave with a low bbox fill
+    (~0.56), squares fill their box (1.0) and circles π/4."""
     if hole > 0.08:
         return "ring"
-    if solidity < 0.82:
-        return "cross" if fill > 0.46 else "star"
-    if fill > 0.89:
-        return "square"
-    return "circle" if fill > 0.64 else "triangle"
+    if symmetry < 0.72:
+        return "star" if solidity < 0.8 else "triangle"
+    if solidity < 0.8 or fill < 0.63:
+        return "cross"
+    return "square" if fill > 0.89 else "circle"
 
 
 def _hull_area(points: np.ndarray) -> float:
@@ -118,27 +126,30 @@ def _hull_area(points: np.ndarray) -> float:
 def _describe(comp: np.ndarray, x0: int, y0: int, colour: str, width: int, height: int) -> Detection:
     """Geometry of one component given as its bbox crop ``comp`` (h, w) bool at (x0, y0)."""
     h, w = comp.shape
-    pad = Image.fromarray(np.pad(comp, 1).astype(np.uint8) * 255)
-    ImageDraw.floodfill(pad, (0, 0), 128)  # everything reachable from outside; the rest of 0 are holes
+    pad = Image.fromarray(np.pad(comp, 1).astype(np.uint8) * 255).copy()  # fromarray may share a read-only buffer
+    ImageDraw.floodfill(pad, (0, 0), 128)  # everything reachable from outside; the 0s left are holes
     arr = np.asarray(pad)
-    filled = arr != 128  # (h+2, w+2)
+    filled = arr[1:-1, 1:-1] != 128  # (h, w)
     area, hole = int(comp.sum()), int((arr == 0).sum())
-    inner = filled[1:-1, 1:-1]
-    edge = inner & ~(np.pad(inner, 1)[:-2, 1:-1] & np.pad(inner, 1)[2:, 1:-1]
-                     & np.pad(inner, 1)[1:-1, :-2] & np.pad(inner, 1)[1:-1, 2:])
+    around = np.pad(filled, 1)
+    edge = filled & ~(around[:-2, 1:-1] & around[2:, 1:-1] & around[1:-1, :-2] & around[1:-1, 2:])
     ys, xs = np.nonzero(edge)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     hull = _hull_area(corners)
     filled_area = area + hole
     fill = filled_area / (w * h)
     solidity = filled_area / hull if hull > 0 else 1.0
-    hole_frac = hole / filled_area
-    extent = max(w, h) / min(width / 3, height / 3)
+    symmetry = (filled & filled[::-1]).sum() / max(1, (filled | filled[::-1]).sum())  # IoU with its top-bottom flip
+    shape = classify_shape(fill, solidity, hole / filled_area, symmetry)
+    # Size from area, not bbox: thin tips (stars, triangles) fade first. Half the edge pixels stand for the
+    # antialiased rim the colour threshold dropped.
+    side = np.sqrt((filled_area + 0.5 * len(xs)) / AREA_FACTOR[shape])
+    extent = side / min(width / 3, height / 3)
     size = SIZES[int(np.searchsorted(_SIZE_EDGES, extent))]
     cx, cy = x0 + w / 2, y0 + h / 2
     cell = min(2, int(cy * 3 / height)) * 3 + min(2, int(cx * 3 / width))
-    return Detection(colour, classify_shape(fill, solidity, hole_frac), size, cell, area,
-                     (x0, y0, x0 + w, y0 + h), fill, solidity, hole_frac, extent)
+    return Detection(colour, shape, size, cell, area, (x0, y0, x0 + w, y0 + h), fill, solidity,
+                     hole / filled_area, symmetry, extent)
 
 
 def segment(image: Image.Image) -> np.ndarray:
@@ -154,13 +165,13 @@ def detect(image: Image.Image) -> list[Detection]:
     """All objects found in ``image``, largest first."""
     width, height = image.size
     lab = segment(image)
-    min_area = max(6, int(MIN_AREA_FRACTION * width * height))
+    min_area = max(6, int(MIN_AREA_FRACTION * min(width, height) ** 2 / 9))
     found: list[Detection] = []
     for k, colour in enumerate(_COLOURS):
         mask = lab == k
         if mask.sum() < min_area:
             continue
-        img = Image.fromarray(mask.astype(np.uint8) * 255)
+        img = Image.fromarray(mask.astype(np.uint8) * 255).copy()  # fromarray may share a read-only buffer
         for value in range(1, 64):  # at most 63 components per colour: noise has more, and loses anyway
             arr = np.asarray(img)
             flat = int(np.argmax(arr == 255))
@@ -236,7 +247,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     w, v = np.linalg.eigh(sa)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.linalg.eigvalsh(root_a @ sb @ root_a)  # tr sqrt(Sa Sb) = sum sqrt eig(Sa^½ Sb Sa^½)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    d = ((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    return max(0.0, float(d))  # rounding can leave -1e-10 for identical sets
 
 
 @lru_cache(maxsize=1)

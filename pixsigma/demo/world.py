@@ -269,7 +269,8 @@ def short_caption(scene: Scene) -> str:
 def long_caption(scene: Scene) -> str:
     """The dense caption: every object's size, colour and place, relations, and the background."""
     n = len(scene.objects)
-    parts = [f"{NUMBER_WORDS[n - 1].capitalize()} shape{'s' if n > 1 else ''} on {background_phrase(scene.background)}."]
+    shapes = "shapes" if n > 1 else "shape"
+    parts = [f"{NUMBER_WORDS[n - 1].capitalize()} {shapes} on {background_phrase(scene.background)}."]
     for o in scene.objects:
         parts.append(f"{_article(o.size).capitalize()} {o.size} {o.colour} {o.shape} in the {cell_name(o.cell)}.")
     for a, b in zip(scene.objects[:3], scene.objects[1:3]):  # two relations at most keep it under 80 tokens

@@ -1,0 +1,97 @@
+"""The pixsigma web app: Generate, Compare (PixArt-α vs Σ, KV compression on/off) and, optionally, Train.
+
+    python app.py [--model demo|FOLDER|HUB_ID] [--alpha-model demo-alpha|...|none] [--enable-training]
+                  [--host 0.0.0.0] [--port 7860] [--share]
+
+Environment: PIXSIGMA_MODEL, PIXSIGMA_ALPHA_MODEL, PIXSIGMA_ENABLE_TRAINING=1 (same as the flags);
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: docs/app.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from pixsigma_ui import gpu_decorator
+from pixsigma_ui.compare_tab import build_compare_tab
+from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
+from pixsigma_ui.generate_tab import build_generate_tab
+from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_stage_configs
+
+QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
+CSS = "#stats { min-height: 1.5em; } footer { display: none !important; }"
+
+
+def header(engine: AppEngine) -> str:
+    main, lim = engine.info(MAIN), engine.limits
+    alpha = f" · PixArt-α: `{engine.info(ALPHA).name}`" if engine.has(ALPHA) else ""
+    return (f"## pixsigma · PixArt-Σ\nPixArt-Σ: `{main.name}` ({main.resolution} px base, {main.depth} layers){alpha} "
+            f"· device `{engine.device}` · per request: ≤ {lim.max_steps} steps, ≤ {lim.max_images} images, "
+            f"≤ {lim.max_resolution} px base resolution")
+
+
+def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: RunManager | None = None,
+               queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The app's Blocks with its queue set: one request at a time per device, at most ``queue_size`` waiting.
+    ``outputs``: where PNGs are written (default: a fresh temp folder); ``runs``: enables the Train tab."""
+    outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="pixsigma-outputs-"))
+    gpu = gpu_decorator()
+    with gr.Blocks(title="pixsigma · PixArt-Σ", delete_cache=(3600, 6 * 3600)) as demo:
+        gr.Markdown(header(engine))
+        with gr.Tab("Generate"):
+            build_generate_tab(engine, outputs, gpu)
+        with gr.Tab("Compare"):
+            build_compare_tab(engine, gpu)
+        if runs is not None:
+            with gr.Tab("Train"):
+                build_train_tab(demo, runs)
+    return demo.queue(max_size=queue_size, default_concurrency_limit=engine.concurrency)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="pixsigma web app", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=env("PIXSIGMA_MODEL", "demo"), help="PixArt-Σ: demo, a folder or a hub id")
+    p.add_argument("--alpha-model", default=env("PIXSIGMA_ALPHA_MODEL", "demo-alpha"),
+                   help="PixArt-α for the Compare tab; 'none' to leave it out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
+    p.add_argument("--host", default=None, help="interface to serve on (0.0.0.0 for all); default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or the first free from 7860")
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests allowed to wait")
+    p.add_argument("--outputs", default=None, help="folder for generated PNGs (default: a temp folder)")
+    p.add_argument("--enable-training", action="store_true",
+                   default=env("PIXSIGMA_ENABLE_TRAINING", "") in ("1", "true", "yes"), help="show the Train tab")
+    p.add_argument("--runs-dir", default="runs", help="training runs live here")
+    p.add_argument("--train-configs", nargs="*", default=[str(REPO / "configs"), str(REPO / "train" / "configs")],
+                   help="folders holding one YAML config per stage (file name contains the stage)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    alpha = None if opts.alpha_model.lower() in ("", "none") else opts.alpha_model
+    load = dict(device=opts.device, dtype=opts.dtype, offload_t5=opts.offload_t5)
+    try:
+        engine = AppEngine.load(opts.model, alpha, **load)
+    except FileNotFoundError as e:
+        if alpha != "demo-alpha" or "demo-alpha" not in str(e):
+            sys.exit(f"error: {e}")
+        print(f"warning: {e}; serving without PixArt-α", file=sys.stderr)  # only the default α may be absent
+        engine = AppEngine.load(opts.model, None, **load)
+    runs = None
+    if opts.enable_training:
+        runs = RunManager(Path(opts.runs_dir).resolve(), find_stage_configs([Path(c) for c in opts.train_configs]))
+    demo = build_demo(engine, outputs=opts.outputs, runs=runs, queue_size=opts.queue_size)
+    demo.launch(server_name=opts.host, server_port=opts.port, share=opts.share, css=CSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The demo's frozen text encoder: a word-level T5-style tokenizer and a small T5 encoder.
+
+PixArt cross-attends to frozen T5 features. The demo keeps that interface exactly (a
+``transformers`` tokenizer + ``T5EncoderModel`` loaded with ``from_pretrained``) at toy
+scale: one token per word of the shapes world (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, as T5),
+and a 4-layer, d_model 128 encoder trained once so that its features carry the scene.
+
+Its training objective stands in for T5's pre-training: four learned slot queries
+attend (one head, like the DiT's cross-attention reads captions) over the encoder's
+output and must name each mentioned object's colour and shape, and its size and cell
+where the caption says them. The head is thrown away; the encoder is saved frozen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from torch import nn
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from pixsigma.demo.world import (
+    PALETTE,
+    SHAPES,
+    SIZES,
+    caption_vocabulary,
+    long_caption,
+    main_objects,
+    sample_scene,
+    short_caption,
+)
+
+MAX_LENGTH = 80  # tokens the demo DiT attends to (PRESETS["demo"].max_tokens)
+SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+SLOTS = 4  # objects a caption can name
+IGNORE = -100
+
+
+def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's vocabulary; lowercases, splits on spaces and punctuation, appends </s>."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in caption_vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation runs
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
+    """Words of ``text`` the tokenizer would map to <unk>, in order, once each (so the user can be told)."""
+    backend = tokenizer.backend_tokenizer
+    norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+    vocab = tokenizer.get_vocab()
+    out: list[str] = []
+    for word, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
+        if word not in vocab and word not in out:
+            out.append(word)
+    return out
+
+
+def text_encoder_config(vocab_size: int) -> T5Config:
+    """The demo T5: d_model 128 (= PRESETS['demo'].caption_channels), 4 layers, 4 heads, gated-GELU like T5 v1.1."""
+    return T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_heads=4,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=16,
+                    relative_attention_max_distance=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                    is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, model: T5EncoderModel, prompts: list[str],
+           max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption features (B, L, 128) and attention mask (B, L), padded to ``max_length`` as PixArt does."""
+    tok = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        emb = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
+    return emb.last_hidden_state, tok.attention_mask.to(device)
+
+
+class SlotProbe(nn.Module):
+    """The throwaway training head: slot queries read the features through one attention head, and
+    per-token classifiers read each token's own feature."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(SLOTS, dim) * 0.02)
+        self.kv = nn.Linear(dim, 2 * dim)
+        classes = {"colour": len(PALETTE), "shape": len(SHAPES), "size": len(SIZES), "cell": 9}
+        self.heads = nn.ModuleDict({f"slot_{k}": nn.Linear(dim, c) for k, c in {"present": 2, **classes}.items()})
+        # Per-token heads: each word must know the whole object it belongs to (binds colour, shape, place).
+        self.heads.update({f"tok_{k}": nn.Linear(dim, c) for k, c in classes.items()})
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        k, v = self.kv(feats).chunk(2, dim=-1)  # (B, L, D) each
+        att = torch.einsum("sd,bld->bsl", self.queries, k) / k.shape[-1] ** 0.5  # (B, S, L)
+        att = att.masked_fill(~mask[:, None, :].bool(), float("-inf")).softmax(-1)
+        slots = torch.einsum("bsl,bld->bsd", att, v)  # (B, S, D)
+        return {name: head(slots if name.startswith("slot_") else feats)  # (B, S | L, classes)
+                for name, head in self.heads.items()}
+
+
+def _word_owners(text: str, n_named: int, long: bool) -> list[int]:
+    """For each word (and punctuation) of a world caption, the index of the object it speaks of, or -1.
+
+    Long captions: preamble, then one sentence per object, then relation sentences about objects
+    (0, 1) and (1, 2) ('the X is <relation> the Y'). Short captions: objects joined by 'and'.
+    """
+    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())]
+    owners, sentence, obj = [], 0, 0
+    if not long:
+        for w in words:
+            owners.append(-1 if w == "and" else obj)
+            obj += w == "and"
+        return owners
+    start = 0
+    for i, w in enumerate(words + ["."]):
+        if w != "." or i == len(words):
+            continue
+        span = words[start:i + 1]
+        if sentence == 0:
+            owners += [-1] * len(span)
+        elif sentence <= n_named:
+            owners += [sentence - 1] * len(span)
+        else:
+            a = sentence - n_named - 1
+            cut = span.index("is")
+            owners += [a] * cut + [-1] * (len(span) - cut - 4) + [a + 1] * 3 + [-1]
+        sentence, start = sentence + 1, i + 1
+    return owners
+
+
+def _caption_batch(rng: np.random.Generator, n: int, long: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Random captions of one style and their targets: per slot (``slot_*``) and per token (``tok_*``),
+    IGNORE where the caption does not say."""
+    keys = ("colour", "shape", "size", "cell")
+    texts: list[str] = []
+    slot = {k: torch.full((n, SLOTS), IGNORE, dtype=torch.long) for k in ("present", *keys)}
+    per_token: dict[str, list[list[int]]] = {k: [] for k in keys}
+    colours = tuple(PALETTE)
+    for b in range(n):
+        scene = sample_scene(rng)
+        text = long_caption(scene) if long else short_caption(scene)
+        named = scene.objects if long else main_objects(scene)
+        texts.append(text)
+        values = [{"colour": colours.index(o.colour), "shape": SHAPES.index(o.shape),
+                   "size": SIZES.index(o.size) if long else IGNORE, "cell": o.cell if long else IGNORE}
+                  for o in named]
+        slot["present"][b] = torch.tensor([int(j < len(named)) for j in range(SLOTS)])
+        for j, v in enumerate(values):
+            for k in keys:
+                slot[k][b, j] = v[k]
+        owners = _word_owners(text, len(named), long)
+        for k in keys:
+            per_token[k].append([values[o][k] if o >= 0 else IGNORE for o in owners] + [IGNORE])  # + </s>
+    width = max(len(t) for t in per_token["colour"])
+    targets = {f"slot_{k}": v for k, v in slot.items()}
+    for k, rows in per_token.items():
+        targets[f"tok_{k}"] = torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])  # (B, L)
+    return texts, targets
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: T5EncoderModel
+    metrics: dict
+
+
+def train_text_encoder(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, seed: int = 0, batch_size: int = 64,
+                       lr: float = 2e-3, max_seconds: float | None = None,
+                       log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train the demo T5 with the slot-probe objective; returns it frozen (eval, no grad) and its probe accuracy.
+
+    Deterministic for a seed unless ``max_seconds`` cuts training short (then ``metrics['steps']`` says where).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([7, seed])
+    model = T5EncoderModel(text_encoder_config(len(tokenizer.get_vocab())))
+    probe = SlotProbe(model.config.d_model)
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    t0, done = time.perf_counter(), 0
+    model.train()
+    for step in range(steps):
+        texts, tgt = _caption_batch(rng, batch_size, long=step % 2 == 0)  # one style per batch: little padding
+        tok = tokenizer(texts, padding="longest", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        feats = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, L, 128)
+        out = probe(feats, tok.attention_mask)
+        loss = sum(loss_fn(out[k].flatten(0, 1), tgt[k].flatten()) for k in out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        done = step + 1
+        if log is not None and (step % 100 == 0 or done == steps):
+            log(f"t5 step {done}/{steps} loss {loss.item():.4f}")
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            if log is not None:
+                log(f"t5: time budget reached after {done} steps (the result is no longer seed-deterministic)")
+            break
+    model.eval().requires_grad_(False)
+    acc = _probe_accuracy(tokenizer, model, probe, np.random.default_rng([8, seed]))
+    metrics = {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss.item(), 4),
+               "probe_accuracy": acc, "params": sum(p.numel() for p in model.parameters())}
+    return TrainResult(model, metrics)
+
+
+@torch.no_grad()
+def _probe_accuracy(tokenizer: PreTrainedTokenizerFast, model: T5EncoderModel, probe: SlotProbe,
+                    rng: np.random.Generator, n: int = 512) -> dict[str, float]:
+    """Held-out accuracy of the throwaway probe per attribute (how much scene the features carry)."""
+    probe.eval()
+    hits: dict[str, list[torch.Tensor]] = {}
+    for long in (True, False):
+        texts, tgt = _caption_batch(rng, n // 2, long)
+        tok = tokenizer(texts, padding="longest", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        out = probe(model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state,
+                    tok.attention_mask)
+        for k, logits in out.items():
+            keep = tgt[k] != IGNORE
+            hits.setdefault(k, []).append(logits.argmax(-1)[keep] == tgt[k][keep])
+    return {k: round(float(torch.cat(v).float().mean()), 4) for k, v in hits.items()}

@@ -1,0 +1,194 @@
+"""The Generate tab: prompt and settings in, a live preview while denoising, PNGs with their parameters out.
+
+:func:`make_generate_fn` is the handler (also the ``/generate`` API endpoint); it turns UI
+values into an engine request, streams previews, and saves each image with
+``pixsigma.io.save_png``. Bad input becomes ``gr.Error`` (what is accepted), prompt
+problems ``gr.Warning`` (tokens dropped, unknown words).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from pixsigma.config import KV_OPERATORS, parse_layers
+from pixsigma.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from pixsigma.io import save_png
+from pixsigma.pipeline import SAMPLERS
+from pixsigma_ui.engine import GUIDANCE_RANGE, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, Step, layers_spec
+from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
+
+ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2")  # width:height
+KV_MODES = (("the model's own", "model"), ("off (full attention)", "off"), ("on", "on"))
+PREVIEWS_PER_RUN = 5  # previews cost a gallery update each; a handful shows the image forming
+
+
+def parse_aspect(text: str) -> float:
+    """'16:9' (width:height) -> height / width."""
+    try:
+        w, h = (float(x) for x in str(text).split(":"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"aspect ratio {text!r} must be 'width:height' with positive numbers, e.g. "
+                         f"{', '.join(ASPECTS)}") from None
+    return h / w
+
+
+def bucket_size(aspect: str, resolution: int) -> tuple[int, int]:
+    """(height, width) the bucket table of ``resolution`` gives ``aspect``."""
+    from pixsigma.buckets import nearest_bucket
+
+    return nearest_bucket(round(1000 * parse_aspect(aspect)), 1000, resolution)
+
+
+def aspect_choices(resolution: int) -> list[tuple[str, str]]:
+    """Dropdown (label, value) pairs, the label showing the bucket's pixel size at ``resolution``."""
+    out = []
+    for a in ASPECTS:
+        h, w = bucket_size(a, int(resolution))
+        out.append((f"{a}  ({w}×{h})", a))
+    return out
+
+
+def as_int(value: Any, name: str) -> int:
+    """UI numbers arrive as floats (sliders) or strings (API); refuse anything that is not a whole number."""
+    try:
+        f = float(value)
+        if f != int(f):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    return int(f)
+
+
+def as_float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def format_bytes(n: int | None) -> str:
+    if not n:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def summary(done: Done) -> str:
+    """The line under the result: size, seed, steps, time and peak memory."""
+    r, p = done.result, done.result.params
+    kind = f" ({done.memory_kind})" if done.memory_kind else ""
+    return (f"{r.width}×{r.height} px · seed {r.seed} · {p.get('steps')} steps · {p.get('sampler')} · "
+            f"**{r.seconds:.2f} s** · peak memory {format_bytes(done.peak_memory_bytes)}{kind}")
+
+
+def save_images(done: Done, folder: Path, extra: dict[str, Any]) -> list[str]:
+    """Each image as a PNG carrying its parameters; names unique across concurrent users."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    paths = []
+    for i, image in enumerate(done.result.images):
+        params = {**done.result.params, **extra, "image_index": i}
+        paths.append(str(save_png(image, folder / f"{stamp}-{done.result.seed}-{i}.png", params)))
+    return paths
+
+
+def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator[tuple]]:
+    """The handler; its parameter names are the API's (``gradio_client`` ``predict(prompt=..., ...)``)."""
+    info = engine.info(MAIN)
+
+    def generate(prompt: str, negative_prompt: str = "", style: str = NO_STYLE, aspect_ratio: str = "1:1",
+                 resolution: int = info.resolution, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                 sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
+                 kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+        try:
+            styled, negative = style_by_name(style, info.is_xl).apply(prompt or "", negative_prompt or "")
+            seed = random.SystemRandom().randrange(MAX_SEED + 1) if randomize_seed else as_int(seed, "seed")
+            kv = engine.kv_setting(kv_mode, as_int(kv_ratio, "KV ratio"), parse_layers(kv_layers or ""),
+                                   kv_operator) if kv_mode == "on" else engine.kv_setting(kv_mode)
+            request = engine.make_request(
+                styled if (prompt or "").strip() else "", negative_prompt=negative,
+                aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
+                steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
+                num_images=as_int(num_images, "number of images"), kv=kv)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        unknown = engine.unknown_words(styled)
+        if unknown:
+            gr.Warning(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {', '.join(unknown)}")
+        every = max(1, request.steps // PREVIEWS_PER_RUN)
+        done = None
+        try:
+            for event in engine.stream(request, preview_every=every):
+                if isinstance(event, Step):
+                    progress((event.step, event.total), desc="denoising")
+                    if event.previews:
+                        shown = [(p.resize((request.width, request.height), Image.BILINEAR),
+                                  f"step {event.step}/{event.total}") for p in event.previews]
+                        yield shown, f"denoising… step {event.step}/{event.total}", gr.skip(), gr.skip()
+                elif isinstance(event, Done):
+                    done = event
+        except OutOfMemory as e:
+            raise gr.Error(str(e)) from None
+        except ValueError as e:  # the pipeline refusing a value the engine let through
+            raise gr.Error(str(e)) from None
+        for warning in done.result.warnings:
+            gr.Warning(warning)
+        paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt})
+        yield paths, summary(done), paths, done.result.seed
+
+    return generate
+
+
+def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda fn: fn) -> None:
+    """The tab's components and events (call inside ``gr.Blocks``/``gr.Tab``)."""
+    info, lim = engine.info(MAIN), engine.limits
+    kv = info.suggested_kv
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image…", elem_id="prompt")
+            negative = gr.Textbox(value="", label="Negative prompt", lines=1)
+            style = gr.Dropdown([s.name for s in styles_for(info.is_xl)], value=NO_STYLE, label="Style")
+            with gr.Row():
+                resolution = gr.Dropdown(list(info.resolutions), value=info.resolution, label="Base resolution")
+                aspect = gr.Dropdown(aspect_choices(info.resolution), value="1:1", label="Aspect ratio (w:h)")
+            with gr.Row():
+                steps = gr.Slider(1, lim.max_steps, value=min(DEFAULT_STEPS, lim.max_steps), step=1, label="Steps")
+                guidance = gr.Slider(*GUIDANCE_RANGE, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler")
+                num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                randomize = gr.Checkbox(value=True, label="Randomize seed")
+            with gr.Accordion("KV token compression", open=False):
+                gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
+                            + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))
+                kv_mode = gr.Radio(list(KV_MODES), value="model", label="KV compression")
+                with gr.Row():
+                    kv_ratio = gr.Slider(2, 4, value=kv.ratio, step=1, label="R (KV ratio)")
+                    kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
+                    kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="gallery",
+                                 buttons=["download", "fullscreen"])
+            stats = gr.Markdown(label="info", elem_id="stats")
+            files = gr.File(label="Download PNG (parameters embedded)", file_count="multiple", elem_id="files")
+    gr.Examples([[p] for p in examples_for(info.is_xl)], inputs=[prompt], label="Example prompts")
+
+    resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
+                      queue=False, api_visibility="private")
+    inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
+              kv_mode, kv_ratio, kv_layers, kv_operator]
+    outputs_ = [gallery, stats, files, seed]
+    gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs)), inputs, outputs_,
+          api_name="generate", concurrency_id=engine.device_key, concurrency_limit=1)

@@ -1,0 +1,312 @@
+"""The Train tab: start, stop and resume a training run in its own process, and watch it.
+
+The UI and the trainer (``python -m train CONFIG``) share only files in the run folder:
+the trainer writes ``status.json`` ``{state, step, total_steps, last_loss, samples, error,
+pid, updated}``, ``metrics.jsonl`` (``{step, loss, ...}`` per line) and ``log.txt``; the UI
+writes ``launch.json`` (how it started the run, so Resume repeats it with ``--resume``) and
+``STOP`` (asks the trainer to checkpoint and stop). The trainer runs detached, so the page
+never blocks, and a reload (or an app restart) finds every run under the runs folder again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from pixsigma_ui.generate_tab import as_float, as_int
+
+STAGES = ("vae_adapt", "res_up", "kv_compress", "finetune")
+LIVE_STATES = ("starting", "running")  # the trainer's others: stopped, finished, error
+POLL_SECONDS = 2.0
+MAX_STEPS, MAX_BATCH = 100_000, 256
+LAUNCH, STATUS, METRICS, LOG, STOP = "launch.json", "status.json", "metrics.jsonl", "log.txt", "STOP"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """{} when missing or caught mid-write (the trainer replaces it atomically, but be lenient)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(folder: Path, last: int = 5000) -> pd.DataFrame:
+    """step/loss of the last ``last`` lines of metrics.jsonl (a half-written last line is skipped)."""
+    rows = []
+    try:
+        lines = (folder / METRICS).read_text().splitlines()[-last:]
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            m = json.loads(line)
+            rows.append({"step": int(m["step"]), "loss": float(m["loss"])})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return pd.DataFrame(rows, columns=["step", "loss"])
+
+
+def log_tail(folder: Path, lines: int = 40) -> str:
+    for name in (LOG, "stdout.txt"):  # stdout.txt holds what the trainer printed before it opened its log
+        try:
+            with open(folder / name, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        # A progress bar rewrites its line with \r: keep what the terminal would show.
+        shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+        shown = [line for line in shown if line.strip()]
+        if shown:
+            return "\n".join(shown[-lines:])
+    return ""
+
+
+def pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie (exited, not yet reaped) answers kill(0) but is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def find_stage_configs(folders: list[Path]) -> dict[str, Path]:
+    """stage -> the first YAML config whose file name contains the stage's name."""
+    out: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else []:
+            for stage in STAGES:
+                if stage in path.stem and stage not in out:
+                    out[stage] = path
+    return out
+
+
+@dataclass
+class RunManager:
+    """Run folders under ``runs_dir`` and the trainer processes this app started."""
+
+    runs_dir: Path
+    configs: dict[str, Path]
+    module: str = "train"
+    python: str = sys.executable
+    _children: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def runs(self) -> list[str]:
+        """Run names, newest first."""
+        if not self.runs_dir.is_dir():
+            return []
+        found = [p for p in self.runs_dir.iterdir() if (p / LAUNCH).is_file() or (p / STATUS).is_file()]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def folder(self, name: str) -> Path:
+        path = (self.runs_dir / str(name)).resolve()
+        if path.parent != self.runs_dir.resolve() or not path.is_dir():
+            raise ValueError(f"no run {name!r} under {self.runs_dir}; runs: {', '.join(self.runs()) or 'none'}")
+        return path
+
+    def state(self, name: str) -> dict[str, Any]:
+        """status.json, with ``state`` corrected by what the process table says."""
+        folder = self.folder(name)
+        status = read_json(folder / STATUS)
+        child = self._children.get(folder.name)
+        if child is not None and child.poll() is not None:  # reap it; a dead child must not stay a zombie
+            self._children.pop(folder.name, None)
+        alive = (child is not None and child.poll() is None) or pid_alive(status.get("pid"))
+        state = status.get("state") or ("starting" if alive else "not started")
+        if state in LIVE_STATES and not alive:
+            exit_code = child.returncode if child is not None else None
+            state = "died" + (f" (exit {exit_code})" if exit_code is not None else "")
+        return {**status, "state": state, "alive": alive, "stopping": (folder / STOP).exists() and alive}
+
+    def live_run(self) -> str | None:
+        return next((n for n in self.runs() if self.state(n)["alive"]), None)
+
+    def start(self, stage: str, data: str = "", steps: int = 100, lr: float = 1e-4, batch: int = 4) -> str:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        if stage not in self.configs:
+            raise ValueError(f"no config for stage {stage!r}; configs found: "
+                             f"{', '.join(f'{k}: {v}' for k, v in self.configs.items()) or 'none'}")
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch size must be an integer from 1 to {MAX_BATCH}, got {batch!r}")
+        if not isinstance(lr, int | float) or not 0 < lr <= 1:
+            raise ValueError(f"learning rate must be a number in (0, 1], e.g. 1e-4, got {lr!r}")
+        if data and not Path(data).expanduser().exists():
+            raise ValueError(f"data {data!r} does not exist: give an image folder or a metadata .jsonl, or leave "
+                             "it empty for the stage config's data (the shapes world)")
+        self._refuse_second_run()
+        folder = self._new_folder(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = folder.name
+        overrides = [f"name={name}", f"output_dir={folder}", f"steps={steps}", f"optim.lr={lr:g}",
+                     f"batch_size={batch}"]
+        if data:
+            overrides.append(f"data.source={Path(data).expanduser().resolve()}")
+        cmd = [self.python, "-m", self.module, str(self.configs[stage])]
+        for o in overrides:
+            cmd += ["--set", o]
+        write_json_atomic(folder / LAUNCH, {"cmd": cmd, "stage": stage, "created": time.time()})
+        self._spawn(name, cmd)
+        return name
+
+    def stop(self, name: str) -> None:
+        folder = self.folder(name)
+        if not self.state(name)["alive"]:
+            raise ValueError(f"run {name} is not running")
+        (folder / STOP).touch()
+
+    def resume(self, name: str) -> None:
+        folder = self.folder(name)
+        launch = read_json(folder / LAUNCH)
+        if not launch.get("cmd"):
+            raise ValueError(f"run {name} was not started from this app ({LAUNCH} missing): resume it with "
+                             "`python -m train CONFIG --resume` from a shell")
+        if self.state(name)["alive"]:
+            raise ValueError(f"run {name} is still running")
+        self._refuse_second_run()
+        (folder / STOP).unlink(missing_ok=True)
+        cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
+        self._spawn(name, cmd)
+
+    def _new_folder(self, base: str) -> Path:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 100):
+            folder = self.runs_dir / (base if i == 1 else f"{base}-{i}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+        raise ValueError(f"too many runs named {base}-* in {self.runs_dir}")
+
+    def _refuse_second_run(self) -> None:
+        live = self.live_run()
+        if live:  # one trainer at a time: it shares the device with the app's own generation
+            raise ValueError(f"run {live} is still going: stop it first (one training run at a time)")
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        folder = self.runs_dir / name
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        with open(folder / "stdout.txt", "ab") as out:
+            # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
+            self._children[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def status_line(name: str | None, s: dict[str, Any]) -> str:
+    if not name:
+        return "No runs yet: pick a stage and press Start."
+    loss = s.get("last_loss")
+    parts = [f"**{name}**", f"state: **{s.get('state')}**" + (" (stop requested)" if s.get("stopping") else ""),
+             f"step {s.get('step', 0)}/{s.get('total_steps', '?')}"]
+    if isinstance(loss, int | float):
+        parts.append(f"loss {loss:.4f}")
+    if s.get("error"):
+        parts.append(f"error: {s['error']}")
+    return " · ".join(parts)
+
+
+def samples_of(folder: Path, s: dict[str, Any]) -> list[str]:
+    out = []
+    for p in s.get("samples") or []:
+        path = Path(p) if Path(p).is_absolute() else folder / p
+        if path.is_file():
+            out.append(str(path))
+    return out
+
+
+def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
+    """The tab's components and events; ``demo`` is the enclosing Blocks (a page load re-finds the runs)."""
+    stage_choices = [s for s in STAGES if s in manager.configs] or list(STAGES)
+    with gr.Row():
+        with gr.Column(scale=1):
+            stage = gr.Dropdown(stage_choices, value=stage_choices[-1], label="Stage")
+            data = gr.Textbox(value="", label="Data (empty: the shapes world)", placeholder="folder or .jsonl")
+            with gr.Row():
+                steps = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_STEPS, label="Steps",
+                                  elem_id="train-steps")
+                lr = gr.Number(value=1e-4, label="Learning rate")
+                batch = gr.Number(value=4, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume = gr.Button("Resume", elem_id="train-resume")
+            run = gr.Dropdown(manager.runs(), value=None, label="Run", allow_custom_value=False, elem_id="run")
+            status = gr.Markdown(elem_id="train-status")
+        with gr.Column(scale=2):
+            plot = gr.LinePlot(x="step", y="loss", title="training loss", height=260, elem_id="loss-plot")
+            samples = gr.Gallery(label="Latest validation images", columns=4, height=200)
+    log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
+
+    def refresh(name: str | None):
+        if not name:
+            return status_line(None, {}), pd.DataFrame(columns=["step", "loss"]), [], ""
+        try:
+            folder, s = manager.folder(name), manager.state(name)
+        except ValueError as e:
+            return str(e), gr.skip(), gr.skip(), gr.skip()
+        return status_line(name, s), read_metrics(folder), samples_of(folder, s), log_tail(folder)
+
+    def on_start(stage_, data_, steps_, lr_, batch_):
+        try:
+            name = manager.start(stage_, (data_ or "").strip(), as_int(steps_, "steps"), as_float(lr_, "learning rate"),
+                                 as_int(batch_, "batch size"))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return gr.Dropdown(choices=manager.runs(), value=name)
+
+    def on_stop(name):
+        try:
+            manager.stop(name)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(f"asked {name} to checkpoint and stop")
+
+    def on_resume(name):
+        try:
+            manager.resume(name)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def on_load(current):
+        names = manager.runs()
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    views = [status, plot, samples, log]
+    light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
+    start.click(on_start, [stage, data, steps, lr, batch], run, **light)
+    stop.click(on_stop, run, None, **light)
+    resume.click(on_resume, run, None, **light)
+    run.change(refresh, run, views, **light)
+    gr.Timer(POLL_SECONDS).tick(refresh, run, views, **light)
+    demo.load(on_load, run, run, **light)
+

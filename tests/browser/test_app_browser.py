@@ -1,0 +1,153 @@
+"""The app in a real browser (Debian's Chromium, headless): Generate, Compare, Train, an error toast.
+
+``python app.py`` runs as a subprocess on tiny random pipelines, with ``--enable-training`` and a
+finetune config for the real trainer; screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+FINETUNE = """\
+stage: {{name: finetune, load_from: {model}}}
+data: {{source: {data}, text_encoder: {model}, vae: {model}, num_workers: 0}}
+mixed_precision: "no"
+batch_size: 2
+log_every: 1
+save_every: 1000
+sample_every: 3
+sample_prompts: ["a red circle"]
+sample_steps: 2
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_pipeline, tmp_path_factory):
+    from pixsigma.demo.world import make_dataset
+
+    tmp = tmp_path_factory.mktemp("browser_app")
+    make_dataset(tmp / "data", 6, sizes=((256, 256),))
+    (tmp / "configs").mkdir()
+    (tmp / "configs" / "shapes_finetune.yaml").write_text(FINETUNE.format(model=tiny_pipeline, data=tmp / "data"))
+    port = free_port()
+    cmd = [sys.executable, "app.py", "--model", str(tiny_pipeline), "--alpha-model", str(tiny_pipeline),
+           "--device", "cpu", "--port", str(port), "--enable-training", "--runs-dir", str(tmp / "runs"),
+           "--train-configs", str(tmp / "configs"), "--outputs", str(tmp / "outputs")]
+    log = open(tmp / "app.log", "wb")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+        for run in (tmp / "runs").glob("*/status.json"):  # leave no trainer behind
+            import json
+
+            pid = json.loads(run.read_text()).get("pid")
+            if pid:
+                try:
+                    os.kill(pid, 15)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=30_000)
+    yield page
+    page.close()
+
+
+def test_generate_shows_images_time_and_memory(page):
+    page.fill("#prompt textarea", "a red circle above a blue square")
+    page.locator("#gallery").scroll_into_view_if_needed()
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#stats').innerText.includes('peak memory')", timeout=60_000)
+    stats = page.inner_text("#stats")
+    assert "256×256 px" in stats and "steps" in stats and " s · peak memory" in stats
+    assert page.locator("#files").get_by_text(".png").count() >= 1  # the download list
+    page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
+
+
+def test_bad_input_shows_an_error_toast(page):
+    page.fill("#prompt textarea", "   ")
+    page.click("#generate")
+    toast = page.get_by_text("the prompt is empty: describe the image to draw")
+    toast.first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "app-error.png"))
+
+
+def test_compare_shows_alpha_and_sigma_side_by_side(page):
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare-prompt textarea", "a green star")
+    page.click("#compare")
+    for panel in ("#alpha-image", "#sigma-image", "#full-image", "#kv-image"):
+        page.wait_for_selector(f"{panel} img", timeout=90_000)
+    labels = page.inner_text("#alpha-image") + page.inner_text("#kv-image")
+    assert "PixArt-α" in labels and " s" in labels and "KV R=2" in labels
+    page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
+
+
+def test_train_starts_a_run_and_the_loss_plot_updates(page):
+    page.get_by_role("tab", name="Train").click()
+    page.fill("#train-steps input", "6")
+    page.click("#train-start")
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
+                           timeout=120_000)
+    status = page.inner_text("#train-status")
+    assert "step 6/6" in status and "loss" in status
+    page.wait_for_selector("#loss-plot canvas, #loss-plot svg", timeout=30_000)
+    time.sleep(POLL_WAIT)  # one more poll so the plot holds every step
+    assert "[train] finished at step 6" in page.input_value("#train-log textarea")
+    page.screenshot(path=str(ARTIFACTS / "app-train.png"), full_page=True)
+
+
+POLL_WAIT = 2.5

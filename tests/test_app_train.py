@@ -1,0 +1,213 @@
+"""The Train tab's run manager: detached trainer processes coupled only through the run-folder files.
+
+A stand-in trainer module (written here, same CLI and file protocol as ``python -m train``)
+keeps these tests to seconds; the browser test drives the real trainer where its configs exist.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from app import build_demo
+from pixsigma.pipeline import PixSigmaPipeline
+from pixsigma_ui.engine import MAIN, AppEngine
+from pixsigma_ui.train_tab import STAGES, RunManager, find_stage_configs, log_tail, read_metrics
+
+FAKE_TRAINER = '''
+import argparse, json, os, sys, time
+from pathlib import Path
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config")
+ap.add_argument("--resume", action="store_true")
+ap.add_argument("--set", dest="overrides", action="append", default=[])
+args = ap.parse_args()
+o = dict(x.split("=", 1) for x in args.overrides)
+run, total = Path(o["output_dir"]), int(o["steps"])
+delay = float(os.environ.get("FAKE_TRAIN_DELAY", "0.01"))
+print("[train] argv", sys.argv[1:], flush=True)
+ckpt = run / "ckpt.json"
+start = json.loads(ckpt.read_text())["step"] if args.resume and ckpt.exists() else 0
+
+
+def status(**kw):
+    tmp = run / ".status.tmp"
+    tmp.write_text(json.dumps({"total_steps": total, "samples": ["samples/latest.png"], "error": None,
+                               "pid": os.getpid(), "updated": time.time(), **kw}))
+    os.replace(tmp, run / "status.json")
+
+
+(run / "samples").mkdir(exist_ok=True)
+status(state="running", step=start, last_loss=None)
+for step in range(start + 1, total + 1):
+    time.sleep(delay)
+    loss = 1.0 / step
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "lr": float(o["optim.lr"])}) + "\\n")
+    status(state="running", step=step, last_loss=loss)
+    if (run / "STOP").exists():
+        ckpt.write_text(json.dumps({"step": step}))
+        (run / "STOP").unlink()
+        status(state="stopped", step=step, last_loss=loss)
+        sys.exit(0)
+status(state="finished", step=total, last_loss=loss)
+'''
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    pkg = tmp_path / "modules" / "fake_trainer"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(textwrap.dedent(FAKE_TRAINER))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "modules"))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for stage in STAGES:
+        (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
+    m = RunManager(tmp_path / "runs", find_stage_configs([configs]), module="fake_trainer")
+    yield m
+    for child in m._children.values():  # never leave a trainer behind
+        child.kill()
+        child.wait()
+
+
+def wait_for(manager: RunManager, name: str, cond, timeout: float = 30.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = manager.state(name)
+        if cond(s):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"run {name} never reached the condition; last state {manager.state(name)}")
+
+
+def test_start_returns_at_once_and_the_run_reports_through_its_files(manager):
+    name = manager.start("finetune", steps=5, lr=3e-4, batch=2)
+    assert name.startswith("finetune-") and manager.runs() == [name]
+    s = wait_for(manager, name, lambda s: s["state"] == "finished" and not s["alive"])
+    assert (s["step"], s["total_steps"]) == (5, 5)
+    folder = manager.folder(name)
+    metrics = read_metrics(folder)
+    assert metrics["step"].tolist() == [1, 2, 3, 4, 5] and metrics["loss"].iloc[-1] == pytest.approx(0.2)
+    launch = json.loads((folder / "launch.json").read_text())
+    assert launch["cmd"][1:4] == ["-m", "fake_trainer", str(manager.configs["finetune"])]
+    assert {"steps=5", "optim.lr=0.0003", "batch_size=2", f"output_dir={folder}"} <= set(launch["cmd"])
+    assert "[train] argv" in log_tail(folder)
+
+
+def test_stop_checkpoints_and_resume_continues(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_TRAIN_DELAY", "0.05")
+    name = manager.start("kv_compress", steps=400)
+    wait_for(manager, name, lambda s: s.get("step", 0) >= 2)
+    manager.stop(name)
+    stopped = wait_for(manager, name, lambda s: s["state"] == "stopped" and not s["alive"])
+    assert 2 <= stopped["step"] < 400
+    monkeypatch.setenv("FAKE_TRAIN_DELAY", "0")
+    manager.resume(name)
+    wait_for(manager, name, lambda s: s["state"] == "finished")
+    steps = read_metrics(manager.folder(name))["step"].tolist()
+    assert steps == list(range(1, 401))  # continued where the checkpoint was, no step twice
+    assert "--resume" in log_tail(manager.folder(name), lines=400)
+
+
+def test_one_live_run_at_a_time(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_TRAIN_DELAY", "0.05")
+    first = manager.start("finetune", steps=400)
+    wait_for(manager, first, lambda s: s["alive"])
+    with pytest.raises(ValueError, match=f"run {first} is still going: stop it first"):
+        manager.start("res_up", steps=5)
+    with pytest.raises(ValueError, match="is still running"):
+        manager.resume(first)
+    manager.stop(first)
+    wait_for(manager, first, lambda s: not s["alive"])
+    with pytest.raises(ValueError, match="is not running"):
+        manager.stop(first)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stage="from_nothing"), "stage must be one of vae_adapt, res_up, kv_compress, finetune"),
+    (dict(steps=0), "steps must be an integer from 1 to 100000"),
+    (dict(batch=1000), "batch size must be an integer from 1 to 256"),
+    (dict(lr=5.0), "learning rate must be a number in \\(0, 1\\]"),
+    (dict(data="/no/such/folder"), "data '/no/such/folder' does not exist"),
+])
+def test_bad_values_are_refused(manager, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        manager.start(**{"stage": "finetune", **kwargs})
+    assert manager.runs() == []
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(manager):
+    first = manager.start("finetune", steps=1)
+    wait_for(manager, first, lambda s: not s["alive"] and s["state"] == "finished")
+    second = manager.start("finetune", steps=1)
+    assert second != first and set(manager.runs()) == {first, second}
+
+
+def test_missing_stage_config_is_named(tmp_path):
+    m = RunManager(tmp_path / "runs", {"finetune": tmp_path / "f.yaml"})
+    with pytest.raises(ValueError, match="no config for stage 'res_up'; configs found: finetune:"):
+        m.start("res_up")
+
+
+def test_a_reloaded_app_finds_runs_and_sees_dead_ones(manager, tmp_path):
+    name = manager.start("finetune", steps=3)
+    wait_for(manager, name, lambda s: s["state"] == "finished")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = manager.runs_dir / "finetune-crashed"
+    crashed.mkdir()
+    (crashed / "status.json").write_text(json.dumps({"state": "running", "step": 7, "total_steps": 9,
+                                                     "pid": dead.pid}))
+    again = RunManager(manager.runs_dir, manager.configs, module="fake_trainer")  # a restarted app
+    assert set(again.runs()) == {name, "finetune-crashed"}
+    assert again.state(name)["state"] == "finished"
+    assert again.state("finetune-crashed")["state"] == "died" and again.state("finetune-crashed")["step"] == 7
+    with pytest.raises(ValueError, match="was not started from this app"):
+        again.resume("finetune-crashed")
+    with pytest.raises(ValueError, match="no run '../etc'"):
+        again.folder("../etc")
+
+
+def test_log_tail_shows_a_progress_bar_as_a_terminal_would(tmp_path):
+    (tmp_path / "stdout.txt").write_text("loading\nstep 1\rstep 2\rstep 3\n[train] finished\n")
+    assert log_tail(tmp_path) == "loading\nstep 3\n[train] finished"
+
+
+def test_find_stage_configs_maps_file_names_to_stages(tmp_path):
+    for n in ("shapes_res_up.yaml", "shapes_finetune.yml", "notes.txt", "kv_compress.yaml"):
+        (tmp_path / n).write_text("")
+    found = find_stage_configs([tmp_path, tmp_path / "missing"])
+    assert {k: v.name for k, v in found.items()} == {"res_up": "shapes_res_up.yaml",
+                                                     "finetune": "shapes_finetune.yml",
+                                                     "kv_compress": "kv_compress.yaml"}
+
+
+def test_the_train_tab_exists_only_when_enabled(tiny_pipeline, tmp_path):
+    engine = AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")})
+
+    def tabs(demo):
+        return [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+
+    assert tabs(build_demo(engine)) == ["Generate", "Compare"]
+    assert tabs(build_demo(engine, runs=RunManager(tmp_path, {}))) == ["Generate", "Compare", "Train"]
+
+
+def test_samples_are_read_from_status(manager):
+    from pixsigma_ui.train_tab import samples_of
+
+    name = manager.start("finetune", steps=2)
+    s = wait_for(manager, name, lambda s: s["state"] == "finished")
+    folder = manager.folder(name)
+    assert samples_of(folder, s) == []  # listed but not written yet: not shown
+    Image.new("RGB", (4, 4)).save(folder / "samples" / "latest.png")
+    assert samples_of(folder, s) == [str(folder / "samples" / "latest.png")]

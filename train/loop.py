@@ -1,0 +1,207 @@
+"""The one training loop every stage runs (``accelerate``: one device, DDP, or FSDP from accelerate's config).
+
+A step: per micro-batch, clean latents x0 and caption features (10% replaced by the null caption) ->
+noise at a uniform timestep -> DiT -> ε MSE + learned-variance VLB; after ``grad_accum`` micro-batches,
+clip, optimizer step, LR schedule, EMA. Checkpoints every ``save_every`` steps, on a stop request, and at
+the end; then the final export. Resuming restores everything a checkpoint holds, so a resumed run
+continues exactly where the interrupted one was (same data order, same noise).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+
+from pixsigma.model.dit import PixArtDiT
+from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
+from train.config import TrainConfig
+from train.diffusion import GaussianDiffusion
+from train.features import open_features
+from train.fileio import atomic_write_text
+from train.monitor import Monitor
+from train.optim import EMA, TrainState, build_optimizer, warmup_schedule
+from train.sample import generate_latents, latent_preview, micro_kwargs, save_image, to_images
+from train.sampler import BucketBatchSampler
+
+Tensor = torch.Tensor
+
+
+def drop_captions(y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Replace each caption by the null caption with probability ``p`` (classifier-free guidance training).
+    y: (B, L, C), mask: (B, L); y_null: (1, L0, C)."""
+    if p <= 0:
+        return y, mask
+    drop = torch.rand(y.shape[0], device=y.device) < p  # (B,)
+    length = max(y.shape[1], y_null.shape[1])
+    y = torch.nn.functional.pad(y, (0, 0, 0, length - y.shape[1]))
+    mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
+    y_null = torch.nn.functional.pad(y_null, (0, 0, 0, length - y_null.shape[1])).to(y)
+    mask_null = torch.nn.functional.pad(mask_null, (0, length - mask_null.shape[1])).to(mask)
+    return torch.where(drop[:, None, None], y_null, y), torch.where(drop[:, None], mask_null, mask)
+
+
+class Trainer:
+    """Holds one run's objects; ``run()`` trains to ``cfg.steps`` or a stop request."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, monitor: Monitor, resume: bool):
+        self.cfg, self.acc, self.monitor = cfg, accelerator, monitor
+        acc, run_dir = accelerator, cfg.run_dir
+        if acc.is_main_process:
+            clean_partial(run_dir)
+            resolved = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists for YAML
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        set_seed(cfg.seed)  # the same initial weights on every process
+        model, report = build_model(cfg)
+        self.dit = model.config
+        if report["source"]:
+            monitor.note(f"loaded {report['source']}; missing keys {report['missing'] or 'none'}; "
+                         f"unexpected keys {report['unexpected'] or 'none'}")
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.features = open_features(cfg, self.dit, acc.device)
+        self.null = [t.to(acc.device) for t in self.features.null_caption()]  # (1, L0, C), (1, L0)
+        self.prompts = self.features.prompts(list(cfg.sample_prompts)) if cfg.sample_every else None
+        self.sampler = BucketBatchSampler(self.features.dataset.buckets, cfg.batch_size, acc.num_processes,
+                                          acc.process_index, cfg.seed)
+        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        self.scheduler = warmup_schedule(optimizer, cfg.optim.warmup_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.unwrapped: PixArtDiT = acc.unwrap_model(self.model)
+        if acc.distributed_type == DistributedType.FSDP and (cfg.optim.ema_decay or cfg.sample_every):
+            raise ValueError("with FSDP set optim.ema_decay: null and sample_every: 0 (EMA and validation images "
+                             "need the whole model on one process)")
+        self.ema = EMA(self.unwrapped, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.scheduler, self.state, *([self.ema] if self.ema else []))
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        if ckpt is not None:
+            acc.load_state(str(ckpt))  # model, optimizer, schedule, EMA, position, RNG states
+            monitor.note(f"resumed from {ckpt} at step {self.state.step}")
+        else:
+            if resume:
+                monitor.note(f"nothing to resume in {run_dir}: starting at step 0")
+            set_seed(cfg.seed, device_specific=True)  # different noise on each process
+        self.diffusion = GaussianDiffusion()
+        self.loader_seed = torch.Generator()  # the DataLoader's base seed: not drawn from the training RNG
+        monitor.update(model=self.dit.to_dict(), stage=cfg.stage.name, load_report=report, data=self.stats())
+
+    def stats(self) -> dict[str, int]:
+        return self.features.stats()
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the saved position on, epoch after epoch; the position advances as they are used."""
+        st = self.state
+        while True:
+            self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+            self.features.dataset.set_epoch(st.epoch)
+            self.loader_seed.manual_seed(self.cfg.seed + st.epoch)
+            loader = DataLoader(self.features.dataset, batch_sampler=self.sampler, collate_fn=self.features.collate,
+                                num_workers=self.cfg.data.num_workers, generator=self.loader_seed)
+            for batch in loader:
+                st.batch_in_epoch += 1
+                yield batch
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+
+    def micro_step(self, batch: dict[str, Any], sync: bool) -> Tensor:
+        """Forward + backward of one micro-batch; returns its (loss, mse, vb) means."""
+        acc, dev = self.acc, self.acc.device
+        x0, y, mask = self.features.batch_to_training(batch, dev)  # (B, C, h, w), (B, L, C_text), (B, L)
+        y, mask = drop_captions(y, mask, *self.null, self.cfg.caption_dropout)
+        t = self.diffusion.sample_timesteps(x0.shape[0], dev)
+        noise = torch.randn_like(x0)
+        xt = self.diffusion.q_sample(x0, t, noise)
+        with nullcontext() if sync else acc.no_sync(self.model):
+            out = self.model(xt, t, y, mask, **micro_kwargs(self.dit, x0))
+            terms = self.diffusion.training_losses(out, x0, xt, t, noise)
+            acc.backward(terms["loss"].mean() / self.cfg.grad_accum)
+        return torch.stack([terms["loss"].mean(), terms["mse"].mean(), terms["vb"].mean()]).detach()
+
+    def optimizer_step(self) -> float | None:
+        cfg, acc = self.cfg, self.acc
+        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # an fp16 overflow step does not advance the schedule
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped)
+        return float(norm) if norm is not None else None
+
+    def validate(self, step: int) -> None:
+        """Validation images into ``RUN/samples`` (main process; the others wait)."""
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            net = self.unwrapped
+            if self.ema is not None:
+                net = PixArtDiT(self.dit).to(acc.device)
+                net.load_state_dict(self.ema.shadow)
+            net.eval()
+            res = self.dit.resolution
+            with acc.autocast():
+                lat = generate_latents(net, *self.prompts, *self.null, (res, res), cfg.sample_steps, cfg.seed)
+            pixels = self.features.decode(lat) if self.features.decode else latent_preview(lat)
+            folder = cfg.run_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            paths = []
+            for i, (img, prompt) in enumerate(zip(to_images(pixels), cfg.sample_prompts)):
+                path = folder / f"step_{step:08d}_{i}.png"
+                save_image(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
+                paths.append(str(path))
+            net.train()
+            self.monitor.update(samples=paths)
+        acc.wait_for_everyone()
+
+    def run(self) -> dict[str, Any]:
+        cfg, acc, st = self.cfg, self.acc, self.state
+        it = self.batches()
+        self.monitor.start(st.step)
+        stopped = False
+        while st.step < cfg.steps and not stopped:
+            self.model.train()
+            terms, seen = [], []
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                seen.append(batch["index"].tolist())
+                terms.append(self.micro_step(batch, sync=micro == cfg.grad_accum - 1))
+            norm = self.optimizer_step()
+            st.step += 1
+            loss, mse, vb = acc.reduce(torch.stack(terms).mean(0), "mean").tolist()
+            indices = gather_object([seen])  # every process's sample indices of this step
+            flag = torch.tensor([float(self.monitor.stop_requested())], device=acc.device)
+            stopped = bool(acc.reduce(flag, "sum").item())
+            self.monitor.log(st.step, {"loss": loss, "mse": mse, "vb": vb, "lr": self.scheduler.get_last_lr()[0],
+                                       "grad_norm": norm, "epoch": st.epoch, "indices": indices},
+                             write_status_file=st.step % cfg.log_every == 0 or st.step == cfg.steps)
+            if stopped or st.step % cfg.save_every == 0 or st.step == cfg.steps:
+                save_checkpoint(acc, cfg.run_dir, st.step, self.dit, cfg.keep_last)
+            if cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == cfg.steps):
+                self.validate(st.step)
+        exports = {}
+        if not stopped:
+            extra = {"stage": cfg.stage.name, "step": st.step, "ema": self.ema is not None, "train": cfg.to_dict()}
+            exports = export_final(acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
+        state = "stopped" if stopped else "finished"
+        self.monitor.close(state, step=st.step, data=self.stats(), exports=exports)
+        return {"state": state, "step": st.step, "run_dir": str(cfg.run_dir), "exports": exports}
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or ``resume``) one training run; returns ``{state, step, run_dir, exports}``."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    monitor = Monitor(Path(cfg.run_dir), cfg.steps, accelerator.is_main_process)
+    try:
+        return Trainer(cfg, accelerator, monitor, resume).run()
+    except KeyboardInterrupt:
+        monitor.close("stopped", error="interrupted: resume continues from the last checkpoint")
+        raise
+    except BaseException as e:
+        monitor.close("error", error=f"{type(e).__name__}: {e}")
+        raise

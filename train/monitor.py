@@ -1,0 +1,111 @@
+"""What a run shows and answers while it trains: progress bar, metrics log, status file, stop requests.
+
+Files in the run folder (main process only):
+- ``metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad norm, samples/s, data indices).
+- ``status.json``, rewritten atomically, for other processes (the app's Train tab) to poll:
+  ``{state: starting|running|stopped|finished|error, step, total_steps, last_loss, samples, error, pid,
+  updated, ...}``.
+- ``STOP``: created by anyone to ask the run to checkpoint and exit cleanly (removed when honoured).
+- ``tensorboard/`` when the ``tensorboard`` package is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from train.fileio import atomic_write_text
+
+STATUS, METRICS, STOP = "status.json", "metrics.jsonl", "STOP"
+STATES = ("starting", "running", "stopped", "finished", "error")
+
+
+def write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    """Atomically replace ``status.json`` (a reader never sees half a file)."""
+    atomic_write_text(run_dir / STATUS, json.dumps(status, indent=1))
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / STATUS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def request_stop(run_dir: str | Path) -> None:
+    """Ask a running run to checkpoint and exit (what the app's Stop button does)."""
+    (Path(run_dir) / STOP).touch()
+
+
+class Monitor:
+    """The main process logs and writes files; on other processes every method is a no-op."""
+
+    def __init__(self, run_dir: Path, total_steps: int, active: bool):
+        self.run_dir, self.total, self.active = run_dir, total_steps, active
+        self.status: dict[str, Any] = {"state": "starting", "step": 0, "total_steps": total_steps,
+                                       "last_loss": None, "samples": [], "error": None, "pid": os.getpid()}
+        self.bar = self.tb = None
+        self._t0, self._step0 = time.monotonic(), 0
+        if active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.update(state="starting")
+
+    def update(self, **fields: Any) -> None:
+        bad = fields.get("state")
+        if bad is not None and bad not in STATES:
+            raise ValueError(f"status state must be one of {STATES}, got {bad!r}")
+        self.status.update(fields, updated=time.time())
+        if self.active:
+            write_status(self.run_dir, self.status)
+
+    def start(self, step: int) -> None:
+        """Training begins (or resumes) at ``step``."""
+        self._t0, self._step0 = time.monotonic(), step
+        if not self.active:
+            return
+        (self.run_dir / STOP).unlink(missing_ok=True)  # a stale request from a finished run
+        self.bar = tqdm(total=self.total, initial=step, desc=self.run_dir.name, dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+        self.update(state="running", step=step)
+
+    def stop_requested(self) -> bool:
+        return self.active and (self.run_dir / STOP).exists()
+
+    def log(self, step: int, metrics: dict[str, Any], write_status_file: bool = True) -> None:
+        if not self.active:
+            return
+        rate = (step - self._step0) / max(time.monotonic() - self._t0, 1e-9)
+        row = {"step": step, **metrics, "steps_per_s": round(rate, 4), "time": time.time()}
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if write_status_file:
+            self.update(step=step, last_loss=metrics.get("loss"))
+
+    def note(self, message: str) -> None:
+        """A line for the console (kept out of the progress bar's way)."""
+        if self.active:
+            (tqdm.write if self.bar is not None else print)(f"[train] {message}")
+
+    def close(self, state: str, error: str | None = None, **fields: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if state == "stopped" and self.active:
+            (self.run_dir / STOP).unlink(missing_ok=True)
+        self.update(state=state, error=error, **fields)

@@ -1,0 +1,68 @@
+"""Optimizer (CAME by default, AdamW), the warm-up schedule, EMA weights, and the loop's resumable position.
+
+Everything here has ``state_dict``/``load_state_dict`` so ``accelerator.save_state`` checkpoints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from train.config import OptimConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "came":
+        from came_pytorch import CAME
+
+        return CAME(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps[0])
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
+    """PixArt's ``constant`` schedule: linear warm-up from ~0 over ``warmup_steps``, then the base LR."""
+    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+class EMA:
+    """fp32 exponential moving average of the parameters (and a copy of the buffers)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.is_floating_point():
+                s.lerp_(v.detach().to(s.device, s.dtype), 1.0 - self.decay)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: optimizer steps done, and the data position (epoch, batches consumed in it)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

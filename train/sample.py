@@ -1,0 +1,88 @@
+"""Validation images during training: DPM-Solver++ with classifier-free guidance on the model being trained.
+
+Decoded with the run's VAE when it has one built (training from images); a run on a feature cache never
+builds the VAE, so its images are cheap latent previews (a fixed linear map of the 4 latent channels to
+RGB at latent resolution).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from pixsigma.constants import DEFAULT_GUIDANCE, NUM_TRAIN_TIMESTEPS, PARAMS_CHUNK, VAE_SCALE_FACTOR
+from train.diffusion import BETA_END, BETA_START
+from train.fileio import atomic_write
+
+Tensor = torch.Tensor
+# Least-squares latent -> RGB of the SD/SDXL VAE family (the usual preview factors).
+_PREVIEW = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                         [-0.184, -0.271, -0.473]])
+
+
+def latent_preview(latents: Tensor) -> Tensor:
+    """(B, 4, h, w) scaled latents -> (B, 3, h, w) roughly in [-1, 1]; other channel counts: grey mean."""
+    x = latents.float().cpu()
+    if x.shape[1] != 4:
+        return x.mean(1, keepdim=True).expand(-1, 3, -1, -1).clamp(-1, 1)
+    return torch.einsum("bchw,cr->brhw", x, _PREVIEW).clamp(-1, 1)
+
+
+def micro_kwargs(config, latents: Tensor) -> dict[str, Tensor]:
+    """PixArt-α 1024's size/aspect-ratio conditions for latents (B, C, h, w); nothing for other models."""
+    if not config.micro_condition:
+        return {}
+    b, (h, w) = latents.shape[0], latents.shape[-2:]
+    size = torch.tensor([[h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR]], dtype=torch.float32, device=latents.device)
+    return {"resolution": size.expand(b, 2), "aspect_ratio": torch.full((b, 1), h / w, device=latents.device)}
+
+
+def _pad(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    extra = length - y.shape[1]
+    if extra <= 0:
+        return y, mask
+    return (torch.cat([y, y.new_zeros(y.shape[0], extra, y.shape[2])], 1),
+            torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1))
+
+
+@torch.no_grad()
+def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor,
+                     size: tuple[int, int], steps: int, seed: int, guidance: float = DEFAULT_GUIDANCE) -> Tensor:
+    """Latents (B, C, h/8, w/8) for prompt features y (B, L, C_text) with CFG against y_null (1, L0, C_text).
+    Uses its own generator: the training RNG streams are untouched (resume equivalence)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    device = next(model.parameters()).device
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START,
+                                        beta_end=BETA_END, beta_schedule="linear")
+    sched.set_timesteps(steps)
+    b, c = y.shape[0], model.config.in_channels
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR, generator=gen).to(device)
+    length = max(y.shape[1], y_null.shape[1])
+    y, mask = _pad(y, mask, length)
+    y_null, mask_null = _pad(y_null, mask_null, length)
+    cond = torch.cat([y, y_null.expand(b, -1, -1)]).to(device)  # (2B, L, C_text)
+    cmask = torch.cat([mask, mask_null.expand(b, -1)]).to(device)
+    for t in sched.timesteps:
+        xx = torch.cat([x, x])
+        out = model(xx, t.to(device).expand(2 * b), cond, cmask, **micro_kwargs(model.config, xx))[:, :c].float()
+        eps_c, eps_u = out.chunk(2)
+        x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    return x
+
+
+def to_images(pixels: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((pixels.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_image(image: Image.Image, path: Path, params: dict) -> None:
+    """PNG with its parameters in a text chunk, written atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMS_CHUNK, json.dumps(params))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

@@ -1,0 +1,92 @@
+"""The weak-to-strong stages as small overrides of one base config, run by the one shared loop.
+
+Each stage only (a) overrides a few defaults and (b) says how the model config follows from the weights
+it starts from. Everything else (loop, data, objective, checkpoints) is shared.
+
+- ``from_scratch``: the base α model: random init at the preset's resolution, short captions.
+- ``vae_adapt``: same model, a new VAE's latent space (a new latent cache); paper: ~2K steps suffice.
+- ``res_up``: ``DiTConfig.at_resolution``: base size and PE interpolation for the new resolution, new
+  aspect-ratio buckets; paper: ~1K steps suffice thanks to PE interpolation.
+- ``kv_compress``: adds ``KVCompress`` to the loaded model; the new ``sr``/``norm`` parameters start
+  from the average-conv init ``PixArtDiT`` does at construction; paper: ~100 steps.
+- ``finetune``: same model, same resolution, more data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pixsigma.config import PRESETS, DiTConfig, KVCompress
+from train.config import TrainConfig
+
+KV_KEYS = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    description: str
+    overrides: dict[str, Any]
+
+
+STAGES: dict[str, StageSpec] = {
+    "from_scratch": StageSpec("train the base (α) model from random weights",
+                              {"data": {"long_caption_ratio": 0.0}, "optim": {"warmup_steps": 1000}}),
+    "vae_adapt": StageSpec("adapt the DiT to a new VAE's latent space (new latent cache)",
+                           {"steps": 2000, "optim": {"warmup_steps": 100}}),
+    "res_up": StageSpec("raise the base resolution with PE interpolation and new buckets",
+                        {"steps": 1000, "optim": {"warmup_steps": 100}}),
+    "kv_compress": StageSpec("add KV token compression (conv R×R, average init) to the deep layers",
+                             {"steps": 100, "optim": {"warmup_steps": 0}}),
+    "finetune": StageSpec("keep training the same model on (new) data", {}),
+}
+
+
+def stage_overrides(name: str) -> dict[str, Any]:
+    return {"stage": {"name": name}, **STAGES[name].overrides}
+
+
+def default_kv(config: DiTConfig) -> KVCompress:
+    """The paper's choice: R=2 conv on the deep half of the layers (14-27 of XL's 28)."""
+    return KVCompress(ratio=2, layers=tuple(range(config.depth // 2, config.depth)), operator="conv")
+
+
+def model_config(cfg: TrainConfig, loaded: DiTConfig | None) -> DiTConfig:
+    """The DiTConfig this run trains: the preset (from scratch) or the loaded one, changed as the stage says."""
+    stage = cfg.stage
+    if stage.name == "from_scratch":
+        base = PRESETS[cfg.model]
+        known = set(DiTConfig.__dataclass_fields__)
+        bad = sorted(set(cfg.model_args) - known)
+        if bad:
+            raise ValueError(f"unknown model_args {bad}; accepted: {sorted(known)}")
+        base = replace(base, **cfg.model_args)
+        if stage.resolution and stage.resolution != base.resolution:
+            base = base.at_resolution(stage.resolution)
+        return base
+    if loaded is None:
+        raise ValueError(f"stage {stage.name} needs the config of the weights in stage.load_from")
+    res = stage.resolution or loaded.resolution
+    if stage.name == "res_up":
+        if res == loaded.resolution:
+            raise ValueError(f"res_up: stage.resolution ({stage.resolution}) must differ from the loaded model's "
+                             f"base resolution {loaded.resolution}")
+        return loaded.at_resolution(res)
+    if res != loaded.resolution:
+        raise ValueError(f"stage {stage.name}: stage.resolution {res} differs from the loaded model's "
+                         f"{loaded.resolution} px; changing resolution is the res_up stage")
+    if stage.name == "kv_compress":
+        kv = stage.kv or default_kv(loaded)
+        if not kv.active:
+            raise ValueError(f"kv_compress needs ratio > 1 and some layers, got {kv}")
+        bad = [i for i in kv.layers if i >= loaded.depth]
+        if bad:
+            raise ValueError(f"stage.kv.layers {bad} do not exist: the model has layers 0-{loaded.depth - 1}")
+        return loaded.with_kv(kv)
+    return loaded
+
+
+def allowed_missing(stage: str) -> re.Pattern | None:
+    """Keys that may be absent from the starting weights: the new KV conv when entering kv_compress."""
+    return KV_KEYS if stage == "kv_compress" else None
