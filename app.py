@@ -17,11 +17,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from pixsigma.pipeline import resolve_model
 from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import build_compare_tab
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import build_generate_tab
-from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_stage_configs
+from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
 CSS = "#stats { min-height: 1.5em; } footer { display: none !important; }"
@@ -70,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enable-training", action="store_true",
                    default=env("PIXSIGMA_ENABLE_TRAINING", "") in ("1", "true", "yes"), help="show the Train tab")
     p.add_argument("--runs-dir", default="runs", help="training runs live here")
-    p.add_argument("--train-configs", nargs="*", default=[str(REPO / "configs"), str(REPO / "train" / "configs")],
-                   help="folders holding one YAML config per stage (file name contains the stage)")
+    p.add_argument("--train-configs", nargs="*", default=[str(REPO / "configs")],
+                   help="folders of training configs (YAML; each names its stage)")
     return p.parse_args(argv)
 
 
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         engine = AppEngine.load(opts.model, None, **load)
     runs = None
     if opts.enable_training:
-        runs = RunManager(Path(opts.runs_dir).resolve(), find_stage_configs([Path(c) for c in opts.train_configs]))
+        try:  # the loaded model's folder: what "finetune" starts from when no config says otherwise
+            model_dir = str(resolve_model(opts.model))
+        except FileNotFoundError:
+            model_dir = None
+        recipes = find_recipes([Path(c) for c in opts.train_configs], model_dir, opts.model)
+        runs = RunManager(Path(opts.runs_dir).resolve(), recipes)
     demo = build_demo(engine, outputs=opts.outputs, runs=runs, queue_size=opts.queue_size)
     demo.launch(server_name=opts.host, server_port=opts.port, share=opts.share, css=CSS)
 

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -118,12 +119,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats
                 warmup: int = 3) -> dict:
     """Achieved FLOP/s of square ``n³`` matmuls in ``dtype``: the ceiling the DiT numbers are compared to."""
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
-    timing = time_calls(lambda: torch.mm(a, b, out=out), device, warmup, repeats)
+    timing = time_calls(partial(torch.mm, a, b, out=out), device, warmup, repeats)
     flops = 2 * n**3
-    del a, b, out
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops": flops,
             "tflops": flops / timing.median_s / 1e12, "timing": timing.to_dict()}
 

@@ -70,12 +70,17 @@ class Profile:
     graphs_max: int  # CUDA graphs are timed up to this size (launch overhead is noise above it)
     repeats: dict[int, int] = field(default_factory=dict)  # size -> timed repeats (default below)
     default_repeats: int = 3
-    warmup: int = 2  # untimed calls before timing; compiled modes get 2 more (compile, then record graphs)
+    warmup: int = 2  # untimed calls before timing (default); compiled modes get 1 more, CUDA graphs 2 more
+    warmups: dict[int, int] = field(default_factory=dict)  # size -> untimed calls
     e2e_repeats: dict[int, int] = field(default_factory=dict)
     guidance_interval: tuple[float, float] = (250.0, 750.0)  # timesteps where CFG stays on
 
     def repeats_for(self, size: int) -> int:
         return self.repeats.get(size, self.default_repeats)
+
+    def warmup_for(self, size: int, mode: str = "eager") -> int:
+        extra = {"compile": 1, "graphs": 2}.get(mode, 0)  # the first call compiles; graphs record on the next
+        return self.warmups.get(size, self.warmup) + extra
 
     def e2e_repeats_for(self, size: int) -> int:
         return self.e2e_repeats.get(size, 1)
@@ -91,11 +96,11 @@ def profile_for(settings: BenchSettings, device: torch.device) -> Profile:
     elif cuda:
         p = Profile(key="cuda", title="GPU run: XL/2 (PixArt-Σ size), random weights", arch="xl",
                     dtype=torch.bfloat16, sizes=(1024, 2048, 4096), modes=("eager", "sdpa", "compile", "graphs"),
-                    e2e_mode="compile", matmul_n=8192, graphs_max=2048, repeats={1024: 10, 2048: 5, 4096: 3},
-                    warmup=2, e2e_repeats={1024: 2})
+                    e2e_mode="compile", matmul_n=8192, graphs_max=1024, repeats={1024: 10, 2048: 5, 4096: 2},
+                    warmup=2, warmups={2048: 1, 4096: 1}, e2e_repeats={1024: 2})
     else:
         p = Profile(key="cpu", title="CPU run: demo scale", arch="demo", dtype=torch.float32, sizes=(256,),
-                    modes=("eager", "sdpa"), e2e_mode="eager", matmul_n=1024, graphs_max=0, default_repeats=5,
+                    modes=("eager", "sdpa"), e2e_mode="eager", matmul_n=1024, graphs_max=0, default_repeats=10,
                     warmup=1, e2e_repeats={256: 3})
     overrides: dict[str, Any] = {}
     if settings.sizes:

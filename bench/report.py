@@ -19,6 +19,7 @@ JSON_NAME, MD_NAME = "results.json", "results.md"
 # The peer's numbers quoted in issue 6 (diffusers DiT per step, one H100, torch 2.11, bf16, batch 2).
 ISSUE_PEER_MS = {1024: 38.7, 2048: 292.0, 4096: 3480.0}
 GIB = 1024**3
+NOISY = 0.25  # (max − min) / median above which a latency is flagged
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -70,6 +71,15 @@ def _gib(b: int | None) -> str:
     return "–" if b is None else f"{b / GIB:.2f} GiB"
 
 
+def _latency(timing: dict, fmt=None) -> str:
+    """The median; with min/max beside it when repeats disagree by more than NOISY (a busy machine)."""
+    fmt = fmt or _ms
+    med, lo, hi = timing["median_s"], timing["min_s"], timing["max_s"]
+    if timing.get("repeats", 1) > 1 and (hi - lo) > NOISY * med:
+        return f"{fmt(med)} (noisy: {fmt(lo)}–{fmt(hi)})"
+    return fmt(med)
+
+
 def _status(row: dict) -> str | None:
     return None if row.get("status") == "ok" else f"{row.get('status')}: {row.get('reason')}"
 
@@ -78,7 +88,8 @@ def _render_run(run: dict) -> list[str]:
     env, s = run["environment"], run["settings"]
     out = [f"## {run['title']}", "",
            f"Measured {run['started']} in {run['seconds']:.0f} s: `{run['command']}`", "",
-           "| device | torch | CUDA | cuDNN | diffusers | transformers | CPU threads |", "|---|---|---|---|---|---|---|",
+           "| device | torch | CUDA | cuDNN | diffusers | transformers | CPU threads |",
+           "|---|---|---|---|---|---|---|",
            f"| {env.get('device_name')} | {env.get('torch')} | {env.get('cuda') or '–'} | {env.get('cudnn') or '–'} "
            f"| {env.get('diffusers')} | {env.get('transformers')} | {env.get('cpu_threads')} |", ""]
     out += [f"- {note}" for note in run.get("notes", [])] + [""]
@@ -100,7 +111,7 @@ def _render_run(run: dict) -> list[str]:
                 continue
             vs = "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"
             frac = "–" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.0f} %"
-            out.append(f"{head} {_ms(r['timing']['median_s'])} | {format_flops(r['flops'])} | {r['tflops']:.1f} | "
+            out.append(f"{head} {_latency(r['timing'])} | {format_flops(r['flops'])} | {r['tflops']:.1f} | "
                        f"{frac} | {vs} | {_gib(r.get('extra_memory_bytes'))} |")
         out.append("")
         if run["key"] == "cuda":
@@ -124,14 +135,14 @@ def _render_run(run: dict) -> list[str]:
         for r in e2e:
             head = f"| {r['size']} | {r['pipeline']} | {r['t5']} | {r['dit']} |"
             out.append(f"{head} {_status(r)} | |" if _status(r) else
-                       f"{head} {_s(r['timing']['median_s'])} | {_gib(r.get('peak_memory_bytes'))} |")
+                       f"{head} {_latency(r['timing'], _s)} | {_gib(r.get('peak_memory_bytes'))} |")
         out.append("")
     gi = run.get("guidance_interval", [])
     if gi:
         out += ["### Guidance interval (option, changes the image)", "", "| size | guidance | sampling loop |",
                 "|---|---|---|"]
         for r in gi:
-            out.append(f"| {r['size']} | {r['guidance']} | {_status(r) or _s(r['timing']['median_s'])} |")
+            out.append(f"| {r['size']} | {r['guidance']} | {_status(r) or _latency(r['timing'], _s)} |")
         out.append("")
     targets = run.get("targets", [])
     if targets:

@@ -196,9 +196,11 @@ class AppEngine:
             raise ValueError(f"the engine needs a {MAIN!r} pipeline, got {sorted(pipes)}")
         self.pipes = dict(pipes)
         self.names = {k: (names or {}).get(k, k) for k in self.pipes}
-        main_cfg = self._config(MAIN)
+        # As loaded: a request with its own KV setting switches the live transformer's config while it runs.
+        self._configs: dict[str, DiTConfig] = {k: p.transformer.config for k, p in self.pipes.items()}
         self.device = torch.device(self.pipes[MAIN].device)
-        self.limits = limits or Limits.for_device(self.device, device_memory(self.device), main_cfg.resolution)
+        self.limits = limits or Limits.for_device(self.device, device_memory(self.device),
+                                                  self._configs[MAIN].resolution)
         # One lock per device: two requests never share a GPU's memory or a CPU's cores at once.
         self._locks = {str(torch.device(p.device)): threading.Lock() for p in self.pipes.values()}
 
@@ -232,12 +234,9 @@ class AppEngine:
     def has(self, model: str) -> bool:
         return model in self.pipes
 
-    def _config(self, model: str) -> DiTConfig:
-        return self.pipes[model].transformer.config
-
     def info(self, model: str = MAIN) -> ModelInfo:
         self._check_model(model)
-        cfg = self._config(model)
+        cfg = self._configs[model]
         return ModelInfo(name=self.names[model], config=cfg, device=str(self.pipes[model].device),
                          resolutions=offered_resolutions(cfg, self.limits.max_resolution))
 
@@ -247,7 +246,9 @@ class AppEngine:
 
     def unknown_words(self, prompt: str, model: str = MAIN) -> list[str]:
         self._check_model(model)
-        return list(self.pipes[model].unknown_words(prompt))
+        pipe = self.pipes[model]
+        with self._locks[str(torch.device(pipe.device))]:  # a fast tokenizer must not be shared mid-call
+            return list(pipe.unknown_words(prompt))
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -191,4 +191,4 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
               kv_mode, kv_ratio, kv_layers, kv_operator]
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs)), inputs, outputs_,
-          api_name="generate", concurrency_id=engine.device_key, concurrency_limit=1)
+          api_name="generate", concurrency_id=engine.device_key, concurrency_limit=1, show_progress_on=[gallery])

@@ -22,6 +22,7 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import yaml
 
 from pixsigma_ui.generate_tab import as_float, as_int
 
@@ -66,7 +67,13 @@ def read_metrics(folder: Path, last: int = 5000) -> pd.DataFrame:
             rows.append({"step": int(m["step"]), "loss": float(m["loss"])})
         except (ValueError, KeyError, TypeError):
             continue
-    return pd.DataFrame(rows, columns=["step", "loss"])
+    return metrics_frame(rows)
+
+
+def metrics_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
+    """Typed even when empty: the plot fixes its axis kinds on the first frame it gets, and an empty object
+    column reads as categorical (losses would then be drawn as unordered labels)."""
+    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 def log_tail(folder: Path, lines: int = 40) -> str:
@@ -98,15 +105,54 @@ def pid_alive(pid: Any) -> bool:
         return True
 
 
-def find_stage_configs(folders: list[Path]) -> dict[str, Path]:
-    """stage -> the first YAML config whose file name contains the stage's name."""
-    out: dict[str, Path] = {}
+@dataclass(frozen=True)
+class Recipe:
+    """A config file to launch, plus the ``--set`` overrides that make it this recipe."""
+
+    config: Path
+    overrides: tuple[str, ...] = ()
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.config.name
+
+
+def config_stage(path: Path, _depth: int = 0) -> str | None:
+    """The stage a training config names (``stage: NAME`` or ``stage: {name: NAME}``), through its ``base:``."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    stage = raw.get("stage")
+    stage = stage.get("name") if isinstance(stage, dict) else stage
+    if isinstance(stage, str):
+        return stage
+    if isinstance(raw.get("base"), str) and _depth < 8:
+        return config_stage(path.parent / raw["base"], _depth + 1)
+    return None
+
+
+def find_recipes(folders: list[Path], finetune_from: str | None = None,
+                 model_name: str | None = None) -> dict[str, list[Recipe]]:
+    """stage -> the configs in ``folders`` that run it, shapes-world (CPU-sized) ones first. Files named
+    ``_*`` are shared bases, not runs; with no finetune config, ``finetune_from`` (the app's model folder)
+    is fine-tuned on the shapes base's data."""
+    out: dict[str, list[Recipe]] = {s: [] for s in STAGES}
+    bases = []
     for folder in folders:
         for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else []:
-            for stage in STAGES:
-                if stage in path.stem and stage not in out:
-                    out[stage] = path
-    return out
+            if path.name.startswith("_"):
+                bases.append(path)
+            elif (stage := config_stage(path)) in out:
+                out[stage].append(Recipe(path))
+    shapes_base = next((b for b in bases if "shapes" in b.stem), None)
+    if not out["finetune"] and finetune_from and shapes_base:
+        out["finetune"].append(Recipe(shapes_base, ("stage.name=finetune", f"stage.load_from={finetune_from}"),
+                                      f"fine-tune {model_name or Path(finetune_from).name} on the shapes world"))
+    return {s: sorted(v, key=lambda r: ("shapes" not in r.config.stem, r.config.name)) for s, v in out.items() if v}
 
 
 @dataclass
@@ -114,7 +160,7 @@ class RunManager:
     """Run folders under ``runs_dir`` and the trainer processes this app started."""
 
     runs_dir: Path
-    configs: dict[str, Path]
+    recipes: dict[str, list[Recipe]]
     module: str = "train"
     python: str = sys.executable
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -149,12 +195,22 @@ class RunManager:
     def live_run(self) -> str | None:
         return next((n for n in self.runs() if self.state(n)["alive"]), None)
 
-    def start(self, stage: str, data: str = "", steps: int = 100, lr: float = 1e-4, batch: int = 4) -> str:
+    def recipe(self, stage: str, title: str | None = None) -> Recipe:
+        """The recipe of ``stage`` called ``title`` (None: the stage's first)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        if stage not in self.configs:
-            raise ValueError(f"no config for stage {stage!r}; configs found: "
-                             f"{', '.join(f'{k}: {v}' for k, v in self.configs.items()) or 'none'}")
+        found = self.recipes.get(stage, [])
+        if not found:
+            have = ", ".join(f"{k}: {', '.join(r.title for r in v)}" for k, v in self.recipes.items())
+            raise ValueError(f"no config for stage {stage!r}; configs found: {have or 'none'}")
+        for r in found:
+            if title in (None, "", r.title):
+                return r
+        raise ValueError(f"no config {title!r} for stage {stage}; accepted: {', '.join(r.title for r in found)}")
+
+    def start(self, stage: str, config: str | None = None, data: str = "", steps: int = 100, lr: float = 1e-4,
+              batch: int = 4) -> str:
+        recipe = self.recipe(stage, config)
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -167,11 +223,11 @@ class RunManager:
         self._refuse_second_run()
         folder = self._new_folder(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
         name = folder.name
-        overrides = [f"name={name}", f"output_dir={folder}", f"steps={steps}", f"optim.lr={lr:g}",
-                     f"batch_size={batch}"]
-        if data:
-            overrides.append(f"data.source={Path(data).expanduser().resolve()}")
-        cmd = [self.python, "-m", self.module, str(self.configs[stage])]
+        overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
+                     f"optim.lr={lr:g}", f"batch_size={batch}"]
+        if data:  # the user's images, read directly: not the config's feature cache of the shapes world
+            overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
+        cmd = [self.python, "-m", self.module, str(recipe.config)]
         for o in overrides:
             cmd += ["--set", o]
         write_json_atomic(folder / LAUNCH, {"cmd": cmd, "stage": stage, "created": time.time()})
@@ -246,10 +302,18 @@ def samples_of(folder: Path, s: dict[str, Any]) -> list[str]:
 
 def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     """The tab's components and events; ``demo`` is the enclosing Blocks (a page load re-finds the runs)."""
-    stage_choices = [s for s in STAGES if s in manager.configs] or list(STAGES)
+    stage_choices = [s for s in STAGES if s in manager.recipes] or list(STAGES)
+    first = stage_choices[-1]  # finetune where it can run: the least setup
+
+    def recipe_titles(stage_: str) -> list[str]:
+        return [r.title for r in manager.recipes.get(stage_, [])]
+
     with gr.Row():
         with gr.Column(scale=1):
-            stage = gr.Dropdown(stage_choices, value=stage_choices[-1], label="Stage")
+            with gr.Row():
+                stage = gr.Dropdown(stage_choices, value=first, label="Stage", elem_id="train-stage")
+                config = gr.Dropdown(recipe_titles(first), value=next(iter(recipe_titles(first)), None),
+                                     label="Config", elem_id="train-config")
             data = gr.Textbox(value="", label="Data (empty: the shapes world)", placeholder="folder or .jsonl")
             with gr.Row():
                 steps = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_STEPS, label="Steps",
@@ -264,22 +328,22 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
             status = gr.Markdown(elem_id="train-status")
         with gr.Column(scale=2):
             plot = gr.LinePlot(x="step", y="loss", title="training loss", height=260, elem_id="loss-plot")
-            samples = gr.Gallery(label="Latest validation images", columns=4, height=200)
+            samples = gr.Gallery(label="Latest validation images", columns=4, height=220, object_fit="contain")
     log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
 
     def refresh(name: str | None):
         if not name:
-            return status_line(None, {}), pd.DataFrame(columns=["step", "loss"]), [], ""
+            return status_line(None, {}), metrics_frame([]), [], ""
         try:
             folder, s = manager.folder(name), manager.state(name)
         except ValueError as e:
             return str(e), gr.skip(), gr.skip(), gr.skip()
         return status_line(name, s), read_metrics(folder), samples_of(folder, s), log_tail(folder)
 
-    def on_start(stage_, data_, steps_, lr_, batch_):
+    def on_start(stage_, config_, data_, steps_, lr_, batch_):
         try:
-            name = manager.start(stage_, (data_ or "").strip(), as_int(steps_, "steps"), as_float(lr_, "learning rate"),
-                                 as_int(batch_, "batch size"))
+            name = manager.start(stage_, config_, (data_ or "").strip(), as_int(steps_, "steps"),
+                                 as_float(lr_, "learning rate"), as_int(batch_, "batch size"))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return gr.Dropdown(choices=manager.runs(), value=name)
@@ -303,7 +367,9 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
 
     views = [status, plot, samples, log]
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
-    start.click(on_start, [stage, data, steps, lr, batch], run, **light)
+    stage.change(lambda s_: gr.Dropdown(choices=recipe_titles(s_), value=next(iter(recipe_titles(s_)), None)),
+                 stage, config, **light)
+    start.click(on_start, [stage, config, data, steps, lr, batch], run, **light)
     stop.click(on_stop, run, None, **light)
     resume.click(on_resume, run, None, **light)
     run.change(refresh, run, views, **light)

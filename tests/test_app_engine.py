@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -206,3 +207,33 @@ def test_closing_the_stream_cancels_the_run(pipe):
 def test_unknown_model_is_refused(engine):
     with pytest.raises(ValueError, match="model 'alpha' is not loaded; loaded: \\['main'\\]"):
         engine.info(ALPHA)
+
+
+def test_info_reports_the_loaded_model_while_a_request_switches_kv(pipe):
+    gate = threading.Event()
+
+    class Paused(FlakyPipe):
+        def generate(self, request, callback=None):
+            def hold(step, total, latents):
+                gate.wait(30)
+                callback(step, total, latents)
+
+            return self.pipe.generate(request, hold)
+
+    engine = AppEngine({MAIN: Paused(pipe)})
+    kv = KVCompress(2, (1,), "pool")
+    events: list = []
+    consumer = threading.Thread(target=lambda: events.extend(
+        engine.stream(engine.make_request("a red circle", steps=2, resolution=128, kv=kv))))
+    consumer.start()
+    try:
+        for _ in range(500):  # until the worker is inside the run, with the KV switched
+            if pipe.transformer.config.kv_compress == kv:
+                break
+            time.sleep(0.01)
+        assert pipe.transformer.config.kv_compress == kv
+        assert engine.info().kv == KVCompress() and engine.info().suggested_kv.operator == "pool"
+    finally:
+        gate.set()
+        consumer.join(30)
+    assert isinstance(events[-1], Done) and pipe.transformer.config.kv_compress == KVCompress()

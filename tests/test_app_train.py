@@ -19,7 +19,7 @@ from PIL import Image
 from app import build_demo
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import MAIN, AppEngine
-from pixsigma_ui.train_tab import STAGES, RunManager, find_stage_configs, log_tail, read_metrics
+from pixsigma_ui.train_tab import STAGES, Recipe, RunManager, find_recipes, log_tail, read_metrics
 
 FAKE_TRAINER = '''
 import argparse, json, os, sys, time
@@ -73,7 +73,7 @@ def manager(tmp_path, monkeypatch):
     configs.mkdir()
     for stage in STAGES:
         (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
-    m = RunManager(tmp_path / "runs", find_stage_configs([configs]), module="fake_trainer")
+    m = RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer")
     yield m
     for child in m._children.values():  # never leave a trainer behind
         child.kill()
@@ -99,7 +99,7 @@ def test_start_returns_at_once_and_the_run_reports_through_its_files(manager):
     metrics = read_metrics(folder)
     assert metrics["step"].tolist() == [1, 2, 3, 4, 5] and metrics["loss"].iloc[-1] == pytest.approx(0.2)
     launch = json.loads((folder / "launch.json").read_text())
-    assert launch["cmd"][1:4] == ["-m", "fake_trainer", str(manager.configs["finetune"])]
+    assert launch["cmd"][1:4] == ["-m", "fake_trainer", str(manager.recipes["finetune"][0].config)]
     assert {"steps=5", "optim.lr=0.0003", "batch_size=2", f"output_dir={folder}"} <= set(launch["cmd"])
     assert "[train] argv" in log_tail(folder)
 
@@ -154,9 +154,11 @@ def test_runs_started_in_the_same_second_get_their_own_folders(manager):
 
 
 def test_missing_stage_config_is_named(tmp_path):
-    m = RunManager(tmp_path / "runs", {"finetune": tmp_path / "f.yaml"})
-    with pytest.raises(ValueError, match="no config for stage 'res_up'; configs found: finetune:"):
+    m = RunManager(tmp_path / "runs", {"finetune": [Recipe(tmp_path / "f.yaml")]})
+    with pytest.raises(ValueError, match="no config for stage 'res_up'; configs found: finetune: f.yaml"):
         m.start("res_up")
+    with pytest.raises(ValueError, match="no config 'g.yaml' for stage finetune; accepted: f.yaml"):
+        m.start("finetune", "g.yaml")
 
 
 def test_a_reloaded_app_finds_runs_and_sees_dead_ones(manager, tmp_path):
@@ -168,7 +170,7 @@ def test_a_reloaded_app_finds_runs_and_sees_dead_ones(manager, tmp_path):
     crashed.mkdir()
     (crashed / "status.json").write_text(json.dumps({"state": "running", "step": 7, "total_steps": 9,
                                                      "pid": dead.pid}))
-    again = RunManager(manager.runs_dir, manager.configs, module="fake_trainer")  # a restarted app
+    again = RunManager(manager.runs_dir, manager.recipes, module="fake_trainer")  # a restarted app
     assert set(again.runs()) == {name, "finetune-crashed"}
     assert again.state(name)["state"] == "finished"
     assert again.state("finetune-crashed")["state"] == "died" and again.state("finetune-crashed")["step"] == 7
@@ -183,13 +185,34 @@ def test_log_tail_shows_a_progress_bar_as_a_terminal_would(tmp_path):
     assert log_tail(tmp_path) == "loading\nstep 3\n[train] finished"
 
 
-def test_find_stage_configs_maps_file_names_to_stages(tmp_path):
-    for n in ("shapes_res_up.yaml", "shapes_finetune.yml", "notes.txt", "kv_compress.yaml"):
-        (tmp_path / n).write_text("")
-    found = find_stage_configs([tmp_path, tmp_path / "missing"])
-    assert {k: v.name for k, v in found.items()} == {"res_up": "shapes_res_up.yaml",
-                                                     "finetune": "shapes_finetune.yml",
-                                                     "kv_compress": "kv_compress.yaml"}
+def test_recipes_come_from_the_stage_each_config_names(tmp_path):
+    (tmp_path / "_shapes_base.yaml").write_text("data: {source: data/shapes}\n")
+    (tmp_path / "_xl_base.yaml").write_text("stage: {name: res_up}\n")
+    (tmp_path / "shapes_sigma_kv.yaml").write_text("base: _shapes_base.yaml\nstage: {name: kv_compress}\n")
+    (tmp_path / "xl_2k.yaml").write_text("base: _xl_base.yaml\nsteps: 10\n")  # its stage comes from its base
+    (tmp_path / "shapes_resup.yml").write_text("stage: res_up\n")
+    (tmp_path / "broken.yaml").write_text("stage: [\n")
+    (tmp_path / "notes.txt").write_text("stage: finetune\n")
+    found = find_recipes([tmp_path, tmp_path / "missing"], "/models/sigma", "demo")
+    assert {k: [r.title for r in v] for k, v in found.items()} == {
+        "res_up": ["shapes_resup.yml", "xl_2k.yaml"],  # shapes-world recipes first
+        "kv_compress": ["shapes_sigma_kv.yaml"],
+        "finetune": ["fine-tune demo on the shapes world"]}
+    assert found["finetune"][0] == Recipe(tmp_path / "_shapes_base.yaml",
+                                          ("stage.name=finetune", "stage.load_from=/models/sigma"),
+                                          "fine-tune demo on the shapes world")
+    assert "finetune" not in find_recipes([tmp_path])  # no model to fine-tune
+
+
+def test_a_recipe_launches_with_its_overrides_and_user_data_replaces_the_cache(manager, tmp_path):
+    manager.recipes["finetune"] = [Recipe(manager.recipes["finetune"][0].config, ("stage.load_from=/m",), "ft")]
+    data = tmp_path / "my_images"
+    data.mkdir()
+    name = manager.start("finetune", "ft", data=str(data), steps=1)
+    cmd = json.loads((manager.folder(name) / "launch.json").read_text())["cmd"]
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert sets[0] == "stage.load_from=/m" and f"data.source={data}" in sets and "data.cache=" in sets
+    wait_for(manager, name, lambda s: not s["alive"])
 
 
 def test_the_train_tab_exists_only_when_enabled(tiny_pipeline, tmp_path):
@@ -211,3 +234,12 @@ def test_samples_are_read_from_status(manager):
     assert samples_of(folder, s) == []  # listed but not written yet: not shown
     Image.new("RGB", (4, 4)).save(folder / "samples" / "latest.png")
     assert samples_of(folder, s) == [str(folder / "samples" / "latest.png")]
+
+
+def test_loss_plot_axes_are_numeric_even_before_the_first_step(tmp_path):
+    from pixsigma_ui.train_tab import metrics_frame
+
+    plot = gr.LinePlot(x="step", y="loss")
+    assert plot.postprocess(metrics_frame([])).datatypes == {"step": "quantitative", "loss": "quantitative"}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # caught mid-write
+    assert plot.postprocess(read_metrics(tmp_path)).data == [[1, 0.5]]

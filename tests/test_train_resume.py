@@ -44,21 +44,25 @@ def test_resume_after_a_kill_equals_a_straight_run(tmp_path, cache, monkeypatch)
     cfg = _cfg(tmp_path, cache, "killed")
     real_step = Trainer.optimizer_step
 
-    def dies_in_step_4(self):
-        if self.state.step == 3:
+    def dies_in_step_5(self):  # after step 4 was logged; the last checkpoint is step 3's
+        if self.state.step == 4:
             raise RuntimeError("killed")
         return real_step(self)
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "optimizer_step", dies_in_step_4)
+        m.setattr(Trainer, "optimizer_step", dies_in_step_5)
         with pytest.raises(RuntimeError, match="killed"):
             train(cfg)
     assert read_status(cfg.run_dir)["state"] == "error" and "killed" in read_status(cfg.run_dir)["error"]
     assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_00000003"]
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg)  # a fresh start would mix two runs' checkpoints
     resumed = train(cfg, resume=True)
     assert straight["step"] == resumed["step"] == 6
 
     a, b = _metrics(tmp_path / "straight"), _metrics(cfg.run_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # step 4 redone, logged once
+    assert [r["lr"] for r in a] == [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]  # 2 warm-up steps
     assert [r["indices"] for r in a] == [r["indices"] for r in b]  # the same data order, epochs crossed
     assert {r["epoch"] for r in a} == {0, 1, 2}
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)  # same noise, dropout
@@ -95,6 +99,8 @@ def test_stop_file_checkpoints_and_exits_cleanly(tmp_path, cache, monkeypatch):
     assert status["last_loss"] == pytest.approx(_metrics(cfg.run_dir)[-1]["loss"])
     assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_00000002"]
     assert not (cfg.run_dir / STOP).exists() and not (cfg.run_dir / "final").exists()
+    log = (cfg.run_dir / "log.txt").read_text()
+    assert "running from step 0 of 6" in log and log.rstrip().endswith("stopped at step 2")
     result = train(cfg, resume=True)
     assert result["state"] == "finished" and result["step"] == 6 and (cfg.run_dir / "final").is_dir()
     assert read_status(cfg.run_dir)["state"] == "finished"

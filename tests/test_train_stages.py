@@ -51,6 +51,8 @@ def test_stage_chain(world, monkeypatch):
     assert set(res["exports"]) == {"final", "final_diffusers"}
     alpha = load_dit(root / "alpha" / "final")
     assert alpha.config.resolution == 64 and not alpha.config.kv_compress.active
+    as_diffusers = load_dit(root / "alpha" / "final_diffusers").state_dict()
+    assert all(torch.equal(v, as_diffusers[k]) for k, v in alpha.state_dict().items())
 
     # 2. VAE adaptation on a feature cache of the new VAE: T5 and the VAE are never built by the run
     cached = {"source": str(imgs), "cache": str(root / "cache_sigma"), "text_encoder": str(enc), "vae": str(enc2)}
@@ -85,7 +87,8 @@ def test_stage_chain(world, monkeypatch):
 
     # 5. finetune keeps the loaded model (KV included), here from a checkpoint folder
     ckpt = next((root / "sigma_kv" / "checkpoints").iterdir())
-    _, res = _run(world, "sigma_ft", stage={"name": "finetune", "load_from": str(ckpt)}, data={**online, "vae": str(enc2)})
+    _, res = _run(world, "sigma_ft", stage={"name": "finetune", "load_from": str(ckpt)},
+                  data={**online, "vae": str(enc2)})
     ft = load_dit(root / "sigma_ft" / "final")
     assert ft.config == kv.config
     before = kv.state_dict()

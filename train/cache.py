@@ -79,11 +79,12 @@ class FeatureCache(Dataset):
     def stats(self) -> dict[str, int]:
         return dict(self.index.get("stats", {}))
 
-    def check(self, resolution: int, caption_channels: int, latent_channels: int) -> None:
-        """Refuse a cache built for another resolution, text encoder width or VAE."""
-        got = (self.resolution, self.index["text"]["channels"], self.index["vae"]["latent_channels"])
-        want = (resolution, caption_channels, latent_channels)
-        names = ("base resolution", "text feature channels", "latent channels")
+    def check(self, resolution: int, caption_channels: int, latent_channels: int, max_tokens: int) -> None:
+        """Refuse a cache built for another resolution, text encoder width, VAE or caption length."""
+        got = (self.resolution, self.index["text"]["channels"], self.index["vae"]["latent_channels"],
+               self.index["text"]["max_tokens"])
+        want = (resolution, caption_channels, latent_channels, max_tokens)
+        names = ("base resolution", "text feature channels", "latent channels", "max tokens")
         for name, g, w in zip(names, got, want):
             if g != w:
                 raise ValueError(f"feature cache {self.folder} has {name} {g}, this run needs {w}: "

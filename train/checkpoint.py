@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from pixsigma.config import DiTConfig
 from pixsigma.model.dit import PixArtDiT
@@ -30,6 +31,7 @@ from pixsigma.weights import (
     save_dit,
 )
 from train.config import TrainConfig
+from train.optim import EMA
 from train.stages import allowed_missing, model_config
 
 CHECKPOINTS, FINAL, FINAL_DIFFUSERS = "checkpoints", "final", "final_diffusers"
@@ -92,7 +94,7 @@ def _write_meta(folder: Path, config: DiTConfig, extra: dict[str, Any]) -> None:
     (folder / PIXSIGMA_CONFIG).write_text(json.dumps({"dit": config.to_dict(), **extra}, indent=2))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, config: DiTConfig, keep_last: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, config: DiTConfig, keep_last: int) -> Path:
     """Collective: every process calls it. Returns the complete checkpoint folder."""
     root = run_dir / CHECKPOINTS
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
@@ -122,7 +124,7 @@ def clean_partial(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def export_final(accelerator, model: torch.nn.Module, ema, config: DiTConfig, run_dir: Path,
+def export_final(accelerator: Accelerator, model: torch.nn.Module, ema: EMA | None, config: DiTConfig, run_dir: Path,
                  extra: dict[str, Any]) -> dict[str, str]:
     """Collective. Writes ``final/`` (and ``final_diffusers/`` when diffusers can hold the model)."""
     state = accelerator.get_state_dict(model)  # gathers a sharded (FSDP) model; unwraps DDP

@@ -1,8 +1,9 @@
 """Frozen, validated training configs, loaded from YAML (or a Python file defining ``config``).
 
-Layering, later wins: the dataclass defaults < the stage's overrides (``train.stages``) < the file <
-``--set key=value`` (dotted keys: ``optim.lr=1e-4``, ``stage.resolution=256``). Unknown keys and bad
-values raise ``ValueError`` naming the key, the value and what is accepted.
+Layering, later wins: the dataclass defaults < the stage's overrides (``train.stages``) < the file's
+``base:`` file (a path relative to it) < the file < ``--set key=value`` (dotted keys: ``optim.lr=1e-4``,
+``stage.resolution=256``). Unknown keys and bad values raise ``ValueError`` naming the key, the value and
+what is accepted.
 """
 
 from __future__ import annotations
@@ -27,8 +28,22 @@ def _positive_int(where: str, v: Any, zero: bool = False) -> None:
         raise ValueError(f"{where} must be an integer >= {low}, got {v!r}")
 
 
-def _fraction(where: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+def _float(obj: Any, name: str, where: str) -> float:
+    """The field as a float; YAML reads ``1e-4`` (no dot) as a string, so numeric strings are accepted."""
+    v = getattr(obj, name)
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {v!r}") from None
+    object.__setattr__(obj, name, f)
+    return f
+
+
+def _fraction(obj: Any, name: str, where: str) -> None:
+    v = getattr(obj, name)
+    if not 0.0 <= _float(obj, name, where) <= 1.0:
         raise ValueError(f"{where} must be a number in [0, 1], got {v!r}")
 
 
@@ -90,7 +105,7 @@ class DataConfig:
     extract_batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _fraction("data.long_caption_ratio", self.long_caption_ratio)
+        _fraction(self, "long_caption_ratio", "data.long_caption_ratio")
         if self.max_tokens is not None:
             _positive_int("data.max_tokens", self.max_tokens)
         _positive_int("data.num_workers", self.num_workers, zero=True)
@@ -116,20 +131,28 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+        for name in ("lr", "weight_decay", "grad_clip"):
+            _float(self, name, f"optim.{name}")
+        if self.ema_decay is not None:
+            _float(self, "ema_decay", "optim.ema_decay")
+        try:
+            object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+            object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+        except (TypeError, ValueError):
+            raise ValueError(f"optim.betas and optim.eps must be lists of numbers, got {self.betas!r}, "
+                             f"{self.eps!r}") from None
         want_b, want_e = (3, 2) if self.name == "came" else (2, 1)
         if len(self.betas) != want_b or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas for {self.name} must be {want_b} numbers in [0, 1), got {self.betas}")
         if len(self.eps) != want_e or not all(e > 0 for e in self.eps):
             raise ValueError(f"optim.eps for {self.name} must be {want_e} positive numbers, got {self.eps}")
-        if not float(self.lr) > 0:
+        if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
-        if float(self.weight_decay) < 0 or float(self.grad_clip) < 0:
+        if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0, got "
                              f"{self.weight_decay!r}, {self.grad_clip!r}")
         _positive_int("optim.warmup_steps", self.warmup_steps, zero=True)
-        if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.ema_decay!r}")
 
 
@@ -164,13 +187,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model not in PRESETS:
             raise ValueError(f"model must be one of the presets {sorted(PRESETS)}, got {self.model!r}")
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            object.__setattr__(self, "mixed_precision", "no")
+        if not isinstance(self.model_args, dict):
+            raise ValueError(f"model_args must be a mapping of DiTConfig fields, got {self.model_args!r}")
+        if isinstance(self.sample_prompts, str):
+            object.__setattr__(self, "sample_prompts", (self.sample_prompts,))
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "sample_steps"):
             _positive_int(name, getattr(self, name))
         _positive_int("sample_every", self.sample_every, zero=True)
         _positive_int("seed", self.seed, zero=True)
-        _fraction("caption_dropout", self.caption_dropout)
+        _fraction(self, "caption_dropout", "caption_dropout")
         object.__setattr__(self, "sample_prompts", tuple(str(p) for p in self.sample_prompts))
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every > 0 needs sample_prompts (a list of captions to render)")
@@ -228,21 +257,36 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _stage_as_mapping(raw: dict[str, Any]) -> dict[str, Any]:
+    """``stage: res_up`` is short for ``stage: {name: res_up}``."""
+    raw = dict(raw)
+    if isinstance(raw.get("stage"), str):
+        raw["stage"] = {"name": raw["stage"]}
+    return raw
+
+
+def _read(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} includes itself through `base`")
     if path.suffix == ".py":
         raw = runpy.run_path(str(path)).get("config")
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} must define a dict named `config`")
     elif path.suffix in (".yaml", ".yml"):
         raw = yaml.safe_load(path.read_text()) or {}
     else:
         raise ValueError(f"config {path}: use a .yaml/.yml file or a .py file defining `config`")
-    raw = dict(raw)
-    if isinstance(raw.get("stage"), str):
-        raw["stage"] = {"name": raw["stage"]}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a mapping (a .py file: a dict named `config`)")
+    raw = _stage_as_mapping(raw)
+    base = raw.pop("base", None)  # a shared file this one overrides, relative to this one
+    return merge(_read(path.parent / base, (*seen, path.resolve())), raw) if base else raw
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The file's mapping, on top of its ``base:`` file if it names one; ``name`` defaults to the file stem."""
+    path = Path(path)
+    raw = _read(path, ())
     raw.setdefault("name", path.stem)
     return raw
 
@@ -251,7 +295,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Tra
     """Defaults < stage overrides < ``raw`` < ``overrides``."""
     from train.stages import stage_overrides
 
-    raw = merge(raw, parse_overrides(overrides or []))
+    raw = merge(_stage_as_mapping(raw), parse_overrides(overrides or []))
     stage = (raw.get("stage") or {}).get("name", Stage.name)
     if stage not in STAGE_NAMES:
         raise ValueError(f"stage.name must be one of {STAGE_NAMES}, got {stage!r}")

@@ -102,8 +102,9 @@ def image_size(path: Path) -> tuple[int, int]:
     """(height, width) after EXIF rotation, from the header only."""
     with Image.open(path) as im:
         w, h = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated 90°: the pixels will be transposed
-            w, h = h, w
+        # EXIF orientation of camera formats (their EXIF is in the header; PNG's would cost a full decode)
+        if im.format in ("JPEG", "MPO", "WEBP", "TIFF") and im.getexif().get(0x0112) in (5, 6, 7, 8):
+            w, h = h, w  # rotated 90°: the pixels will be transposed
     return h, w
 
 

@@ -54,10 +54,14 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / INDEX).unlink(missing_ok=True)  # the cache is incomplete until the new index is written
+        for old in folder.glob("shard_r*.safetensors"):
+            old.unlink()
     state.wait_for_everyone()
 
     stats = DataStats()
-    records = read_records(cfg.data.source, stats)[state.process_index::state.num_processes]
+    # every process lists all records; only the main one counts those without a caption
+    records = read_records(cfg.data.source, stats if state.is_main_process else DataStats())
+    records = records[state.process_index::state.num_processes]
     dataset = ImageCaptionDataset(records, dit.resolution, 0.0, cfg.seed, stats)
     text = encoders.build_text_encoder(cfg.data.text_encoder, state.device, max_tokens)
     vae = encoders.build_vae(cfg.data.vae, state.device)
@@ -113,7 +117,8 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.extract", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train.extract",
+                                 description="Pre-compute T5 features and VAE latents of a training config.")
     ap.add_argument("config", help="training config (.yaml or .py) whose data.cache to fill")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")

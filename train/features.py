@@ -25,7 +25,7 @@ class CachedFeatures:
 
     def __init__(self, cfg: TrainConfig, dit: DiTConfig):
         self.dataset = FeatureCache(cfg.data.cache, cfg.data.long_caption_ratio, cfg.seed)
-        self.dataset.check(dit.resolution, dit.caption_channels, dit.in_channels)
+        self.dataset.check(dit.resolution, dit.caption_channels, dit.in_channels, cfg.data.max_tokens or dit.max_tokens)
         self.collate = collate_cached
         self.decode = None
 

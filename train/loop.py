@@ -55,6 +55,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, monitor: Monitor, resume: bool):
         self.cfg, self.acc, self.monitor = cfg, accelerator, monitor
         acc, run_dir = accelerator, cfg.run_dir
+        existing = latest_checkpoint(run_dir)
+        if existing is not None and not resume:
+            raise FileExistsError(f"{run_dir} already holds a run (checkpoint {existing.name}): pass --resume to "
+                                  "continue it, or set another output_dir")
         if acc.is_main_process:
             clean_partial(run_dir)
             resolved = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists for YAML
@@ -81,10 +85,9 @@ class Trainer:
         self.ema = EMA(self.unwrapped, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.state = TrainState()
         acc.register_for_checkpointing(self.scheduler, self.state, *([self.ema] if self.ema else []))
-        ckpt = latest_checkpoint(run_dir) if resume else None
-        if ckpt is not None:
-            acc.load_state(str(ckpt))  # model, optimizer, schedule, EMA, position, RNG states
-            monitor.note(f"resumed from {ckpt} at step {self.state.step}")
+        if existing is not None:
+            acc.load_state(str(existing))  # model, optimizer, schedule, EMA, position, RNG states
+            monitor.note(f"resumed from {existing} at step {self.state.step}")
         else:
             if resume:
                 monitor.note(f"nothing to resume in {run_dir}: starting at step 0")
@@ -171,13 +174,14 @@ class Trainer:
                 batch = next(it)
                 seen.append(batch["index"].tolist())
                 terms.append(self.micro_step(batch, sync=micro == cfg.grad_accum - 1))
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             norm = self.optimizer_step()
             st.step += 1
             loss, mse, vb = acc.reduce(torch.stack(terms).mean(0), "mean").tolist()
             indices = gather_object([seen])  # every process's sample indices of this step
             flag = torch.tensor([float(self.monitor.stop_requested())], device=acc.device)
             stopped = bool(acc.reduce(flag, "sum").item())
-            self.monitor.log(st.step, {"loss": loss, "mse": mse, "vb": vb, "lr": self.scheduler.get_last_lr()[0],
+            self.monitor.log(st.step, {"loss": loss, "mse": mse, "vb": vb, "lr": lr,
                                        "grad_norm": norm, "epoch": st.epoch, "indices": indices},
                              write_status_file=st.step % cfg.log_every == 0 or st.step == cfg.steps)
             if stopped or st.step % cfg.save_every == 0 or st.step == cfg.steps:

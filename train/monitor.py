@@ -1,7 +1,8 @@
 """What a run shows and answers while it trains: progress bar, metrics log, status file, stop requests.
 
 Files in the run folder (main process only):
-- ``metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad norm, samples/s, data indices).
+- ``metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad norm, steps/s, data indices).
+- ``log.txt``: the run's messages and a line every ``log_every`` steps (the app shows its tail).
 - ``status.json``, rewritten atomically, for other processes (the app's Train tab) to poll:
   ``{state: starting|running|stopped|finished|error, step, total_steps, last_loss, samples, error, pid,
   updated, ...}``.
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from train.fileio import atomic_write_text
 
-STATUS, METRICS, STOP = "status.json", "metrics.jsonl", "STOP"
+STATUS, METRICS, LOG, STOP = "status.json", "metrics.jsonl", "log.txt", "STOP"
 STATES = ("starting", "running", "stopped", "finished", "error")
 
 
@@ -67,6 +68,10 @@ class Monitor:
         if not self.active:
             return
         (self.run_dir / STOP).unlink(missing_ok=True)  # a stale request from a finished run
+        metrics = self.run_dir / METRICS
+        if metrics.is_file():  # resuming: drop the rows of steps after the checkpoint, they are redone
+            rows = metrics.read_text().splitlines(keepends=True)
+            atomic_write_text(metrics, "".join(r for r in rows if r.strip() and json.loads(r)["step"] <= step))
         self.bar = tqdm(total=self.total, initial=step, desc=self.run_dir.name, dynamic_ncols=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,6 +80,7 @@ class Monitor:
         except ImportError:  # tensorboard is optional
             self.tb = None
         self.update(state="running", step=step)
+        self._log_line(f"running from step {step} of {self.total}")
 
     def stop_requested(self) -> bool:
         return self.active and (self.run_dir / STOP).exists()
@@ -95,11 +101,18 @@ class Monitor:
                     self.tb.add_scalar(f"train/{k}", v, step)
         if write_status_file:
             self.update(step=step, last_loss=metrics.get("loss"))
+            self._log_line(f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f} "
+                           f"lr {metrics.get('lr', 0):.3g} {rate:.3g} steps/s")
+
+    def _log_line(self, line: str) -> None:
+        with open(self.run_dir / LOG, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def note(self, message: str) -> None:
-        """A line for the console (kept out of the progress bar's way)."""
+        """A line for the console (kept out of the progress bar's way) and ``log.txt``."""
         if self.active:
             (tqdm.write if self.bar is not None else print)(f"[train] {message}")
+            self._log_line(message)
 
     def close(self, state: str, error: str | None = None, **fields: Any) -> None:
         if self.bar is not None:
@@ -109,3 +122,5 @@ class Monitor:
         if state == "stopped" and self.active:
             (self.run_dir / STOP).unlink(missing_ok=True)
         self.update(state=state, error=error, **fields)
+        if self.active:
+            self._log_line(f"{state} at step {self.status['step']}" + (f": {error}" if error else ""))

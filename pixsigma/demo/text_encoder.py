@@ -196,7 +196,8 @@ def train_text_encoder(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, se
         tok = tokenizer(texts, padding="longest", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
         feats = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, L, 128)
         out = probe(feats, tok.attention_mask)
-        loss = sum(loss_fn(out[k].flatten(0, 1), tgt[k].flatten()) for k in out)
+        loss = sum(loss_fn(out[k].flatten(0, 1), tgt[k].flatten()) for k in out
+                   if (tgt[k] != IGNORE).any())  # short captions say no size or cell
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -6,6 +6,7 @@ finetune config for the real trainer; screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -75,8 +76,6 @@ def app_url(tiny_pipeline, tmp_path_factory):
         proc.wait(20)
         log.close()
         for run in (tmp / "runs").glob("*/status.json"):  # leave no trainer behind
-            import json
-
             pid = json.loads(run.read_text()).get("pid")
             if pid:
                 try:
@@ -107,12 +106,15 @@ def page(browser, app_url):
 
 def test_generate_shows_images_time_and_memory(page):
     page.fill("#prompt textarea", "a red circle above a blue square")
-    page.locator("#gallery").scroll_into_view_if_needed()
+    page.fill("input[aria-label='number input for Steps']", "30")
     page.click("#generate")
+    # While denoising: a latent preview in the gallery and the step under it.
+    page.wait_for_function("document.querySelector('#stats').innerText.includes('denoising… step')",
+                           timeout=60_000, polling=50)
     page.wait_for_selector("#gallery img", timeout=60_000)
     page.wait_for_function("document.querySelector('#stats').innerText.includes('peak memory')", timeout=60_000)
     stats = page.inner_text("#stats")
-    assert "256×256 px" in stats and "steps" in stats and " s · peak memory" in stats
+    assert "256×256 px" in stats and "30 steps" in stats and " s · peak memory" in stats
     assert page.locator("#files").get_by_text(".png").count() >= 1  # the download list
     page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
 
@@ -122,6 +124,7 @@ def test_bad_input_shows_an_error_toast(page):
     page.click("#generate")
     toast = page.get_by_text("the prompt is empty: describe the image to draw")
     toast.first.wait_for(timeout=30_000)
+    page.wait_for_timeout(600)  # the toast slides in
     page.screenshot(path=str(ARTIFACTS / "app-error.png"))
 
 
@@ -140,13 +143,18 @@ def test_train_starts_a_run_and_the_loss_plot_updates(page):
     page.get_by_role("tab", name="Train").click()
     page.fill("#train-steps input", "6")
     page.click("#train-start")
+    # Live: the status passes through a running step before the end, with the plot drawn.
+    page.wait_for_function("/state: running · step [1-5]\\/6/.test(document.querySelector('#train-status').innerText)",
+                           timeout=120_000, polling=100)
+    page.wait_for_selector("#loss-plot canvas, #loss-plot svg", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "app-train-running.png"), full_page=True)
     page.wait_for_function("document.querySelector('#train-status').innerText.includes('finished')",
                            timeout=120_000)
     status = page.inner_text("#train-status")
     assert "step 6/6" in status and "loss" in status
     page.wait_for_selector("#loss-plot canvas, #loss-plot svg", timeout=30_000)
     time.sleep(POLL_WAIT)  # one more poll so the plot holds every step
-    assert "[train] finished at step 6" in page.input_value("#train-log textarea")
+    assert "finished at step 6" in page.input_value("#train-log textarea")  # log.txt (or stdout) tail
     page.screenshot(path=str(ARTIFACTS / "app-train.png"), full_page=True)
 
 

@@ -1,0 +1,173 @@
+"""Rebuild the whole embedded demo with one command: the paper's weak-to-strong story in miniature.
+
+    python -m pixsigma.demo.build            # ≈ 1 h on a 2-core CPU; a GPU only makes it faster
+
+1. world data (PNG + short/long captions) at many aspect ratios;
+2. the frozen text encoder and the two VAEs (``pixsigma.demo.build_parts``);
+3. PixArt-α: from scratch at 128 px, VAE-α, short captions;
+4. PixArt-Σ from α: ``vae_adapt`` (VAE-Σ) -> ``res_up`` (256 px, PE interpolation) -> ``kv_compress``
+   (R = 2, conv avg init, layers 4-7), on the 60/40 long/short caption mix, each stage 10% of α's steps;
+5. ShapesBench over checkpoints (the curves) and, in full, over α, Σ and Σ without KV (the table).
+
+Every stage runs the one shared training loop (``python -m train``) with a config from ``configs/``;
+finished steps are skipped on a re-run, so an interrupted build picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixsigma.demo import DEMO_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+# (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
+TRAIN_SIZES = ((256, 256), (256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 368), (368, 176),
+               (128, 512), (512, 128))
+PIPELINE_INDEX = {
+    "_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.42.1",
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "text_encoder": ["transformers", "T5EncoderModel"],
+    "vae": ["diffusers", "AutoencoderKL"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+}
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One training run of the build: its config, where it reads and writes, and its length."""
+
+    name: str  # run folder name
+    config: str  # file in configs/
+    cache: str  # feature cache name
+    steps: int
+    pipeline: str  # "alpha" or "sigma": which VAE / pipeline folder it trains against
+    resolution: int
+
+
+def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1) -> list[StageRun]:
+    s = max(10, int(alpha_steps * sigma_fraction))
+    return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128),
+            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128),
+            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256),
+            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256)]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Run a step in its own process (accelerate keeps per-process state), its output in ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"step failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def make_data(work: Path, n: int, seed: int) -> Path:
+    from pixsigma.demo.world import make_dataset
+
+    data = work / "data"
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, n, seed=seed, sizes=TRAIN_SIZES)
+    return data
+
+
+def assemble_pipelines(parts: Path, out: Path) -> None:
+    """alpha/ and sigma/ pipeline folders sharing the T5 and tokenizer, each with its own VAE."""
+    from pixsigma.sampling import PIXART_BETAS
+
+    for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
+        folder = out / name
+        for sub, src in (("tokenizer", "tokenizer"), ("text_encoder", "text_encoder"), ("vae", vae)):
+            if not (folder / sub).is_dir():
+                shutil.copytree(parts / src, folder / sub)
+        if not (folder / "scheduler").is_dir():
+            from diffusers import DPMSolverMultistepScheduler
+
+            DPMSolverMultistepScheduler(**PIXART_BETAS, algorithm_type="dpmsolver++").save_pretrained(
+                folder / "scheduler")
+        (folder / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
+
+
+def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out: Path, evals: int) -> Path:
+    from train.checkpoint import checkpoint_dirs
+
+    run_dir = work / "runs" / st.name
+    if (run_dir / "final").is_dir():
+        return run_dir
+    every = max(1, st.steps // evals)
+    sets = [f"output_dir={run_dir}", f"data.source={data}", f"data.cache={work / 'cache' / st.cache}",
+            f"data.text_encoder={out / st.pipeline}", f"data.vae={out / st.pipeline}", f"steps={st.steps}",
+            f"save_every={every}", f"keep_last={evals + 2}", "sample_every=0"]
+    if prev is not None:
+        sets.append(f"stage.load_from={work / 'runs' / prev.name}")
+    args = [x for s in sets for x in ("--set", s)]
+    log = work / "logs" / f"{st.name}.log"
+    if not (work / "cache" / st.cache / "index.json").is_file():
+        _run([sys.executable, "-m", "train.extract", str(CONFIGS / st.config), *args], log)
+    resume = ["--resume"] if checkpoint_dirs(run_dir) else []
+    _run([sys.executable, "-m", "train", str(CONFIGS / st.config), *args, *resume], log)
+    return run_dir
+
+
+def export(work: Path, out: Path, plan: list[StageRun]) -> None:
+    """α in diffusers layout (diffusers can run it), Σ (KV-compressed) in the pixsigma layout; fp16 on disk."""
+    import torch
+
+    from pixsigma.weights import load_dit, save_diffusers_transformer, save_dit
+
+    alpha = load_dit(work / "runs" / plan[0].name / "final")
+    save_diffusers_transformer(alpha, out / "alpha" / "transformer", dtype=torch.float16)
+    sigma = load_dit(work / "runs" / plan[-1].name / "final")
+    save_dit(sigma, out / "sigma" / "transformer", dtype=torch.float16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/demo_build", help="scratch folder (data, caches, runs, logs)")
+    ap.add_argument("--out", default=str(DEMO_DIR), help="where the demo pipelines go (assets/demo)")
+    ap.add_argument("--images", type=int, default=12000, help="training images of the world")
+    ap.add_argument("--alpha-steps", type=int, default=3000, help="PixArt-α steps; each Σ stage gets 10%%")
+    ap.add_argument("--evals", type=int, default=5, help="checkpoints per stage scored for the curves")
+    ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from pixsigma.demo import report
+
+    work, out = Path(args.work).resolve(), Path(args.out).resolve()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not all((work / "parts" / p).is_dir() for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")):
+        _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"),
+              "--seed", str(args.seed)], work / "logs" / "parts.log")
+    timings["parts"] = time.perf_counter() - t0
+    assemble_pipelines(work / "parts", out)
+    data = make_data(work, args.images, args.seed)
+    timings["data"] = time.perf_counter() - t0 - sum(timings.values())
+    plan = stage_plan(args.alpha_steps)
+    prev = None
+    for st in plan:
+        t = time.perf_counter()
+        train_stage(st, prev, work, data, out, args.evals)
+        timings[st.name] = time.perf_counter() - t
+        prev = st
+    export(work, out, plan)
+    t = time.perf_counter()
+    report.write_report(work, out, plan, args.bench_n, timings)
+    timings["bench"] = time.perf_counter() - t
+    total = time.perf_counter() - t0
+    print(json.dumps({"minutes": round(total / 60, 1), **{k: round(v / 60, 1) for k, v in timings.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Build the demo's frozen parts: tokenizer, T5 text encoder, VAE-α and VAE-Σ.
+
+    python -m pixsigma.demo.build_parts --out assets/demo [--seed 0] [--minutes-per-part N]
+
+Writes ``tokenizer/``, ``text_encoder/`` (+ ``metrics.json``: probe accuracy), ``vae_alpha/`` and
+``vae_sigma/`` (+ ``metrics.json``: PSNR, latent std, scaling factor) under ``--out``, each folder
+swapped in whole once complete. Deterministic for a seed (fixed step counts, seeded data);
+``--minutes-per-part`` only caps a part's training time, and says so when it cuts one short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from pixsigma.demo.text_encoder import build_tokenizer, train_text_encoder
+from pixsigma.demo.vae import VAE_SPECS, finish_vae, heldout_images, save_vae, train_vae
+
+PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
+T5_STEPS = 1200
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the finished ``tmp`` folder (readers never see a half-written part)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, t5_steps: int = T5_STEPS,
+                vae_steps: dict[str, int] | None = None, minutes_per_part: float | None = None,
+                heldout: int = 64, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Build ``parts`` into ``out``; returns each part's metrics."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part(s) {bad}; accepted: {', '.join(PARTS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = None if minutes_per_part is None else 60.0 * minutes_per_part
+    tokenizer = build_tokenizer()
+    results: dict[str, dict] = {}
+    images = heldout_images(heldout) if any(p.startswith("vae_") for p in parts) else None
+    for part in parts:
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{part}.", dir=out))
+        try:
+            if part == "tokenizer":
+                tokenizer.save_pretrained(tmp)
+                metrics = {"vocab_size": len(tokenizer.get_vocab())}
+            elif part == "text_encoder":
+                res = train_text_encoder(tokenizer, steps=t5_steps, seed=seed, max_seconds=budget, log=log)
+                res.model.save_pretrained(tmp, safe_serialization=True)
+                metrics = res.metrics
+                _write_json(tmp / "metrics.json", metrics)
+            else:
+                name = part.removeprefix("vae_")
+                spec = VAE_SPECS[name]
+                if vae_steps and name in vae_steps:
+                    spec = replace(spec, steps=vae_steps[name])
+                vae, info = train_vae(spec, seed=seed, max_seconds=budget, log=log)
+                metrics = finish_vae(vae, name, spec, info, images)
+                save_vae(vae, tmp, metrics)
+            _swap_in(tmp, out / part)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        results[part] = metrics
+        log(f"{part}: done in {metrics['wall_seconds']} s {json.dumps(metrics, ensure_ascii=False)}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for tokenizer/, text_encoder/, vae_alpha/, vae_sigma/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes-per-part", type=float, default=None,
+                    help="cap on each part's training time (cutting one short breaks determinism)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--t5-steps", type=int, default=T5_STEPS)
+    ap.add_argument("--vae-alpha-steps", type=int, default=VAE_SPECS["alpha"].steps)
+    ap.add_argument("--vae-sigma-steps", type=int, default=VAE_SPECS["sigma"].steps)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    build_parts(args.out, seed=args.seed, parts=parts, t5_steps=args.t5_steps,
+                vae_steps={"alpha": args.vae_alpha_steps, "sigma": args.vae_sigma_steps},
+                minutes_per_part=args.minutes_per_part)
+    print(f"built {', '.join(parts)} into {args.out} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The demo's measurements: ShapesBench over checkpoints (curves) and over the final models (the table).
+
+``python -m pixsigma.demo.report --work runs/demo_build`` re-scores an existing build without retraining.
+Writes into ``assets/demo``: ``shapesbench.json``, ``shapesbench.md``, ``curves_loss.png``,
+``curves_shapesbench.png`` (the paper's Fig. 8 in miniature: each Σ stage starts near where the last ended
+and plateaus within a small share of α's steps).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixsigma.config import KVCompress
+from pixsigma.demo import DEMO_DIR, shapesbench
+
+CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
+CURVE_STEPS = 14  # sampler steps for the curves (20 for the table)
+
+
+def generate_fn(pipe, size: int, steps: int, kv: KVCompress | None = None) -> Callable[[list[str], int], list]:
+    from pixsigma.pipeline import GenerationRequest
+
+    def fn(prompts: list[str], seed: int) -> list:
+        return pipe.generate(GenerationRequest(prompts, seed=seed, steps=steps, width=size, height=size,
+                                               kv=kv)).images
+    return fn
+
+
+def _pipe(folder: Path, transformer: Path | None = None):
+    from pixsigma.pipeline import PixSigmaPipeline
+
+    return PixSigmaPipeline.from_pretrained(str(folder), str(transformer) if transformer else None, device="cpu")
+
+
+def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(offset + int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
+
+
+def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
+    """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
+    from train.checkpoint import checkpoint_dirs
+
+    curves: dict[str, Any] = {}
+    offset = 0
+    for st in plan:
+        run_dir = work / "runs" / st.name
+        scores = []
+        for ck in checkpoint_dirs(run_dir):
+            step = int(ck.name.split("_")[-1])
+            pipe = _pipe(out / st.pipeline, ck)
+            r = shapesbench.evaluate(generate_fn(pipe, st.resolution, CURVE_STEPS), n=CURVE_N, width=st.resolution,
+                                     height=st.resolution, batch_size=CURVE_N // 2)
+            scores.append((offset + step, r["attribute"]))
+        curves[st.name] = {"start": offset, "steps": st.steps, "loss": _losses(run_dir, offset), "bench": scores}
+        offset += st.steps
+    return curves
+
+
+def plateau_step(points: list[tuple[int, float]], start: int, tol: float = 0.02) -> int | None:
+    """Steps into a stage until its score is within ``tol`` of the stage's best."""
+    if not points:
+        return None
+    best = max(v for _, v in points)
+    return next(s - start for s, v in points if v >= best - tol)
+
+
+def plot_curves(curves: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, ylabel, name in (("loss", "training loss (smoothed)", "curves_loss.png"),
+                              ("bench", "ShapesBench attribute accuracy", "curves_shapesbench.png")):
+        fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+        for stage, c in curves.items():
+            pts = np.array(c[key], dtype=np.float64).reshape(-1, 2)
+            if key == "loss" and len(pts) > 20:  # moving average: single-batch losses are noisy
+                k = max(5, len(pts) // 40)
+                pts = np.stack([pts[k - 1:, 0], np.convolve(pts[:, 1], np.ones(k) / k, mode="valid")], 1)
+            if len(pts):
+                ax.plot(pts[:, 0], pts[:, 1], marker="o" if key == "bench" else None, ms=3, label=stage)
+            ax.axvline(c["start"], color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("training step (α, then each Σ stage)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+
+
+def final_table(out: Path, n: int) -> dict[str, dict]:
+    alpha, sigma = _pipe(out / "alpha"), _pipe(out / "sigma")
+    return {
+        "real images (ceiling)": shapesbench.evaluate(shapesbench.oracle_generate_fn(256, 256), n=n, width=256,
+                                                      height=256),
+        "PixArt-α (128 px)": shapesbench.evaluate(generate_fn(alpha, 128, 20), n=n, width=128, height=128,
+                                                 batch_size=25),
+        "PixArt-Σ (256 px, KV R=2)": shapesbench.evaluate(generate_fn(sigma, 256, 20), n=n, width=256,
+                                                         height=256, batch_size=25),
+        "PixArt-Σ without KV": shapesbench.evaluate(generate_fn(sigma, 256, 20, KVCompress()), n=n, width=256,
+                                                   height=256, batch_size=25),
+    }
+
+
+def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, float]) -> dict[str, Any]:
+    curves = stage_curves(work, out, plan)
+    plot_curves(curves, out)
+    table = final_table(out, n)
+    alpha_steps = plan[0].steps
+    plateaus = {name: plateau_step(c["bench"], c["start"]) for name, c in curves.items()}
+    psnr = {v: json.loads((out / v / "vae" / "metrics.json").read_text()).get("psnr")
+            for v in ("alpha", "sigma") if (out / v / "vae" / "metrics.json").is_file()}
+    summary = {"table": {k: {m: v for m, v in r.items() if m != "per_prompt"} for k, r in table.items()},
+               "plateau_steps": plateaus, "alpha_steps": alpha_steps,
+               "plateau_fraction_of_alpha": {k: (v / alpha_steps if v is not None else None)
+                                             for k, v in plateaus.items() if k != plan[0].name},
+               "vae_psnr": psnr, "build_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
+               "curves": curves,
+               "command": "python -m pixsigma.demo.build"}
+    (out / "shapesbench.json").write_text(json.dumps(summary, indent=1))
+    (out / "shapesbench.md").write_text(shapesbench.format_table(table) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pixsigma.demo.build import stage_plan
+
+    ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.report")
+    ap.add_argument("--work", default="runs/demo_build")
+    ap.add_argument("--out", default=str(DEMO_DIR))
+    ap.add_argument("--alpha-steps", type=int, default=3000)
+    ap.add_argument("--bench-n", type=int, default=200)
+    args = ap.parse_args(argv)
+    s = write_report(Path(args.work).resolve(), Path(args.out).resolve(), stage_plan(args.alpha_steps),
+                     args.bench_n, {})
+    print(json.dumps(s["table"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The demo's two VAEs: diffusers ``AutoencoderKL`` with f = 8 and 4 latent channels.
+
+PixArt-Σ's first "weak-to-strong" step swaps PixArt-α's SD VAE for the better SDXL VAE.
+The demo mirrors that with a weaker "VAE-α" (fewer channels, fewer steps) and a better
+"VAE-Σ", both trained here on shapes-world crops. Each gets ``scaling_factor`` = 1 / std
+of its latents on held-out world images (as SD's 0.18215 was measured), and its
+reconstruction PSNR on held-out images is recorded next to it in ``metrics.json``.
+Weights are stored in fp16 (diffusers upcasts to fp32 on load by default) to keep the
+shipped demo small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from pixsigma.demo.world import MAX_ASPECT, render, sample_scene, scene_rng
+
+HELDOUT_SEED = 0  # scenes from the world's "heldout" domain: never seen by any training
+EVAL_SIZE = 128  # the demo's base resolution
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """Architecture and training schedule of one demo VAE."""
+
+    block_out_channels: tuple[int, ...]
+    steps: int
+    layers_per_block: int = 1
+    batch_size: int = 8
+    crop: int = 48  # training crop side (px); the VAE is convolutional, so small crops train it for any size
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if len(self.block_out_channels) != 4:
+            raise ValueError(f"block_out_channels must have 4 entries (f = 8), got {self.block_out_channels}")
+        if any(c % 8 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels must be multiples of 8 (GroupNorm groups), got "
+                             f"{self.block_out_channels}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.crop < 16 or self.crop % 8:
+            raise ValueError(f"crop must be a multiple of 8 and >= 16, got {self.crop}")
+
+
+VAE_SPECS: dict[str, VAESpec] = {
+    "alpha": VAESpec(block_out_channels=(16, 32, 32, 32), steps=500),
+    "sigma": VAESpec(block_out_channels=(32, 48, 64, 64), steps=1200),
+}
+
+
+def build_vae(spec: VAESpec) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=spec.block_out_channels,
+                         layers_per_block=spec.layers_per_block, latent_channels=4, norm_num_groups=8,
+                         sample_size=EVAL_SIZE, mid_block_add_attention=False)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def world_crops(rng: np.random.Generator, n: int, crop: int) -> torch.Tensor:
+    """``n`` random ``crop``² crops of world images rendered at 64–256 px and aspect ratios up to 4:1."""
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        side = int(rng.integers(64, 257))
+        other = int(np.clip(side * 2 ** rng.uniform(-2, 2), max(64, side / MAX_ASPECT), min(256, side * MAX_ASPECT)))
+        w, h = (side, other) if rng.integers(2) else (other, side)
+        img = render(scene, w, h)
+        x, y = int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1))
+        out.append(img.crop((x, y, x + crop, y + crop)))
+    return to_tensor(out)
+
+
+def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED) -> torch.Tensor:
+    """(n, 3, size, size) held-out world images in [-1, 1]."""
+    return to_tensor([render(sample_scene(scene_rng("heldout", seed, i)), size, size) for i in range(n)])
+
+
+def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
+              log: Callable[[str], None] | None = None) -> tuple[AutoencoderKL, dict]:
+    """Train one VAE on world crops (L1 + MSE + a small KL); deterministic for a seed unless the time
+    budget ``max_seconds`` stops it early."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([11, seed])
+    vae = build_vae(spec)
+    opt = torch.optim.Adam(vae.parameters(), lr=spec.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+    vae.train()
+    t0, done = time.perf_counter(), 0
+    for step in range(spec.steps):
+        x = world_crops(rng, spec.batch_size, spec.crop)  # (B, 3, crop, crop)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + spec.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if log is not None and (step % 100 == 0 or done == spec.steps):
+            log(f"vae {spec.block_out_channels} step {done}/{spec.steps} loss {loss.item():.4f}")
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            if log is not None:
+                log(f"vae: time budget reached after {done} steps (the result is no longer seed-deterministic)")
+            break
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": done, "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 16) -> float:
+    """Mean per-image PSNR (dB, pixel range [0, 1]) of decode(mode(encode(x)))."""
+    vals = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = (((rec - x) / 2) ** 2).flatten(1).mean(1)  # (B,)
+        vals.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+    return float(torch.cat(vals).mean())
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0, batch: int = 16) -> float:
+    """Std of sampled latents over held-out images (the diffusion model sees scaling_factor × this)."""
+    gen = torch.Generator().manual_seed(seed)
+    lat = [vae.encode(images[i:i + batch]).latent_dist.sample(gen) for i in range(0, len(images), batch)]
+    return float(torch.cat(lat).std())
+
+
+def finish_vae(vae: AutoencoderKL, name: str, spec: VAESpec, train_info: dict, images: torch.Tensor) -> dict:
+    """Set ``scaling_factor`` = 1 / latent std and measure PSNR; returns the metrics to store."""
+    std = latent_std(vae, images)
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return {"name": f"VAE-{'Σ' if name == 'sigma' else 'α'}", "psnr_db": round(reconstruction_psnr(vae, images), 3),
+            "heldout_images": len(images), "heldout_size": list(images.shape[-2:]), "latent_std": round(std, 5),
+            "scaling_factor": vae.config.scaling_factor, "params": sum(p.numel() for p in vae.parameters()),
+            "spec": asdict(spec), **train_info}
+
+
+def save_vae(vae: AutoencoderKL, folder: str | Path, metrics: dict) -> None:
+    """fp16 weights + config + ``metrics.json`` into ``folder`` (the caller makes the folder swap atomic)."""
+    folder = Path(folder)
+    vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    vae.to(torch.float32)
+    tmp = folder / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, folder / "metrics.json")
