@@ -71,6 +71,10 @@ def optimize(model: PixArtDiT, mode: str = "compile") -> PixArtDiT:
     plain = type(model).forward.__get__(model)
 
     def forward(x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None, **extra) -> Tensor:
+        if mode == "graphs":
+            # One forward = one CUDA-graph iteration: the 28 block graphs form one path whose intermediate
+            # outputs stay valid until the next forward (otherwise every block call would start a new one).
+            torch.compiler.cudagraph_mark_step_begin()
         backend = _backend_for(model, state, x, y)
         if backend is None:
             return plain(x, t, y, mask, **extra)
