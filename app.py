@@ -4,7 +4,7 @@
                   [--host 0.0.0.0] [--port 7860] [--share]
 
 Environment: PIXSIGMA_MODEL, PIXSIGMA_ALPHA_MODEL, PIXSIGMA_ENABLE_TRAINING=1 (same as the flags);
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: docs/app.md.
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: README.md, "The app".
 """
 
 from __future__ import annotations

@@ -61,8 +61,12 @@ def run_bench(settings: BenchSettings, command: str = "python -m bench") -> dict
     run["targets"] = targets(run, p)
     run["seconds"] = time.perf_counter() - t0
     if device.type == "cpu" and load_start is not None:
-        notes.append(f"CPU load average (1 min) at start / end: {load_start:.2f} / {_load():.2f} on "
-                     f"{run['environment']['cpu_count']} cores; other processes on this machine slow the numbers.")
+        load_end, env = _load(), run["environment"]
+        notes.append(f"CPU load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} on "
+                     f"{env['cpu_count']} cores, this run using {env['cpu_threads']} threads.")
+        if max(load_start, load_end) > env["cpu_threads"] + 1:  # more runnable work than this run's own threads
+            notes.append("BUSY MACHINE: other processes competed for the CPU during this run, so its CPU "
+                         "latencies overstate what an idle machine does; rerun on an idle machine to judge targets.")
     run["failures"] = rec.failures
     if rec.failures and not settings.allow_partial:
         raise BenchFailed(rec.failures)

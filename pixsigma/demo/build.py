@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="runs/demo_build", help="scratch folder (data, caches, runs, logs)")
     ap.add_argument("--out", default=str(DEMO_DIR), help="where the demo pipelines go (assets/demo)")
     ap.add_argument("--images", type=int, default=12000, help="training images of the world")
-    ap.add_argument("--alpha-steps", type=int, default=3000, help="PixArt-α steps; each Σ stage gets 10%%")
+    ap.add_argument("--alpha-steps", type=int, default=2400, help="PixArt-α steps; each Σ stage gets 10%%")
+    ap.add_argument("--t5-steps", type=int, default=500, help="steps of the frozen text encoder's training")
     ap.add_argument("--evals", type=int, default=5, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not all((work / "parts" / p).is_dir() for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")):
         _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"),
-              "--seed", str(args.seed)], work / "logs" / "parts.log")
+              "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)], work / "logs" / "parts.log")
     timings["parts"] = time.perf_counter() - t0
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.report")
     ap.add_argument("--work", default="runs/demo_build")
     ap.add_argument("--out", default=str(DEMO_DIR))
-    ap.add_argument("--alpha-steps", type=int, default=3000)
+    ap.add_argument("--alpha-steps", type=int, default=2400)
     ap.add_argument("--bench-n", type=int, default=200)
     args = ap.parse_args(argv)
     s = write_report(Path(args.work).resolve(), Path(args.out).resolve(), stage_plan(args.alpha_steps),
