@@ -28,6 +28,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -102,8 +103,9 @@ def _render_run(run: dict) -> list[str]:
     dit = run.get("dit", [])
     if dit:
         out += [f"### DiT forward per step ({s['arch_label']}, {s['dtype']}, batch {s['batch']} = CFG)", "",
-                "| size | implementation | KV | speed mode | latency | FLOPs | TFLOP/s | of peak | vs peer | "
-                "extra memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| size | implementation | KV | speed mode | latency | FLOPs | TFLOP/s | of peak | "
+                f"{'vs peer (unreliable: busy machine)' if run.get('busy') else 'vs peer'} | extra memory |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in dit:
             head = f"| {r['size']} | {r['impl']} | {r['kv']} | {r['mode']} |"
             if _status(r):

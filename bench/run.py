@@ -64,7 +64,8 @@ def run_bench(settings: BenchSettings, command: str = "python -m bench") -> dict
         load_end, env = _load(), run["environment"]
         notes.append(f"CPU load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} on "
                      f"{env['cpu_count']} cores, this run using {env['cpu_threads']} threads.")
-        if max(load_start, load_end) > env["cpu_threads"] + 1:  # more runnable work than this run's own threads
+        run["busy"] = max(load_start, load_end) > env["cpu_threads"] + 1  # more runnable work than our threads
+        if run["busy"]:
             notes.append("BUSY MACHINE: other processes competed for the CPU during this run, so its CPU "
                          "latencies overstate what an idle machine does; rerun on an idle machine to judge targets.")
     run["failures"] = rec.failures

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +14,32 @@ from PIL import Image, PngImagePlugin
 from pixsigma.constants import PARAMS_CHUNK
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp_path)`` into a temp file beside ``path``, then rename over it: readers see the old file or
+    the new one, never half of one; the temp file is removed if writing fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others (the app, users)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
     """Write ``image`` to ``path`` with ``params`` as JSON in the PNG text chunk 'parameters'.
     Written to a temp file in the same folder, then renamed: a crash never leaves half a PNG."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must end in .png (the parameters travel in a PNG text chunk)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMS_CHUNK, json.dumps(params, sort_keys=True, default=str))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:

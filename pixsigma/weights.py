@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixsigma.config import DiTConfig, KVCompress
+from pixsigma.io import atomic_write
 from pixsigma.model.dit import PixArtDiT
 
 Tensor = torch.Tensor
@@ -78,6 +78,16 @@ _FWD = [(_pattern(o), d) for o, d in _RENAMES]
 _BWD = [(_pattern(d), o) for o, d in _RENAMES]
 
 
+def _rename(key: str, table: list[tuple[re.Pattern, str]], why: str) -> str:
+    """``key`` renamed by the first matching (pattern, target) of ``table``; {i} carries the block index."""
+    for pat, dst in table:
+        m = pat.match(key)
+        if m:
+            idx = m.group(1) if "{i}" in dst else None
+            return dst.format(i=idx) + (m.groups()[-1] or "")
+    raise CheckpointError(f"{key}: {why}")
+
+
 def to_diffusers_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Original PixArt keys -> diffusers ``PixArtTransformer2DModel`` keys (KV-compressed layers refused)."""
     out: dict[str, Tensor] = {}
@@ -94,14 +104,7 @@ def to_diffusers_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                     out[name.format(i=m.group(1)) + (m.group(2) or "")] = part.clone()
                 break
         else:
-            for pat, dst in _FWD:
-                m = pat.match(key)
-                if m:
-                    idx = m.group(1) if "{i}" in dst else None
-                    out[dst.format(i=idx) + (m.groups()[-1] or "")] = value
-                    break
-            else:
-                raise CheckpointError(f"{key}: no diffusers equivalent for this original key")
+            out[_rename(key, _FWD, "no diffusers equivalent for this original key")] = value
     return out
 
 
@@ -126,14 +129,7 @@ def from_diffusers_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                     out[fused] = torch.cat([parts[k] for k in range(len(names))], dim=0)
                 break
         else:
-            for pat, dst in _BWD:
-                m = pat.match(key)
-                if m:
-                    idx = m.group(1) if "{i}" in dst else None
-                    out[dst.format(i=idx) + (m.groups()[-1] or "")] = value
-                    break
-            else:
-                raise CheckpointError(f"{key}: not a PixArtTransformer2DModel key")
+            out[_rename(key, _BWD, "not a PixArtTransformer2DModel key")] = value
     if pending:
         raise CheckpointError(f"incomplete projections in diffusers weights: {sorted(pending)[0]} lacks q, k or v")
     return out
@@ -297,18 +293,6 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tensors(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, Tensor]:
     sd = model.state_dict()
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -320,8 +304,8 @@ def save_dit(model: PixArtDiT, folder: str | os.PathLike, dtype: torch.dtype | N
     """A pixsigma folder: ``pixsigma.json`` (asdict config + extra) and original-layout safetensors, atomically."""
     folder = Path(folder)
     meta = {"dit": model.config.to_dict(), **(extra or {})}
-    _atomic_write(folder / PIXSIGMA_WEIGHTS, lambda t: save_file(_tensors(model, dtype), t))
-    _atomic_write(folder / PIXSIGMA_CONFIG, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / PIXSIGMA_WEIGHTS, lambda t: save_file(_tensors(model, dtype), t))
+    atomic_write(folder / PIXSIGMA_CONFIG, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
     return folder
 
 
@@ -330,9 +314,9 @@ def save_original(model: PixArtDiT, path: str | os.PathLike, dtype: torch.dtype 
     path = Path(path)
     sd = _tensors(model, dtype)
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda t: save_file(sd, t, metadata={"pixsigma": json.dumps(model.config.to_dict())}))
+        atomic_write(path, lambda t: save_file(sd, t, metadata={"pixsigma": json.dumps(model.config.to_dict())}))
     else:
-        _atomic_write(path, lambda t: torch.save({"state_dict": sd}, t))
+        atomic_write(path, lambda t: torch.save({"state_dict": sd}, t))
     return path
 
 
@@ -343,6 +327,6 @@ def save_diffusers_transformer(model: PixArtDiT, folder: str | os.PathLike, dtyp
     folder = Path(folder)
     cfg = {**diffusers_config(model.config), "_diffusers_version": diffusers.__version__}
     sd = to_diffusers_state_dict(_tensors(model, dtype))
-    _atomic_write(folder / DIFFUSERS_WEIGHTS, lambda t: save_file(sd, t, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json", lambda t: Path(t).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(folder / DIFFUSERS_WEIGHTS, lambda t: save_file(sd, t, metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda t: Path(t).write_text(json.dumps(cfg, indent=2)))
     return folder

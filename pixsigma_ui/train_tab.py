@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
+from pixsigma.io import atomic_write
 from pixsigma_ui.generate_tab import as_float, as_int
 
 STAGES = ("vae_adapt", "res_up", "kv_compress", "finetune")
@@ -35,14 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -309,3 +309,11 @@ def test_noisy_latency_is_flagged():
     md = render({"cpu": _run("cpu", dit=[row(0.010, 0.011, 0.012), row(0.010, 0.020, 0.090)])})
     assert "| 11.0 ms |" in md  # steady: the median alone
     assert "20.0 ms (noisy: 10.0 ms–90.0 ms)" in md
+
+
+def test_busy_cpu_is_flagged(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr("bench.run._load", lambda: 9.0)  # other work competing for the cores
+    assert main([*QUICK, "--parts", "dit", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"]["cpu-quick-dit"]
+    assert run["busy"] is True and any(n.startswith("BUSY MACHINE") for n in run["notes"])
+    assert "vs peer (unreliable: busy machine)" in (tmp_path / "results.md").read_text()
