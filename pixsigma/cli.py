@@ -11,6 +11,8 @@ from pixsigma.config import KV_OPERATORS, KVCompress, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
 
+SPEED_MODES = ("eager", "sdpa", "compile", "graphs")  # pixsigma.speed.MODES, without importing torch here
+
 log = logging.getLogger("pixsigma")
 
 EPILOG = f"""
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="default: bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--speed", choices=SPEED_MODES, default="eager", help="how the DiT runs, not what it computes: "
+                   "sdpa picks the fastest attention kernel per shape, compile adds torch.compile per bucket, graphs "
+                   "adds CUDA graphs")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="apply guidance only for timesteps in [LOW, HIGH] (faster; changes the image)")
     g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
                    "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
     c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
@@ -97,11 +104,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
     dtype = args.dtype or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32")
-    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, dtype, args.offload_t5)
+    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, dtype, args.offload_t5,
+                                            speed=args.speed)
     if kv_arg is not None and args.kv_layers is None and kv_arg.active:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)
     req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,
-                            args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg)
+                            args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg,
+                            tuple(args.guidance_interval) if args.guidance_interval else None)
     for word in pipe.unknown_words(args.prompt):
         log.warning("unknown word %r: this model's tokenizer does not know it", word)
     res = pipe.generate(req)

@@ -66,6 +66,7 @@ class GenerationRequest:
     num_images: int = 1  # per prompt
     binning: bool = True
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
+    guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -82,6 +83,9 @@ class GenerationRequest:
             raise ValueError(f"num_images must be an integer in 1-{MAX_IMAGES}, got {self.num_images!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        gi = self.guidance_interval
+        if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
+            raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -165,8 +169,10 @@ class PixSigmaPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
-                        dtype: str = "fp32", offload_t5: bool = False, kv: KVCompress | None = None
-                        ) -> PixSigmaPipeline:
+                        dtype: str = "fp32", offload_t5: bool = False, kv: KVCompress | None = None,
+                        speed: str = "eager") -> PixSigmaPipeline:
+        """``speed``: how the DiT runs (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what
+        it computes."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -175,6 +181,10 @@ class PixSigmaPipeline:
         dev, torch_dtype = resolve_device(device), DTYPES[dtype]
         folder = resolve_model(model)
         dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv)
+        if speed != "eager":
+            from pixsigma.speed import optimize
+
+            optimize(dit, speed)
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(dev).eval()
         t5_dev = torch.device("cpu") if offload_t5 else dev
         text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype).to(t5_dev).eval()
@@ -186,6 +196,10 @@ class PixSigmaPipeline:
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
+    def clear_text_cache(self) -> None:
+        """Forget cached T5 features (they are kept for the last 32 distinct prompts)."""
+        self._text_cache.clear()
+
     def unknown_words(self, prompt: str) -> list[str]:
         """Words the tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
         unk = getattr(self.tokenizer, "unk_token_id", None)
@@ -285,8 +299,14 @@ class PixSigmaPipeline:
                 extra = {"resolution": torch.tensor([[gh, gw]], dtype=self.dtype, device=self.device).repeat(n, 1),
                          "aspect_ratio": torch.full((n, 1), gh / gw, dtype=self.dtype, device=self.device)}
 
+            call = dit
+            if req.guidance_interval is not None and req.guidance > 1.0:
+                from pixsigma.speed import cfg_interval
+
+                call = cfg_interval(dit, *req.guidance_interval)
+
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(x, t, y, mask, **extra)
+                return call(x, t, y, mask, **extra)
 
             latents = denoise(model_fn, scheduler, latents, steps, req.guidance, gen, callback,
                               dit.config.learn_sigma)
@@ -303,6 +323,8 @@ class PixSigmaPipeline:
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
+        if req.guidance_interval is not None:
+            params["guidance_interval"] = list(req.guidance_interval)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult([Image.fromarray(a) for a in arrays], seed, params, warnings,
                                 time.perf_counter() - start, peak, w, h)

@@ -154,3 +154,22 @@ def test_cli_help_documents_contract(capsys):
                  "--sampler", "--no-binning", "--kv-compress", "--kv-layers", "--kv-operator", "--num-images",
                  "--device", "--dtype", "--offload-t5"):
         assert flag in text
+
+
+def test_speed_mode_keeps_the_image(tiny_pipeline, pipe):
+    from pixsigma.cli import SPEED_MODES
+    from pixsigma.speed import MODES
+
+    assert SPEED_MODES == MODES  # the CLI's choices are the engine's modes
+    fast = PixSigmaPipeline.from_pretrained(str(tiny_pipeline), speed="sdpa")
+    req = GenerationRequest(PROMPT, steps=3, seed=4)
+    assert psnr(fast.generate(req).images[0], pipe.generate(req).images[0]) >= 45
+
+
+def test_guidance_interval_is_opt_in_and_recorded(pipe):
+    base = pipe.generate(GenerationRequest(PROMPT, steps=4, seed=3))
+    inter = pipe.generate(GenerationRequest(PROMPT, steps=4, seed=3, guidance_interval=(0.0, 500.0)))
+    assert inter.params["guidance_interval"] == [0.0, 500.0] and "guidance_interval" not in base.params
+    assert not np.array_equal(np.asarray(base.images[0]), np.asarray(inter.images[0]))
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        GenerationRequest(PROMPT, guidance_interval=(600.0, 100.0))

@@ -16,6 +16,7 @@ finished steps are skipped on a re-run, so an interrupted build picks up where i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,13 +59,15 @@ def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1) -> list[StageRun]:
             StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256)]
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _run(cmd: list[str], log: Path, threads: int) -> None:
     """Run a step in its own process (accelerate keeps per-process state), its output in ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    # Small models on a shared CPU: more BLAS threads than free cores makes each step many times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         raise RuntimeError(f"step failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
@@ -95,7 +98,8 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
         (folder / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
 
 
-def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out: Path, evals: int) -> Path:
+def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out: Path, evals: int,
+                threads: int) -> Path:
     from train.checkpoint import checkpoint_dirs
 
     run_dir = work / "runs" / st.name
@@ -110,9 +114,9 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     args = [x for s in sets for x in ("--set", s)]
     log = work / "logs" / f"{st.name}.log"
     if not (work / "cache" / st.cache / "index.json").is_file():
-        _run([sys.executable, "-m", "train.extract", str(CONFIGS / st.config), *args], log)
+        _run([sys.executable, "-m", "train.extract", str(CONFIGS / st.config), *args], log, threads)
     resume = ["--resume"] if checkpoint_dirs(run_dir) else []
-    _run([sys.executable, "-m", "train", str(CONFIGS / st.config), *args, *resume], log)
+    _run([sys.executable, "-m", "train", str(CONFIGS / st.config), *args, *resume], log, threads)
     return run_dir
 
 
@@ -141,15 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", type=int, default=5, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="BLAS threads per step")
     args = ap.parse_args(argv)
     from pixsigma.demo import report
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if not all((work / "parts" / p).is_dir() for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")):
-        _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"),
-              "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)], work / "logs" / "parts.log")
+    missing = [p for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma") if not (work / "parts" / p).is_dir()]
+    if missing:  # parts already built are kept: a re-run rebuilds only what is absent
+        _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"), "--parts",
+              ",".join(missing), "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)],
+             work / "logs" / "parts.log", args.threads)
     timings["parts"] = time.perf_counter() - t0
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     prev = None
     for st in plan:
         t = time.perf_counter()
-        train_stage(st, prev, work, data, out, args.evals)
+        train_stage(st, prev, work, data, out, args.evals, args.threads)
         timings[st.name] = time.perf_counter() - t
         prev = st
     export(work, out, plan)

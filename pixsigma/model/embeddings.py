@@ -65,7 +65,7 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _pos_embed_cpu(dim: int, h: int, w: int, base_size: int, pe_interpolation: float) -> torch.Tensor:
+def _pos_embed(dim: int, h: int, w: int, base_size: int, pe_interpolation: float, device: str) -> torch.Tensor:
     # The paper's PE interpolation: positions are rescaled so any grid spans the
     # base grid, then divided by the interpolation factor of the base resolution.
     gh = torch.arange(h, dtype=torch.float64) / (h / base_size) / pe_interpolation  # (h,)
@@ -73,13 +73,14 @@ def _pos_embed_cpu(dim: int, h: int, w: int, base_size: int, pe_interpolation: f
     yy, xx = torch.meshgrid(gh, gw, indexing="ij")  # (h, w) each, row-major token order
     # First half encodes the column (x), second the row (y): the released weights' layout.
     emb = torch.cat([_sincos_1d(dim // 2, xx), _sincos_1d(dim // 2, yy)], dim=1)  # (h*w, dim)
-    return emb.float()[None]  # (1, h*w, dim)
+    return emb.float()[None].to(device)  # (1, h*w, dim)
 
 
 def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, pe_interpolation: float,
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """2D sin-cos positions for an h×w token grid, cached per shape: (1, h*w, dim) float32."""
-    return _pos_embed_cpu(dim, h, w, base_size, float(pe_interpolation)).to(device)
+    """2D sin-cos positions for an h×w token grid: (1, h*w, dim) float32, computed once per shape and device
+    (no host-to-device copy per step, and CUDA-graph friendly)."""
+    return _pos_embed(dim, h, w, base_size, float(pe_interpolation), str(torch.device(device)))
 
 
 def unpatchify(x: torch.Tensor, h: int, w: int, patch: int, channels: int) -> torch.Tensor:
