@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from pixsigma.constants import DEFAULT_GUIDANCE, NUM_TRAIN_TIMESTEPS, PARAMS_CHUNK, VAE_SCALE_FACTOR
-from train.diffusion import BETA_END, BETA_START
+from pixsigma.constants import DEFAULT_GUIDANCE, PARAMS_CHUNK, VAE_SCALE_FACTOR
+from pixsigma.sampling import denoise, initial_noise, make_scheduler
 from train.fileio import atomic_write
 
 Tensor = torch.Tensor
@@ -51,28 +51,24 @@ def _pad(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor,
                      size: tuple[int, int], steps: int, seed: int, guidance: float = DEFAULT_GUIDANCE) -> Tensor:
-    """Latents (B, C, h/8, w/8) for prompt features y (B, L, C_text) with CFG against y_null (1, L0, C_text).
-    Uses its own generator: the training RNG streams are untouched (resume equivalence)."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    """Latents (B, C, h/8, w/8) for prompt features y (B, L, C_text) with CFG against y_null (1, L0, C_text),
+    through the engine's own sampling loop. Uses its own generator: the training RNG streams are untouched
+    (resume equivalence)."""
     device = next(model.parameters()).device
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START,
-                                        beta_end=BETA_END, beta_schedule="linear")
-    sched.set_timesteps(steps)
+    sched = make_scheduler("dpm-solver")
     b, c = y.shape[0], model.config.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR, generator=gen).to(device)
+    x, gen = initial_noise((b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR), seed, device,
+                           torch.float32, sched.init_noise_sigma)
     length = max(y.shape[1], y_null.shape[1])
     y, mask = _pad(y, mask, length)
     y_null, mask_null = _pad(y_null, mask_null, length)
-    cond = torch.cat([y, y_null.expand(b, -1, -1)]).to(device)  # (2B, L, C_text)
-    cmask = torch.cat([mask, mask_null.expand(b, -1)]).to(device)
-    for t in sched.timesteps:
-        xx = torch.cat([x, x])
-        out = model(xx, t.to(device).expand(2 * b), cond, cmask, **micro_kwargs(model.config, xx))[:, :c].float()
-        eps_c, eps_u = out.chunk(2)
-        x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
-    return x
+    cond = torch.cat([y_null.expand(b, -1, -1), y]).to(device)  # (2B, L, C_text): [uncond; cond]
+    cmask = torch.cat([mask_null.expand(b, -1), mask]).to(device)
+
+    def model_fn(xx: Tensor, t: Tensor) -> Tensor:
+        return model(xx, t, cond, cmask, **micro_kwargs(model.config, xx)).float()
+
+    return denoise(model_fn, sched, x, steps, guidance, gen, learn_sigma=model.config.learn_sigma)
 
 
 def to_images(pixels: Tensor) -> list[Image.Image]:
