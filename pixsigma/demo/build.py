@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         prev = st
     export(work, out, plan)
     t = time.perf_counter()
-    report.write_report(work, out, plan, args.bench_n, timings)
+    report.write_report(work, out, plan, args.bench_n, timings,
+                        "python -m pixsigma.demo.build " + " ".join(argv if argv is not None else sys.argv[1:]))
     timings["bench"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     print(json.dumps({"minutes": round(total / 60, 1), **{k: round(v / 60, 1) for k, v in timings.items()}}))

@@ -114,7 +114,8 @@ def final_table(out: Path, n: int) -> dict[str, dict]:
     }
 
 
-def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, float]) -> dict[str, Any]:
+def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, float],
+                 command: str = "python -m pixsigma.demo.build") -> dict[str, Any]:
     curves = stage_curves(work, out, plan)
     plot_curves(curves, out)
     table = final_table(out, n)
@@ -128,7 +129,7 @@ def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, f
                                              for k, v in plateaus.items() if k != plan[0].name},
                "vae_psnr": psnr, "build_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
                "curves": curves,
-               "command": "python -m pixsigma.demo.build"}
+               "command": command}
     (out / "shapesbench.json").write_text(json.dumps(summary, indent=1))
     (out / "shapesbench.md").write_text(shapesbench.format_table(table) + "\n")
     return summary
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench-n", type=int, default=200)
     args = ap.parse_args(argv)
     s = write_report(Path(args.work).resolve(), Path(args.out).resolve(), stage_plan(args.alpha_steps),
-                     args.bench_n, {})
+                     args.bench_n, {}, "python -m pixsigma.demo.report " + " ".join(argv or sys.argv[1:]))
     print(json.dumps(s["table"], indent=1))
     return 0
 

@@ -2,7 +2,7 @@
 
 PixArt-Σ's first "weak-to-strong" step swaps PixArt-α's SD VAE for the better SDXL VAE.
 The demo mirrors that with a weaker "VAE-α" (fewer channels, fewer steps) and a better
-"VAE-Σ", both trained here on shapes-world crops. Each gets ``scaling_factor`` = 1 / std
+"VAE-Σ", both trained here on shapes-world scenes. Each gets ``scaling_factor`` = 1 / std
 of its latents on held-out world images (as SD's 0.18215 was measured), and its
 reconstruction PSNR on held-out images is recorded next to it in ``metrics.json``.
 Weights are stored in fp16 (diffusers upcasts to fp32 on load by default) to keep the
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from pixsigma.demo.world import MAX_ASPECT, render, sample_scene, scene_rng
+from pixsigma.demo.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
 HELDOUT_SEED = 0  # scenes from the world's "heldout" domain: never seen by any training
 EVAL_SIZE = 128  # the demo's base resolution
@@ -39,9 +38,12 @@ class VAESpec:
     steps: int
     layers_per_block: int = 1
     batch_size: int = 8
-    crop: int = 48  # training crop side (px); the VAE is convolutional, so small crops train it for any size
+    # Whole scenes at small sizes, one size per batch: the world is scale-free, so 64 px scenes teach the
+    # 128–256 px ones, and whole images (unlike crops of big ones) keep GroupNorm's image statistics honest.
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (64, 64), (96, 64), (64, 96))
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    object_weight: float = 4.0  # extra loss weight on object pixels: colour is rare next to background
 
     def __post_init__(self) -> None:
         if len(self.block_out_channels) != 4:
@@ -51,8 +53,10 @@ class VAESpec:
                              f"{self.block_out_channels}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
-        if self.crop < 16 or self.crop % 8:
-            raise ValueError(f"crop must be a multiple of 8 and >= 16, got {self.crop}")
+        for w, h in self.sizes:
+            check_image_size(w, h)
+            if w % 8 or h % 8:
+                raise ValueError(f"training sizes must be multiples of 8 (f = 8), got {w}x{h}")
 
 
 VAE_SPECS: dict[str, VAESpec] = {
@@ -80,18 +84,16 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def world_crops(rng: np.random.Generator, n: int, crop: int) -> torch.Tensor:
-    """``n`` random ``crop``² crops of world images rendered at 64–256 px and aspect ratios up to 4:1."""
-    out = []
-    for _ in range(n):
-        scene = sample_scene(rng)
-        side = int(rng.integers(64, 257))
-        other = int(np.clip(side * 2 ** rng.uniform(-2, 2), max(64, side / MAX_ASPECT), min(256, side * MAX_ASPECT)))
-        w, h = (side, other) if rng.integers(2) else (other, side)
-        img = render(scene, w, h)
-        x, y = int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1))
-        out.append(img.crop((x, y, x + crop, y + crop)))
-    return to_tensor(out)
+def world_batch(rng: np.random.Generator, n: int, width: int, height: int) -> torch.Tensor:
+    """(n, 3, height, width) freshly sampled training scenes in [-1, 1]."""
+    return to_tensor([render(sample_scene(rng), width, height) for _ in range(n)])
+
+
+def _pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """(B, 1, H, W): 1 on background colours, 1 + object_weight elsewhere (objects and their edges)."""
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=x.dtype) / 127.5 - 1  # (N, 3)
+    d2 = ((x[:, None] - bg[None, :, :, None, None]) ** 2).sum(2).amin(1)  # (B, H, W)
+    return 1 + object_weight * (d2 > 0.01).to(x.dtype)[:, None]
 
 
 def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED) -> torch.Tensor:
@@ -101,22 +103,26 @@ def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED)
 
 def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
               log: Callable[[str], None] | None = None) -> tuple[AutoencoderKL, dict]:
-    """Train one VAE on world crops (L1 + MSE + a small KL); deterministic for a seed unless the time
-    budget ``max_seconds`` stops it early."""
+    """Train one VAE on world scenes (object-weighted L1 + MSE, a small KL); deterministic for a seed
+    unless the time budget ``max_seconds`` stops it early."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([11, seed])
     vae = build_vae(spec)
+    with torch.no_grad():  # start log-variance at -8: posterior noise would otherwise drown the early signal
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
     opt = torch.optim.Adam(vae.parameters(), lr=spec.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
     vae.train()
     t0, done = time.perf_counter(), 0
     for step in range(spec.steps):
-        x = world_crops(rng, spec.batch_size, spec.crop)  # (B, 3, crop, crop)
+        w, h = spec.sizes[step % len(spec.sizes)]
+        x = world_batch(rng, spec.batch_size, w, h)  # (B, 3, H, W)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
+        err = (rec - x) * _pixel_weights(x, spec.object_weight).sqrt()
         kl = post.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + spec.kl_weight * kl
+        loss = err.abs().mean() + (err ** 2).mean() + spec.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
