@@ -43,6 +43,7 @@ __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipelin
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_IMAGES = 16
+TEXT_CACHE = 32  # distinct prompts whose T5 features are kept
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
 DEMO_MODELS = {"demo": DEMO_SIGMA, "demo-sigma": DEMO_SIGMA, "demo-alpha": DEMO_ALPHA}
 MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a smaller --width/--height, "
@@ -230,8 +231,6 @@ class PixSigmaPipeline:
                 torch.cuda.empty_cache()
             for i, t in enumerate(need):
                 self._text_cache[t] = (emb[i].to(self.device), tok.attention_mask[i].to(self.device))
-                while len(self._text_cache) > 32:
-                    self._text_cache.popitem(last=False)
         for p, t in zip(prompts, texts):
             n = len(self.tokenizer(t, add_special_tokens=True).input_ids)
             if n > self.max_tokens:
@@ -239,6 +238,10 @@ class PixSigmaPipeline:
                                 f"so the last {n - self.max_tokens} tokens were dropped")
         emb = torch.stack([self._text_cache[t][0] for t in texts])
         mask = torch.stack([self._text_cache[t][1] for t in texts])
+        for t in texts:  # most recently used last; evict only after this batch is served
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > max(TEXT_CACHE, len(set(texts))):
+            self._text_cache.popitem(last=False)
         return emb, mask, warnings
 
     # -- images -------------------------------------------------------------------------------------------

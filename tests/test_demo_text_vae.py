@@ -15,6 +15,15 @@ from pixsigma.demo.vae import VAE_SPECS, VAESpec
 from pixsigma.demo.world import long_caption, sample_scene, scene_rng
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As build_parts' CLI does: on a shared CPU, two spinning OpenMP threads run these 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory):
     out = tmp_path_factory.mktemp("parts")

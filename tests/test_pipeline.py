@@ -173,3 +173,10 @@ def test_guidance_interval_is_opt_in_and_recorded(pipe):
     assert not np.array_equal(np.asarray(base.images[0]), np.asarray(inter.images[0]))
     with pytest.raises(ValueError, match="guidance_interval must be"):
         GenerationRequest(PROMPT, guidance_interval=(600.0, 100.0))
+
+
+def test_batches_larger_than_the_text_cache(pipe):
+    prompts = [f"{c} {s}" for c in ("red", "blue", "green", "small", "large", "big", "the")
+               for s in ("star", "circle", "square", "ring", "triangle")]  # 35 distinct > TEXT_CACHE
+    emb, mask, _ = pipe.encode_prompts(prompts)
+    assert emb.shape[0] == 35 and mask.shape[0] == 35

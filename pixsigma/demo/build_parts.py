@@ -20,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from pixsigma.demo.text_encoder import build_tokenizer, train_text_encoder
 from pixsigma.demo.vae import VAE_SPECS, finish_vae, heldout_images, save_vae, train_vae
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
-T5_STEPS = 1200
+T5_STEPS = 900
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -93,10 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes-per-part", type=float, default=None,
                     help="cap on each part's training time (cutting one short breaks determinism)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: fastest on a shared CPU, where spinning OpenMP threads "
+                         "slow each other 10x or more, and the same numbers on any machine)")
     ap.add_argument("--t5-steps", type=int, default=T5_STEPS)
     ap.add_argument("--vae-alpha-steps", type=int, default=VAE_SPECS["alpha"].steps)
     ap.add_argument("--vae-sigma-steps", type=int, default=VAE_SPECS["sigma"].steps)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     build_parts(args.out, seed=args.seed, parts=parts, t5_steps=args.t5_steps,

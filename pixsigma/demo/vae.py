@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from pixsigma.demo.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
@@ -171,8 +172,11 @@ def finish_vae(vae: AutoencoderKL, name: str, spec: VAESpec, train_info: dict, i
 def save_vae(vae: AutoencoderKL, folder: str | Path, metrics: dict) -> None:
     """fp16 weights + config + ``metrics.json`` into ``folder`` (the caller makes the folder swap atomic)."""
     folder = Path(folder)
-    vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    vae.to(torch.float32)
+    vae.save_pretrained(folder, safe_serialization=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    half = {k: v.to(torch.float16) for k, v in load_file(weights).items()}  # halves the shipped size
+    save_file(half, folder / ".weights.tmp", metadata={"format": "pt"})
+    os.replace(folder / ".weights.tmp", weights)
     tmp = folder / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, folder / "metrics.json")
