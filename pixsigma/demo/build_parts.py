@@ -61,6 +61,7 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
     for part in parts:
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{part}.", dir=out))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the finished part is an ordinary shared folder
         try:
             if part == "tokenizer":
                 tokenizer.save_pretrained(tmp)

@@ -61,7 +61,7 @@ class VAESpec:
 
 
 VAE_SPECS: dict[str, VAESpec] = {
-    "alpha": VAESpec(block_out_channels=(16, 32, 32, 32), steps=500),
+    "alpha": VAESpec(block_out_channels=(16, 32, 32, 32), steps=700),
     "sigma": VAESpec(block_out_channels=(32, 48, 64, 64), steps=1200),
 }
 
