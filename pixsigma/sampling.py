@@ -120,9 +120,17 @@ _PREVIEW = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 
                          [-0.184, -0.271, -0.473]])
 
 
+def latent_rgb(latents: Tensor) -> Tensor:
+    """(B, 4, h, w) latents -> (B, 3, h, w) rough RGB in [-1, 1]; other channel counts: the grey mean."""
+    x = latents.float().cpu()
+    if x.shape[1] != 4:
+        return x.mean(1, keepdim=True).expand(-1, 3, -1, -1).clamp(-1, 1)
+    return torch.einsum("bchw,cr->brhw", x, _PREVIEW).clamp(-1, 1)
+
+
 def latent_preview_array(latents: Tensor) -> Tensor:
-    """(B, 4, H, W) latents -> uint8 (H, W, 3) preview of the first image."""
-    lat = latents[0, :4].float().cpu()  # (4, H, W)
-    rgb = torch.einsum("chw,cr->hwr", lat, _PREVIEW)
+    """(B, 4, H, W) latents -> uint8 (H, W, 3) preview of the first image, contrast-stretched."""
+    lat = latents[:1, :4].float().cpu()  # (1, 4, H, W)
+    rgb = torch.einsum("bchw,cr->hwr", lat, _PREVIEW)  # (H, W, 3)
     rgb = (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-6)
     return (rgb * 255).to(torch.uint8)

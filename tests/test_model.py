@@ -6,7 +6,7 @@ from fixtures import random_dit
 
 from pixsigma.config import PRESETS, DiTConfig, KVCompress, parse_layers, pe_interpolation_for
 from pixsigma.model.attention import compress_kv
-from pixsigma.model.dit import PixArtDiT
+from pixsigma.model.dit import PixArtDiT, _normal_like_xl
 from pixsigma.model.embeddings import sincos_pos_embed
 from pixsigma.weights import diffusers_config, to_diffusers_state_dict
 
@@ -175,3 +175,18 @@ def test_xl_preset_has_paper_size():
     with torch.device("meta"):
         model = PixArtDiT(PRESETS["XL_2_1024"])
     assert 0.6e9 < model.num_params() < 0.62e9  # the paper's 0.6B
+
+
+def test_init_keeps_pixarts_gain_at_every_width():
+    """N(0, 0.02) at XL's fan-in (T5-XXL 4096 -> 1152), the same std * sqrt(fan_in) at the demo's 128 -> 192:
+    a plain 0.02 there made the demo's captions ~5x quieter than XL's and the model ignored them."""
+    torch.manual_seed(0)
+    m = PixArtDiT(PRESETS["demo"])
+    fc1, fc2 = m.y_embedder.y_proj.fc1.weight, m.y_embedder.y_proj.fc2.weight  # (192, 128), (192, 192)
+    assert fc1.std().item() == pytest.approx(0.02 * (4096 / 128) ** 0.5, rel=0.05)
+    assert fc2.std().item() == pytest.approx(0.02 * (1152 / 192) ** 0.5, rel=0.05)
+    assert m.t_block[1].weight.std().item() == pytest.approx(0.02 * (1152 / 192) ** 0.5, rel=0.05)
+    assert m.t_embedder.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.05)  # 256 frequencies everywhere
+    big = torch.empty(1152, 4096)
+    _normal_like_xl(big, 4096)
+    assert big.std().item() == pytest.approx(0.02, rel=0.01)  # XL keeps PixArt's own init

@@ -92,3 +92,13 @@ def test_extract_refuses_to_overwrite(built):
     cfg, _ = built
     with pytest.raises(FileExistsError, match="--overwrite"):
         extract(cfg)
+
+
+def test_max_images_extracts_only_the_first_records(built, tmp_path):
+    cfg, _ = built
+    sub = replace(cfg, data=replace(cfg.data, cache=str(tmp_path / "sub"), max_images=3))
+    extract(sub)
+    cache = FeatureCache(sub.data.cache)
+    first = {str(r.path) for r in read_records(cfg.data.source)[:3]}
+    readable = {p for p in first if not p.endswith("broken.png")}  # the broken image is skipped, as in full
+    assert {s["source"] for s in cache.samples} == readable and len(cache) < len(FeatureCache(cfg.data.cache))

@@ -59,6 +59,7 @@ def test_python_config(tmp_path):
     ({"stage": "from_scratch", "steps": 0}, "steps must be an integer >= 1, got 0"),
     ({"stage": "from_scratch", "optim": {"lr": "fast"}}, "optim.lr must be a number, got 'fast'"),
     ({"stage": "from_scratch", "data": {"long_caption_ratio": 1.5}}, r"data.long_caption_ratio must be .* \[0, 1\]"),
+    ({"stage": "from_scratch", "data": {"max_images": 0}}, "data.max_images must be an integer >= 1, got 0"),
     ({"stage": "from_scratch", "sample_every": 5}, "sample_every > 0 needs sample_prompts"),
     ({"stage": "from_scratch", "stepz": 5}, r"unknown config keys \['stepz'\]"),
     ({"stage": {"name": "res_up", "load_from": "x", "resolution": 1000}}, "multiple of 16"),

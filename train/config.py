@@ -91,7 +91,8 @@ class DataConfig:
     ``cache``: feature cache folder; when set, training reads it and never builds T5 or the VAE.
     ``text_encoder`` / ``vae``: a diffusers pipeline folder (``text_encoder/``+``tokenizer/``, ``vae/``) or
     the component folder itself. ``long_caption_ratio``: share of samples using the long caption where one
-    exists (paper: 0.6). ``max_tokens``: None = the model's.
+    exists (paper: 0.6). ``max_tokens``: None = the model's. ``max_images``: use only the first N records
+    (a short stage then extracts and trains on the subset it can see, not the whole source).
     """
 
     source: str = ""
@@ -103,9 +104,12 @@ class DataConfig:
     num_workers: int = 2
     shard_size: int = 1024
     extract_batch_size: int = 16
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
         _fraction(self, "long_caption_ratio", "data.long_caption_ratio")
+        if self.max_images is not None:
+            _positive_int("data.max_images", self.max_images)
         if self.max_tokens is not None:
             _positive_int("data.max_tokens", self.max_tokens)
         _positive_int("data.num_workers", self.num_workers, zero=True)

@@ -61,7 +61,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
     stats = DataStats()
     # every process lists all records; only the main one counts those without a caption
     records = read_records(cfg.data.source, stats if state.is_main_process else DataStats())
-    records = records[state.process_index::state.num_processes]
+    records = records[:cfg.data.max_images][state.process_index::state.num_processes]
     dataset = ImageCaptionDataset(records, dit.resolution, 0.0, cfg.seed, stats)
     text = encoders.build_text_encoder(cfg.data.text_encoder, state.device, max_tokens)
     vae = encoders.build_vae(cfg.data.vae, state.device)

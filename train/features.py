@@ -51,7 +51,7 @@ class OnlineFeatures:
         if not cfg.data.text_encoder or not cfg.data.vae:
             raise ValueError("training from images needs data.text_encoder and data.vae (or a data.cache)")
         self._stats = DataStats()
-        records = read_records(cfg.data.source, self._stats)
+        records = read_records(cfg.data.source, self._stats)[:cfg.data.max_images]
         self.dataset = ImageCaptionDataset(records, dit.resolution, cfg.data.long_caption_ratio, cfg.seed,
                                            self._stats)
         self.collate = collate_images

@@ -7,28 +7,21 @@ RGB at latent resolution).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from pixsigma.constants import DEFAULT_GUIDANCE, PARAMS_CHUNK, VAE_SCALE_FACTOR
-from pixsigma.sampling import denoise, initial_noise, make_scheduler
-from train.fileio import atomic_write
+from pixsigma.constants import DEFAULT_GUIDANCE, VAE_SCALE_FACTOR
+from pixsigma.io import save_png
+from pixsigma.sampling import denoise, initial_noise, latent_rgb, make_scheduler, to_uint8
 
 Tensor = torch.Tensor
-# Least-squares latent -> RGB of the SD/SDXL VAE family (the usual preview factors).
-_PREVIEW = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
-                         [-0.184, -0.271, -0.473]])
 
 
 def latent_preview(latents: Tensor) -> Tensor:
-    """(B, 4, h, w) scaled latents -> (B, 3, h, w) roughly in [-1, 1]; other channel counts: grey mean."""
-    x = latents.float().cpu()
-    if x.shape[1] != 4:
-        return x.mean(1, keepdim=True).expand(-1, 3, -1, -1).clamp(-1, 1)
-    return torch.einsum("bchw,cr->brhw", x, _PREVIEW).clamp(-1, 1)
+    """(B, 4, h, w) scaled latents -> (B, 3, h, w) roughly in [-1, 1] (no VAE needed)."""
+    return latent_rgb(latents)
 
 
 def micro_kwargs(config, latents: Tensor) -> dict[str, Tensor]:
@@ -73,12 +66,9 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
 
 def to_images(pixels: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((pixels.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(pixels).numpy()]
 
 
 def save_image(image: Image.Image, path: Path, params: dict) -> None:
-    """PNG with its parameters in a text chunk, written atomically."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMS_CHUNK, json.dumps(params))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    """PNG with its parameters in a text chunk, written atomically (the engine's own writer)."""
+    save_png(image, path, params)

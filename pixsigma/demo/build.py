@@ -49,14 +49,17 @@ class StageRun:
     steps: int
     pipeline: str  # "alpha" or "sigma": which VAE / pipeline folder it trains against
     resolution: int
+    images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
 
 
 def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1) -> list[StageRun]:
     s = max(10, int(alpha_steps * sigma_fraction))
+    # Σ batch sizes are those of configs/shapes_sigma_*.yaml (32 at 128 px, 16 at 256 px): extracting more
+    # images than a stage can visit would only cost time (256 px VAE encoding dominates the build otherwise).
     return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128),
-            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128),
-            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256),
-            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256)]
+            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, s * 32),
+            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, s * 16),
+            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, s * 16)]
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -109,6 +112,8 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     sets = [f"output_dir={run_dir}", f"data.source={data}", f"data.cache={work / 'cache' / st.cache}",
             f"data.text_encoder={out / st.pipeline}", f"data.vae={out / st.pipeline}", f"steps={st.steps}",
             f"save_every={every}", f"keep_last={evals + 2}", "sample_every=0"]
+    if st.images is not None:
+        sets.append(f"data.max_images={st.images}")
     if prev is not None:
         sets.append(f"stage.load_from={work / 'runs' / prev.name}")
     args = [x for s in sets for x in ("--set", s)]

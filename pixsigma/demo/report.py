@@ -48,16 +48,21 @@ def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
 
 def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
     """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
+    from pixsigma.weights import load_dit
     from train.checkpoint import checkpoint_dirs
 
     curves: dict[str, Any] = {}
     offset = 0
+    pipes: dict[str, Any] = {}  # one pipeline per VAE (T5 and its prompt cache shared); checkpoints swap the DiT
     for st in plan:
         run_dir = work / "runs" / st.name
         scores = []
         for ck in checkpoint_dirs(run_dir):
             step = int(ck.name.split("_")[-1])
-            pipe = _pipe(out / st.pipeline, ck)
+            if st.pipeline not in pipes:
+                pipes[st.pipeline] = _pipe(out / st.pipeline, ck)
+            pipe = pipes[st.pipeline]
+            pipe.transformer = load_dit(ck, device=pipe.device, dtype=pipe.dtype)
             r = shapesbench.evaluate(generate_fn(pipe, st.resolution, CURVE_STEPS), n=CURVE_N, width=st.resolution,
                                      height=st.resolution, batch_size=CURVE_N // 2)
             scores.append((offset + step, r["attribute"]))

@@ -13,7 +13,6 @@ Everything is a pure function of its seed.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pixsigma.io import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -387,9 +388,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def make_dataset(folder: str | Path, n: int, seed: int = 0,

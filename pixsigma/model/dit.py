@@ -24,6 +24,15 @@ from pixsigma.model.embeddings import (
 )
 
 Tensor = torch.Tensor
+# PixArt initialises the timestep, adaLN and caption MLPs with N(0, 0.02), a gain (std * sqrt(fan_in)) set for
+# XL: T5-XXL's 4096 channels into width 1152. Other widths keep that gain rather than that std: at the demo's
+# 128 -> 192 a plain 0.02 makes captions ~5x quieter and the model learns to ignore them for thousands of steps.
+CAPTION_CHANNELS_XL, HIDDEN_XL = 4096, 1152
+
+
+def _normal_like_xl(weight: Tensor, fan_in_xl: int) -> None:
+    """N(0, 0.02) at XL's fan-in; the same gain at any other fan-in (identical init for XL)."""
+    nn.init.normal_(weight, std=0.02 * (fan_in_xl / weight.shape[1]) ** 0.5)
 
 
 class Mlp(nn.Module):
@@ -103,11 +112,12 @@ class PixArtDiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for emb in (self.t_embedder, getattr(self, "csize_embedder", None), getattr(self, "ar_embedder", None)):
             if emb is not None:
-                nn.init.normal_(emb.mlp[0].weight, std=0.02)
+                nn.init.normal_(emb.mlp[0].weight, std=0.02)  # its input is FREQ_DIM wide in every model
                 nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.t_block[1].weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        _normal_like_xl(self.t_embedder.mlp[2].weight, HIDDEN_XL)
+        _normal_like_xl(self.t_block[1].weight, HIDDEN_XL)
+        _normal_like_xl(self.y_embedder.y_proj.fc1.weight, CAPTION_CHANNELS_XL)
+        _normal_like_xl(self.y_embedder.y_proj.fc2.weight, HIDDEN_XL)
         for blk in self.blocks:
             nn.init.zeros_(blk.cross_attn.proj.weight)
             nn.init.zeros_(blk.cross_attn.proj.bias)
