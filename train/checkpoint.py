@@ -24,6 +24,7 @@ from pixsigma.model.dit import PixArtDiT
 from pixsigma.weights import (
     PIXSIGMA_CONFIG,
     CheckpointError,
+    load_dit,
     load_report,
     load_weights,
     read_checkpoint,
@@ -48,6 +49,20 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def checkpoint_model(ckpt: str | Path, ema: bool = True) -> PixArtDiT:
+    """The model of a checkpoint folder: its EMA weights when the run kept an EMA (what ``final/`` exports,
+    so curves over checkpoints score what a finished run would ship), else the trained weights."""
+    ckpt = Path(ckpt)
+    net = load_dit(ckpt)
+    if ema:
+        for f in sorted(ckpt.glob("custom_checkpoint_*.pkl")):  # accelerate's registered objects, EMA among them
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "shadow" in state:
+                net.load_state_dict(state["shadow"])
+                break
+    return net
 
 
 def resolve_load_from(path: str | Path) -> Path:

@@ -47,8 +47,8 @@ class GaussianDiffusion:
     """Schedule tables in float64 (as improved-DDPM computes them), gathered per sample in float32."""
 
     def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END):
-        self.num_timesteps = num_timesteps
+                 beta_end: float = BETA_END, snr_weight_cap: float | None = None):
+        self.num_timesteps, self.snr_weight_cap = num_timesteps, snr_weight_cap
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
@@ -94,8 +94,11 @@ class GaussianDiffusion:
         out = model_output.float()
         eps = out[:, :c]  # (B, C, H, W)
         mse = _mean_flat((noise - eps) ** 2)
+        weight = torch.ones_like(mse)
+        if self.snr_weight_cap is not None:  # truncated-SNR weighting: the x0 error where the noise dominates
+            weight = self._at("sqrt_recipm1_ac", t, mse).square().clamp(1.0, self.snr_weight_cap)  # 1/SNR, (B,)
         if out.shape[1] == 2 * c:  # learned variance: the frozen-mean VLB trains only the variance channels
             vb = self.vb_terms(x0, xt, t, eps.detach(), out[:, c:])
         else:
             vb = torch.zeros_like(mse)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": weight * mse + vb, "mse": mse, "vb": vb}

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="runs/demo_build", help="scratch folder (data, caches, runs, logs)")
     ap.add_argument("--out", default=str(DEMO_DIR), help="where the demo pipelines go (assets/demo)")
     ap.add_argument("--images", type=int, default=12000, help="training images of the world")
-    ap.add_argument("--alpha-steps", type=int, default=2400, help="PixArt-α steps; each Σ stage gets 10%%")
+    ap.add_argument("--alpha-steps", type=int, default=3000, help="PixArt-α steps; each Σ stage gets 10%%")
     ap.add_argument("--t5-steps", type=int, default=500, help="steps of the frozen text encoder's training")
     ap.add_argument("--evals", type=int, default=5, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")

@@ -48,27 +48,42 @@ def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
 
 def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
     """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
-    from pixsigma.weights import load_dit
-    from train.checkpoint import checkpoint_dirs
+    from train.checkpoint import checkpoint_dirs, checkpoint_model
 
     curves: dict[str, Any] = {}
     offset = 0
     pipes: dict[str, Any] = {}  # one pipeline per VAE (T5 and its prompt cache shared); checkpoints swap the DiT
+    prev = None
     for st in plan:
         run_dir = work / "runs" / st.name
+        models = [(int(ck.name.split("_")[-1]), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
+        if prev is not None and models:  # step 0: the previous stage's export in this stage's setting
+            models.insert(0, (0, _stage_start(work / "runs" / prev.name / "final", models[0][1].config)))
         scores = []
-        for ck in checkpoint_dirs(run_dir):
-            step = int(ck.name.split("_")[-1])
+        for step, net in models:
             if st.pipeline not in pipes:
-                pipes[st.pipeline] = _pipe(out / st.pipeline, ck)
+                pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / "final")
             pipe = pipes[st.pipeline]
-            pipe.transformer = load_dit(ck, device=pipe.device, dtype=pipe.dtype)
+            pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
             r = shapesbench.evaluate(generate_fn(pipe, st.resolution, CURVE_STEPS), n=CURVE_N, width=st.resolution,
                                      height=st.resolution, batch_size=CURVE_N // 2)
             scores.append((offset + step, r["attribute"]))
+        prev = st
         curves[st.name] = {"start": offset, "steps": st.steps, "loss": _losses(run_dir, offset), "bench": scores}
         offset += st.steps
     return curves
+
+
+def _stage_start(prev_final: Path, config):
+    """The previous stage's weights in this stage's model (its resolution/PE; new KV layers at avg init)."""
+    from pixsigma.model.dit import PixArtDiT
+    from pixsigma.weights import load_dit
+
+    net = PixArtDiT(config)
+    missing, unexpected = net.load_state_dict(load_dit(prev_final).state_dict(), strict=False)
+    if unexpected or any(".attn.sr." not in k and ".attn.norm." not in k for k in missing):
+        raise ValueError(f"{prev_final} does not fit the next stage: missing {missing}, unexpected {unexpected}")
+    return net
 
 
 def plateau_step(points: list[tuple[int, float]], start: int, tol: float = 0.02) -> int | None:
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.report")
     ap.add_argument("--work", default="runs/demo_build")
     ap.add_argument("--out", default=str(DEMO_DIR))
-    ap.add_argument("--alpha-steps", type=int, default=2400)
+    ap.add_argument("--alpha-steps", type=int, default=3000)
     ap.add_argument("--bench-n", type=int, default=200)
     args = ap.parse_args(argv)
     s = write_report(Path(args.work).resolve(), Path(args.out).resolve(), stage_plan(args.alpha_steps),
