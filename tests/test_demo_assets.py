@@ -38,3 +38,25 @@ def test_cli_generates_from_the_shipped_model(tmp_path):
     assert cli(["generate", "a red star above a blue ring", "--model", "demo", "--out", str(out), "--seed", "1",
                 "--steps", "4"]) == 0
     assert Image.open(out).size == (256, 256) and read_params(out)["model"] == "demo"
+
+
+def test_shipped_shapesbench_report_is_complete():
+    """The README's table comes from assets/demo/shapesbench.json, written by the build's report step."""
+    import json
+
+    report = json.loads((DEMO_DIR / "shapesbench.json").read_text())
+    assert report["command"].startswith("python -m pixsigma.demo.")
+    rows = report["table"]
+    names = {"PixArt-α (128 px)", "PixArt-Σ (256 px, KV R=2)", "PixArt-Σ without KV", "real images (ceiling)"}
+    assert names <= set(rows)
+    for name, row in rows.items():
+        assert row["n"] >= 200, name
+        assert all(0.0 <= row[m] <= 1.0 for m in ("attribute", "count", "colour", "shape", "position")), name
+    assert rows["real images (ceiling)"]["attribute"] > 0.9  # the bench reads real scenes back
+    stages = report["curves"]
+    assert list(stages) == ["alpha", "sigma_vae", "sigma_resup", "sigma_kv"]
+    assert all(len(s["bench"]) >= 2 and s["loss"] for s in stages.values())
+    for png in ("curves_loss.png", "curves_shapesbench.png"):
+        assert Image.open(DEMO_DIR / png).size[0] > 400
+    table = (DEMO_DIR / "shapesbench.md").read_text()
+    assert "PixArt-Σ (256 px, KV R=2)" in table and table in (DEMO_DIR.parents[1] / "README.md").read_text()
