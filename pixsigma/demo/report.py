@@ -141,7 +141,7 @@ def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, f
     table = final_table(out, n)
     alpha_steps = plan[0].steps
     plateaus = {name: plateau_step(c["bench"], c["start"]) for name, c in curves.items()}
-    psnr = {v: json.loads((out / v / "vae" / "metrics.json").read_text()).get("psnr")
+    psnr = {v: json.loads((out / v / "vae" / "metrics.json").read_text()).get("psnr_db")
             for v in ("alpha", "sigma") if (out / v / "vae" / "metrics.json").is_file()}
     summary = {"table": {k: {m: v for m, v in r.items() if m != "per_prompt"} for k, r in table.items()},
                "plateau_steps": plateaus, "alpha_steps": alpha_steps,
