@@ -21,7 +21,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
+from pixsigma.io import save_png
 from pixsigma.model.dit import PixArtDiT
+from pixsigma.sampling import latent_rgb
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
@@ -29,7 +31,7 @@ from train.features import open_features
 from train.fileio import atomic_write_text
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, warmup_schedule
-from train.sample import generate_latents, latent_preview, micro_kwargs, save_image, to_images
+from train.sample import generate_latents, micro_kwargs, to_images
 from train.sampler import BucketBatchSampler
 
 Tensor = torch.Tensor
@@ -150,13 +152,13 @@ class Trainer:
             res = self.dit.resolution
             with acc.autocast():
                 lat = generate_latents(net, *self.prompts, *self.null, (res, res), cfg.sample_steps, cfg.seed)
-            pixels = self.features.decode(lat) if self.features.decode else latent_preview(lat)
+            pixels = self.features.decode(lat) if self.features.decode else latent_rgb(lat)
             folder = cfg.run_dir / "samples"
             folder.mkdir(exist_ok=True)
             paths = []
             for i, (img, prompt) in enumerate(zip(to_images(pixels), cfg.sample_prompts)):
                 path = folder / f"step_{step:08d}_{i}.png"
-                save_image(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
+                save_png(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
                 paths.append(str(path))
             net.train()
             self.monitor.update(samples=paths)

@@ -7,21 +7,13 @@ RGB at latent resolution).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
 from pixsigma.constants import DEFAULT_GUIDANCE, VAE_SCALE_FACTOR
-from pixsigma.io import save_png
-from pixsigma.sampling import denoise, initial_noise, latent_rgb, make_scheduler, to_uint8
+from pixsigma.sampling import denoise, initial_noise, make_scheduler, to_uint8
 
 Tensor = torch.Tensor
-
-
-def latent_preview(latents: Tensor) -> Tensor:
-    """(B, 4, h, w) scaled latents -> (B, 3, h, w) roughly in [-1, 1] (no VAE needed)."""
-    return latent_rgb(latents)
 
 
 def micro_kwargs(config, latents: Tensor) -> dict[str, Tensor]:
@@ -67,8 +59,3 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
 def to_images(pixels: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
     return [Image.fromarray(a) for a in to_uint8(pixels).numpy()]
-
-
-def save_image(image: Image.Image, path: Path, params: dict) -> None:
-    """PNG with its parameters in a text chunk, written atomically (the engine's own writer)."""
-    save_png(image, path, params)

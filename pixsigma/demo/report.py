@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pixsigma.config import KVCompress
+from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.demo import DEMO_DIR, shapesbench
+from pixsigma.model.dit import PixArtDiT
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 CURVE_STEPS = 14  # sampler steps for the curves (20 for the table)
@@ -74,9 +75,8 @@ def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
     return curves
 
 
-def _stage_start(prev_final: Path, config):
+def _stage_start(prev_final: Path, config: DiTConfig) -> PixArtDiT:
     """The previous stage's weights in this stage's model (its resolution/PE; new KV layers at avg init)."""
-    from pixsigma.model.dit import PixArtDiT
     from pixsigma.weights import load_dit
 
     net = PixArtDiT(config)
