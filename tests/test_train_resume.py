@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_fixtures import make_encoders, make_images, write_config
 
-from train.checkpoint import checkpoint_dirs
+from train.checkpoint import checkpoint_dirs, checkpoint_model
 from train.config import load_config
 from train.extract import extract
 from train.loop import Trainer, train
@@ -76,6 +76,12 @@ def test_resume_after_a_kill_equals_a_straight_run(tmp_path, cache, monkeypatch)
     assert any(not torch.equal(raw_a[k], wa[k]) for k in wa)  # final/ really is the EMA, not the raw weights
     for k in raw_a:
         torch.testing.assert_close(raw_a[k], raw_b[k], rtol=1e-5, atol=1e-6)
+    # a checkpoint's model (the curves' input) is its EMA, as final/ ships; ema=False gives the raw weights
+    last = tmp_path / "straight" / "checkpoints" / "step_00000006"
+    ema_sd, raw_sd = checkpoint_model(last).state_dict(), checkpoint_model(last, ema=False).state_dict()
+    for k in wa:
+        torch.testing.assert_close(ema_sd[k], wa[k].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(raw_sd[k], raw_a[k].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_stop_file_checkpoints_and_exits_cleanly(tmp_path, cache, monkeypatch):
