@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KV_OPERATORS = ("conv", "pool", "discard")
+# What the first in_channels outputs are (diffusers' names): the noise ε (PixArt), or v = √ᾱ·ε − √(1−ᾱ)·x₀.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class DiTConfig:
     pe_interpolation: float = 2.0
     micro_condition: bool = False  # PixArt-α 1024: resolution/aspect-ratio embedders
     kv_compress: KVCompress = field(default_factory=KVCompress)
+    # A property of the weights, so it travels with them (the sampler reads it from here, not from a folder).
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels",
@@ -111,6 +115,8 @@ class DiTConfig:
             raise ValueError(f"pe_interpolation must be > 0, got {self.pe_interpolation}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if isinstance(self.kv_compress, dict):
             object.__setattr__(self, "kv_compress", KVCompress(**self.kv_compress))
         bad = [i for i in self.kv_compress.layers if i >= self.depth]
@@ -179,9 +185,11 @@ PRESETS: dict[str, DiTConfig] = {
     "XL_2_1024_KV": DiTConfig(**_XL, sample_size=128, pe_interpolation=2.0, kv_compress=_DEEP_HALF_XL),
     "XL_2_2K_KV": DiTConfig(**_XL, sample_size=256, pe_interpolation=4.0, kv_compress=_DEEP_HALF_XL),
     "XL_2_4K_KV": DiTConfig(**_XL, sample_size=512, pe_interpolation=8.0, kv_compress=_DEEP_HALF_XL),
-    # The shipped "shapes" demo (see pixsigma/demo); small enough for a CPU.
+    # The shipped "shapes" demo (see pixsigma/demo); small enough for a CPU. v-prediction: with ε a model
+    # this small cannot output ε to the ~1e-2 precision that x₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ needs at high noise
+    # (√ᾱ ≈ 0.02 at t = 900), so its early sampler steps (where layout and colour are decided) drift.
     "demo": DiTConfig(depth=8, hidden_size=192, num_heads=4, caption_channels=128, max_tokens=80,
-                      sample_size=16, pe_interpolation=0.25),
+                      sample_size=16, pe_interpolation=0.25, prediction_type="v_prediction"),
     # Unit tests.
     "tiny": DiTConfig(depth=2, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=16,
                       sample_size=8, pe_interpolation=1.0),

@@ -13,7 +13,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pixsigma.buckets import check_size, nearest_bucket
-from pixsigma.config import KVCompress
+from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.demo import DEMO_ALPHA, DEMO_SIGMA
 from pixsigma.model.dit import PixArtDiT
@@ -192,6 +192,9 @@ class PixSigmaPipeline:
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.is_file() else None
+        if _pixsigma_meta(folder, transformer) is None and sched and sched.get("prediction_type") in PREDICTION_TYPES:
+            # a diffusers-layout DiT cannot say what it predicts; its pipeline's scheduler does
+            dit.config = replace(dit.config, prediction_type=sched["prediction_type"])
         pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model)
         pipe.max_tokens = _token_length(folder, transformer)
         return pipe
@@ -292,7 +295,7 @@ class PixSigmaPipeline:
             else:
                 y, mask = cond, cmask
             y = y.to(self.dtype)
-            scheduler = make_scheduler(req.sampler, self.scheduler_config)
+            scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
             steps = req.steps or default_steps(req.sampler)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
@@ -333,12 +336,19 @@ class PixSigmaPipeline:
                                 time.perf_counter() - start, peak, w, h)
 
 
+def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:
+    """The ``pixsigma.json`` of the DiT a pipeline loads (the --transformer, else the folder's), if it has one."""
+    cand = Path(transformer) if transformer else folder / "transformer"
+    meta = cand / "pixsigma.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def _token_length(folder: Path, transformer: str | None) -> int:
     """T5 tokens the model was trained with: a pixsigma folder says so; diffusers folders imply it by pipeline
     class (PixArt-α: 120, PixArt-Σ: 300)."""
-    for cand in ([Path(transformer)] if transformer else []) + [folder / "transformer"]:
-        meta = cand / "pixsigma.json"
-        if meta.is_file():
-            return int(json.loads(meta.read_text())["dit"]["max_tokens"])
+    for cand in ([transformer] if transformer else []) + [None]:
+        meta = _pixsigma_meta(folder, cand)
+        if meta is not None:
+            return int(meta["dit"]["max_tokens"])
     index = json.loads((folder / "model_index.json").read_text())
     return ALPHA_TOKENS if index.get("_class_name") == "PixArtAlphaPipeline" else MAX_TOKENS

@@ -23,14 +23,18 @@ PIXART_BETAS = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 0.0001
                 "beta_schedule": "linear", "prediction_type": "epsilon"}
 
 
-def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None):
-    """A diffusers scheduler: the folder's own (``default``), or one of SAMPLERS built on the same betas."""
+def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None,
+                   prediction_type: str | None = None):
+    """A diffusers scheduler: the folder's own (``default``), or one of SAMPLERS built on the same betas.
+    ``prediction_type`` (the DiT's own, ``DiTConfig.prediction_type``) overrides the folder's."""
     import diffusers
 
     name = name or "default"
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)}")
     base = dict(folder_config or {})
+    if prediction_type is not None:
+        base["prediction_type"] = prediction_type
     if name == "default":
         if base.get("_class_name"):
             return getattr(diffusers, base["_class_name"]).from_config(base)
@@ -41,7 +45,7 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
     if name == "sa-solver":
         return diffusers.SASolverScheduler.from_config(base, algorithm_type="data_prediction")
     if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(base)
+        return diffusers.DDIMScheduler.from_config(base, clip_sample=False)  # latents are not in [-1, 1]
     return diffusers.EulerDiscreteScheduler.from_config(base)
 
 
@@ -60,7 +64,8 @@ def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Te
             guidance: float, generator: torch.Generator | None = None, callback: StepCallback | None = None,
             learn_sigma: bool = True) -> Tensor:
     """The sampling loop. ``model_fn(x, t)`` gets the CFG-doubled batch ([uncond; cond]) when guidance > 1
-    and returns the model output; only its ε half is used when the model also predicts variance."""
+    and returns the model output; only its first half (ε or v, as the scheduler's ``prediction_type`` says)
+    is used when the model also predicts variance."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     scheduler.set_timesteps(steps, device=latents.device)
@@ -76,8 +81,8 @@ def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Te
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
-        eps = out[:, :channels] if learn_sigma and out.shape[1] == 2 * channels else out
-        latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        pred = out[:, :channels] if learn_sigma and out.shape[1] == 2 * channels else out
+        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
             callback(i + 1, len(timesteps), latents)
     return latents

@@ -72,7 +72,8 @@ def make_tiny_pipeline(folder: str | Path, kv: KVCompress | None = None, layout:
     tok = make_tokenizer(folder / "tokenizer")
     make_t5(folder / "text_encoder", len(tok), config.caption_channels)
     make_vae(folder / "vae")
-    DPMSolverMultistepScheduler(**PIXART_BETAS).save_pretrained(folder / "scheduler")
+    DPMSolverMultistepScheduler(**{**PIXART_BETAS, "prediction_type": config.prediction_type}).save_pretrained(
+        folder / "scheduler")
     dit = random_dit(config.with_kv(kv) if kv else config)
     if layout == "diffusers":
         save_diffusers_transformer(dit, folder / "transformer")

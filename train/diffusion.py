@@ -1,5 +1,9 @@
 """PixArt's training objective: 1000-step linear-β DDPM, ε-prediction MSE plus the learned-variance VLB.
 
+``prediction_type="v_prediction"`` (the model's ``DiTConfig.prediction_type``) regresses
+v = √ᾱ·ε − √(1−ᾱ)·x₀ instead: same network, same VLB (on the ε that v implies), but the loss no longer
+vanishes for the x₀ error at high noise, where ε-MSE weighs it by SNR (≈ 3e-4 at t = 900).
+
 As in improved-DDPM / DiT / PixArt (``LossType.MSE`` with ``learn_sigma``): ``loss = mse(ε) + vb``, where
 ``vb`` is the variational bound term (KL to the true posterior; the discretised decoder NLL at t = 0) of
 the model whose mean comes from the *detached* ε and whose variance interpolates, per element, between
@@ -13,6 +17,7 @@ import math
 
 import torch
 
+from pixsigma.config import PREDICTION_TYPES
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
 
 Tensor = torch.Tensor
@@ -47,8 +52,11 @@ class GaussianDiffusion:
     """Schedule tables in float64 (as improved-DDPM computes them), gathered per sample in float32."""
 
     def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END, snr_weight_cap: float | None = None):
-        self.num_timesteps, self.snr_weight_cap = num_timesteps, snr_weight_cap
+                 beta_end: float = BETA_END, snr_weight_cap: float | None = None,
+                 prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.num_timesteps, self.snr_weight_cap, self.prediction_type = num_timesteps, snr_weight_cap, prediction_type
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
@@ -73,6 +81,18 @@ class GaussianDiffusion:
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return self._at("sqrt_ac", t, x0) * x0 + self._at("sqrt_1m_ac", t, x0) * noise
 
+    def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the model regresses: ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self._at("sqrt_ac", t, x0) * noise - self._at("sqrt_1m_ac", t, x0) * x0
+
+    def to_eps(self, pred: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """The ε a prediction implies (ε = √ᾱ·v + √(1−ᾱ)·x_t for v)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        return self._at("sqrt_ac", t, xt) * pred + self._at("sqrt_1m_ac", t, xt) * xt
+
     def _posterior_mean(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         return self._at("post_c1", t, xt) * x0 + self._at("post_c2", t, xt) * xt
 
@@ -89,16 +109,17 @@ class GaussianDiffusion:
 
     def training_losses(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor,
                         noise: Tensor) -> dict[str, Tensor]:
-        """Per-sample ``mse``, ``vb`` (0 without learned variance) and ``loss`` for a model output at (xt, t)."""
+        """Per-sample ``mse`` (of ε or v), ``vb`` (0 without learned variance) and ``loss`` for a model output
+        at (xt, t)."""
         c = x0.shape[1]
         out = model_output.float()
-        eps = out[:, :c]  # (B, C, H, W)
-        mse = _mean_flat((noise - eps) ** 2)
+        pred = out[:, :c]  # (B, C, H, W)
+        mse = _mean_flat((self.target(x0, t, noise) - pred) ** 2)
         weight = torch.ones_like(mse)
         if self.snr_weight_cap is not None:  # truncated-SNR weighting: the x0 error where the noise dominates
             weight = self._at("sqrt_recipm1_ac", t, mse).square().clamp(1.0, self.snr_weight_cap)  # 1/SNR, (B,)
         if out.shape[1] == 2 * c:  # learned variance: the frozen-mean VLB trains only the variance channels
-            vb = self.vb_terms(x0, xt, t, eps.detach(), out[:, c:])
+            vb = self.vb_terms(x0, xt, t, self.to_eps(pred.detach(), xt, t), out[:, c:])
         else:
             vb = torch.zeros_like(mse)
         return {"loss": weight * mse + vb, "mse": mse, "vb": vb}

@@ -40,7 +40,7 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
     through the engine's own sampling loop. Uses its own generator: the training RNG streams are untouched
     (resume equivalence)."""
     device = next(model.parameters()).device
-    sched = make_scheduler("dpm-solver")
+    sched = make_scheduler("dpm-solver", prediction_type=model.config.prediction_type)
     b, c = y.shape[0], model.config.in_channels
     x, gen = initial_noise((b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR), seed, device,
                            torch.float32, sched.init_noise_sigma)

@@ -86,6 +86,9 @@ def make_data(work: Path, n: int, seed: int) -> Path:
 
 def assemble_pipelines(parts: Path, out: Path) -> None:
     """alpha/ and sigma/ pipeline folders sharing the T5 and tokenizer, each with its own VAE."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pixsigma.config import PRESETS
     from pixsigma.sampling import PIXART_BETAS
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
@@ -93,11 +96,10 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
         for sub, src in (("tokenizer", "tokenizer"), ("text_encoder", "text_encoder"), ("vae", vae)):
             if not (folder / sub).is_dir():
                 shutil.copytree(parts / src, folder / sub)
-        if not (folder / "scheduler").is_dir():
-            from diffusers import DPMSolverMultistepScheduler
-
-            DPMSolverMultistepScheduler(**PIXART_BETAS, algorithm_type="dpmsolver++").save_pretrained(
-                folder / "scheduler")
+        # Always rewritten: it must say the demo DiT's prediction type (the α folder's DiT is in diffusers
+        # layout, which has no field for it).
+        DPMSolverMultistepScheduler(**{**PIXART_BETAS, "prediction_type": PRESETS["demo"].prediction_type},
+                                    algorithm_type="dpmsolver++").save_pretrained(folder / "scheduler")
         (folder / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
 
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=12000, help="training images of the world")
     ap.add_argument("--alpha-steps", type=int, default=3000, help="PixArt-α steps; each Σ stage gets 10%%")
     ap.add_argument("--t5-steps", type=int, default=500, help="steps of the frozen text encoder's training")
-    ap.add_argument("--evals", type=int, default=5, help="checkpoints per stage scored for the curves")
+    ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="BLAS threads per step")
