@@ -180,7 +180,6 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.1
-    snr_weight_cap: float | None = None
     seed: int = 0
     save_every: int = 500
     keep_last: int = 3
@@ -205,10 +204,6 @@ class TrainConfig:
         _positive_int("sample_every", self.sample_every, zero=True)
         _positive_int("seed", self.seed, zero=True)
         _fraction(self, "caption_dropout", "caption_dropout")
-        if self.snr_weight_cap is not None:
-            cap = _float(self, "snr_weight_cap", "snr_weight_cap")
-            if cap < 1:
-                raise ValueError(f"snr_weight_cap must be >= 1 (a cap on the 1/SNR loss weight) or null, got {cap}")
         object.__setattr__(self, "sample_prompts", tuple(str(p) for p in self.sample_prompts))
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every > 0 needs sample_prompts (a list of captions to render)")

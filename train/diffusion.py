@@ -52,11 +52,10 @@ class GaussianDiffusion:
     """Schedule tables in float64 (as improved-DDPM computes them), gathered per sample in float32."""
 
     def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END, snr_weight_cap: float | None = None,
-                 prediction_type: str = "epsilon"):
+                 beta_end: float = BETA_END, prediction_type: str = "epsilon"):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.num_timesteps, self.snr_weight_cap, self.prediction_type = num_timesteps, snr_weight_cap, prediction_type
+        self.num_timesteps, self.prediction_type = num_timesteps, prediction_type
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
@@ -115,11 +114,8 @@ class GaussianDiffusion:
         out = model_output.float()
         pred = out[:, :c]  # (B, C, H, W)
         mse = _mean_flat((self.target(x0, t, noise) - pred) ** 2)
-        weight = torch.ones_like(mse)
-        if self.snr_weight_cap is not None:  # truncated-SNR weighting: the x0 error where the noise dominates
-            weight = self._at("sqrt_recipm1_ac", t, mse).square().clamp(1.0, self.snr_weight_cap)  # 1/SNR, (B,)
         if out.shape[1] == 2 * c:  # learned variance: the frozen-mean VLB trains only the variance channels
             vb = self.vb_terms(x0, xt, t, self.to_eps(pred.detach(), xt, t), out[:, c:])
         else:
             vb = torch.zeros_like(mse)
-        return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
