@@ -193,11 +193,22 @@ def test_other_errors_pass_through(pipe):
 
 
 def test_closing_the_stream_cancels_the_run(pipe):
-    flaky = FlakyPipe(pipe)
+    closed = threading.Event()
+
+    class HeldAfterStep1(FlakyPipe):  # the worker waits after step 1 until the consumer has closed the stream
+        def generate(self, request, callback=None):
+            def hold(step, total, latents):
+                callback(step, total, latents)
+                if step == 1:
+                    closed.wait(30)
+            return super().generate(request, hold)
+
+    flaky = HeldAfterStep1(pipe)
     engine = AppEngine({MAIN: flaky})
     stream = engine.stream(engine.make_request("a red circle", steps=25, resolution=128))
     assert next(stream).step == 1
     stream.close()
+    closed.set()
     done = engine.run(engine.make_request("a red circle", steps=2, resolution=128))  # waits for the lock
     assert len(done.result.images) == 1
     assert flaky.runs[0] == [1, 2]  # the cancelled run stopped at the step after the close, not at 25
