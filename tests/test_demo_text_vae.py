@@ -104,3 +104,30 @@ def test_shipped_parts_are_small_and_sigma_vae_is_better():
     tok = AutoTokenizer.from_pretrained(DEMO_DIR / "tokenizer", local_files_only=True)
     emb, mask = encode(tok, t5, ["a red star"])
     assert emb.shape == (1, 80, 128) and torch.isfinite(emb).all()
+
+
+def test_vae_latent_alignment_pulls_latents_to_the_reference():
+    """align_weight > 0 adds the latent-mean MSE to a frozen reference VAE (the aligned VAE-Σ trial)."""
+    from dataclasses import replace
+
+    from pixsigma.demo.vae import build_vae, heldout_images, train_vae
+
+    spec = VAESpec(block_out_channels=(8, 8, 8, 8), steps=150, batch_size=2, sizes=((64, 64),), lr=3e-3)
+    torch.manual_seed(1)
+    ref = build_vae(spec).eval().requires_grad_(False)
+    with torch.no_grad():  # a reference whose latents sit far from where a fresh VAE's start
+        ref.quant_conv.bias[:4] += 2.0
+    x = heldout_images(4, size=64)
+
+    def distance(vae) -> float:
+        with torch.no_grad():
+            return float(((vae.encode(x).latent_dist.mean - ref.encode(x).latent_dist.mode()) ** 2).mean())
+
+    free, _ = train_vae(spec, seed=0)
+    aligned, _ = train_vae(replace(spec, align_weight=10.0), seed=0, align_to=ref)
+    d_free, d_aligned = distance(free), distance(aligned)
+    assert d_aligned < 0.5 * d_free, (d_aligned, d_free)
+    with pytest.raises(ValueError, match="align_weight 10.0 needs align_to"):
+        train_vae(replace(spec, align_weight=10.0))
+    with pytest.raises(ValueError, match="align_weight must be >= 0"):
+        replace(spec, align_weight=-1.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pixsigma.demo.text_encoder import build_tokenizer, train_text_encoder
-from pixsigma.demo.vae import VAE_SPECS, finish_vae, heldout_images, save_vae, train_vae
+from pixsigma.demo.vae import VAE_SPECS, VAESpec, finish_vae, heldout_images, save_vae, train_vae
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
 T5_STEPS = 900
@@ -43,6 +43,17 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _align_reference(spec: VAESpec, out: Path):
+    """VAE-α (already built into ``out``) when ``spec`` aligns to it; else None."""
+    if spec.align_weight <= 0:
+        return None
+    from diffusers import AutoencoderKL
+
+    if not (out / "vae_alpha").is_dir():
+        raise ValueError(f"VAE-Σ aligns its latents to VAE-α, which is not in {out}: build vae_alpha first")
+    return AutoencoderKL.from_pretrained(out / "vae_alpha").eval().requires_grad_(False)
 
 
 def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, t5_steps: int = T5_STEPS,
@@ -76,7 +87,8 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
                 spec = VAE_SPECS[name]
                 if vae_steps and name in vae_steps:
                     spec = replace(spec, steps=vae_steps[name])
-                vae, info = train_vae(spec, seed=seed, max_seconds=budget, log=log)
+                vae, info = train_vae(spec, seed=seed, max_seconds=budget, log=log,
+                                      align_to=_align_reference(spec, out))
                 metrics = finish_vae(vae, name, spec, info, images)
                 save_vae(vae, tmp, metrics)
             _swap_in(tmp, out / part)

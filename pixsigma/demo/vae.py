@@ -45,6 +45,9 @@ class VAESpec:
     lr: float = 2e-3
     kl_weight: float = 1e-6
     object_weight: float = 4.0  # extra loss weight on object pixels: colour is rare next to background
+    # Weight of the MSE between this VAE's latent means and a reference VAE's (``train_vae(align_to=…)``):
+    # keeps a better VAE's latent space where a model trained on the weaker one already works (0 = off).
+    align_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.block_out_channels) != 4:
@@ -52,6 +55,8 @@ class VAESpec:
         if any(c % 8 for c in self.block_out_channels):
             raise ValueError(f"block_out_channels must be multiples of 8 (GroupNorm groups), got "
                              f"{self.block_out_channels}")
+        if not self.align_weight >= 0:
+            raise ValueError(f"align_weight must be >= 0 (0 = no latent alignment), got {self.align_weight}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         for w, h in self.sizes:
@@ -103,12 +108,19 @@ def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED)
 
 
 def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
-              log: Callable[[str], None] | None = None) -> tuple[AutoencoderKL, dict]:
-    """Train one VAE on world scenes (object-weighted L1 + MSE, a small KL); deterministic for a seed
-    unless the time budget ``max_seconds`` stops it early."""
+              log: Callable[[str], None] | None = None,
+              align_to: AutoencoderKL | None = None) -> tuple[AutoencoderKL, dict]:
+    """Train one VAE on world scenes (object-weighted L1 + MSE, a small KL, and with ``spec.align_weight``
+    the latent-mean MSE to the frozen ``align_to``); deterministic for a seed unless the time budget
+    ``max_seconds`` stops it early."""
+    if spec.align_weight > 0 and align_to is None:
+        raise ValueError(f"align_weight {spec.align_weight} needs align_to: the VAE whose latents to stay near")
     torch.manual_seed(seed)
     rng = np.random.default_rng([11, seed])
     vae = build_vae(spec)
+    if spec.align_weight > 0 and align_to.config.latent_channels != vae.config.latent_channels:
+        raise ValueError(f"align_to has {align_to.config.latent_channels} latent channels, this VAE "
+                         f"{vae.config.latent_channels}")
     with torch.no_grad():  # start log-variance at -8: posterior noise would otherwise drown the early signal
         vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
     opt = torch.optim.Adam(vae.parameters(), lr=spec.lr)
@@ -124,6 +136,10 @@ def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
         err = (rec - x) * _pixel_weights(x, spec.object_weight).sqrt()
         kl = post.kl().mean() / x[0].numel()
         loss = err.abs().mean() + (err ** 2).mean() + spec.kl_weight * kl
+        if spec.align_weight > 0:
+            with torch.no_grad():
+                ref = align_to.encode(x.to(align_to.dtype)).latent_dist.mode().float()  # (B, 4, H/8, W/8)
+            loss = loss + spec.align_weight * ((post.mean - ref) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
