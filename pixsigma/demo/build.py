@@ -28,6 +28,9 @@ from pixsigma.demo import DEMO_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
+# Defaults shared with ``pixsigma.demo.report`` (which re-scores a build): its scratch folder, α's steps, the
+# table's prompt count.
+WORK, ALPHA_STEPS, BENCH_N = "runs/demo_build", 3000, 200
 # (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
 TRAIN_SIZES = ((256, 256), (256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 368), (368, 176),
                (128, 512), (512, 128))
@@ -144,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="runs/demo_build", help="scratch folder (data, caches, runs, logs)")
+    ap.add_argument("--work", default=WORK, help="scratch folder (data, caches, runs, logs)")
     ap.add_argument("--out", default=str(DEMO_DIR), help="where the demo pipelines go (assets/demo)")
     ap.add_argument("--images", type=int, default=12000, help="training images of the world")
-    ap.add_argument("--alpha-steps", type=int, default=3000, help="PixArt-α steps; each Σ stage gets 10%%")
+    ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS, help="PixArt-α steps; each Σ stage gets 10%%")
     ap.add_argument("--t5-steps", type=int, default=500, help="steps of the frozen text encoder's training")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
-    ap.add_argument("--bench-n", type=int, default=200, help="ShapesBench prompts in the final table")
+    ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="BLAS threads per step")
     args = ap.parse_args(argv)

@@ -158,13 +158,13 @@ def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, f
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from pixsigma.demo.build import stage_plan
+    from pixsigma.demo.build import ALPHA_STEPS, BENCH_N, WORK, stage_plan
 
     ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.report")
-    ap.add_argument("--work", default="runs/demo_build")
+    ap.add_argument("--work", default=WORK)
     ap.add_argument("--out", default=str(DEMO_DIR))
-    ap.add_argument("--alpha-steps", type=int, default=3000)
-    ap.add_argument("--bench-n", type=int, default=200)
+    ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS)
+    ap.add_argument("--bench-n", type=int, default=BENCH_N)
     args = ap.parse_args(argv)
     s = write_report(Path(args.work).resolve(), Path(args.out).resolve(), stage_plan(args.alpha_steps),
                      args.bench_n, {}, "python -m pixsigma.demo.report " + " ".join(argv or sys.argv[1:]))
