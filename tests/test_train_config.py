@@ -55,6 +55,7 @@ def test_python_config(tmp_path):
     ({"stage": "from_scratch", "optim": {"betas": [0.9, 0.99]}}, "optim.betas for came must be 3 numbers"),
     ({"stage": "from_scratch", "optim": {"name": "adamw", "betas": [0.9, 0.99], "eps": [1e-8]}}, None),
     ({"stage": "from_scratch", "mixed_precision": "fp8"}, "mixed_precision must be one of"),
+    ({"stage": "from_scratch", "optim": {"schedule": "linear"}}, r"optim.schedule must be one of \('constant', 'cosine'\)"),
     ({"stage": "from_scratch", "model": "XXL"}, "model must be one of the presets"),
     ({"stage": "from_scratch", "steps": 0}, "steps must be an integer >= 1, got 0"),
     ({"stage": "from_scratch", "optim": {"lr": "fast"}}, "optim.lr must be a number, got 'fast'"),
@@ -104,3 +105,27 @@ def test_shipped_recipes_chain(tmp_path):
     assert got["sigma_xl_4k"] == (4096, deep) and produced["runs/sigma_xl_4k"].pe_interpolation == 8.0
     assert cfgs["shapes_alpha"].data.long_caption_ratio == 0.0
     assert cfgs["shapes_sigma_kv"].data.long_caption_ratio == 0.6
+
+
+def test_lr_schedules_warm_up_then_hold_or_anneal_to_zero():
+    from train.optim import lr_factor
+
+    assert [lr_factor(s, 4, 20) for s in (0, 3)] == [0.25, 1.0]
+    assert lr_factor(19, 4, 20) == 1.0  # PixArt's constant schedule holds after warm-up
+    cos = [lr_factor(s, 4, 20, "cosine") for s in range(21)]
+    assert cos[:4] == [0.25, 0.5, 0.75, 1.0] and cos[12] == pytest.approx(0.5) and cos[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cos[3:], cos[4:]))  # monotone after the warm-up
+    assert lr_factor(0, 0, 10, "cosine") == 1.0 and lr_factor(25, 0, 10, "cosine") == pytest.approx(0.0)
+
+
+def test_cpu_bf16_training_uses_the_math_attention_kernel():
+    import torch
+
+    from train.loop import attention_kernels
+
+    cpu = torch.device("cpu")
+    with attention_kernels(cpu, "bf16"):  # the only backend enabled inside is MATH
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with attention_kernels(cpu, "no"):
+        assert torch.backends.cuda.flash_sdp_enabled()

@@ -19,6 +19,7 @@ from pixsigma.config import PRESETS, KVCompress, parse_layers
 
 STAGE_NAMES = ("from_scratch", "vae_adapt", "res_up", "kv_compress", "finetune")
 OPTIMIZERS = ("came", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -121,7 +122,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """CAME with the paper's settings by default; AdamW as an option. Constant LR after a linear warm-up."""
+    """CAME with the paper's settings by default; AdamW as an option. Linear warm-up, then the base LR held
+    (``constant``, PixArt's schedule) or decayed to 0 at the run's last step (``cosine``: a short run from
+    scratch ends at a much lower loss when its LR is annealed)."""
 
     name: str = "came"
     lr: float = 2e-5
@@ -129,6 +132,7 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
     eps: tuple[float, ...] = (1e-30, 1e-16)
     warmup_steps: int = 1000
+    schedule: str = "constant"
     grad_clip: float = 0.01  # PixArt's gradient_clip (max global norm); 0 = off
     ema_decay: float | None = None  # e.g. 0.9999 (PixArt); None = no EMA
 
@@ -156,6 +160,8 @@ class OptimConfig:
             raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0, got "
                              f"{self.weight_decay!r}, {self.grad_clip!r}")
         _positive_int("optim.warmup_steps", self.warmup_steps, zero=True)
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.ema_decay!r}")
 

@@ -1,10 +1,11 @@
-"""Optimizer (CAME by default, AdamW), the warm-up schedule, EMA weights, and the loop's resumable position.
+"""Optimizer (CAME by default, AdamW), the LR schedule, EMA weights, and the loop's resumable position.
 
 Everything here has ``state_dict``/``load_state_dict`` so ``accelerator.save_state`` checkpoints it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -23,9 +24,19 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps[0])
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
-    """PixArt's ``constant`` schedule: linear warm-up from ~0 over ``warmup_steps``, then the base LR."""
-    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """The LR multiplier after ``step`` optimizer steps: linear warm-up from ~0 over ``warmup_steps``, then 1
+    (``constant``, PixArt's) or a half cosine that reaches 0 at ``total_steps`` (``cosine``)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule))
 
 
 class EMA:
