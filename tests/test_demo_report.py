@@ -1,7 +1,8 @@
-"""The build's report helpers: each Σ curve's step-0 model and the plateau measure."""
+"""The build: its stage plan, its pipeline folders, each Σ curve's step-0 model and the plateau measure."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -39,3 +40,34 @@ def test_plateau_step_is_the_first_checkpoint_near_the_best():
     assert plateau_step(pts, 3000) == 200  # 0.61 is within 0.02 of the best 0.62
     assert plateau_step(pts, 3000, tol=0.0) == 300
     assert plateau_step([], 0) is None
+
+
+def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits():
+    from pixsigma.demo.build import stage_plan
+
+    plan = stage_plan(1000, batch_scale=4)
+    assert [(st.name, st.steps, st.batch_size, st.images) for st in plan] == [
+        ("alpha", 1000, 128, None), ("sigma_vae", 100, 128, 12800), ("sigma_resup", 100, 64, 6400),
+        ("sigma_kv", 100, 64, 6400)]
+    assert [st.batch_size for st in stage_plan(1000)] == [32, 32, 16, 16]
+    with pytest.raises(ValueError, match="batch_scale must be an integer >= 1, got 0"):
+        stage_plan(1000, batch_scale=0)
+
+
+def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
+    from pixsigma.demo.build import assemble_pipelines
+
+    parts, out = tmp_path / "parts", tmp_path / "demo"
+    for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma"):
+        (parts / p).mkdir(parents=True)
+        (parts / p / "weights").write_text(f"new {p}")
+    (out / "sigma" / "vae").mkdir(parents=True)
+    (out / "sigma" / "vae" / "stale.safetensors").write_text("an older VAE-Σ")
+    assemble_pipelines(parts, out)
+    assert sorted(f.name for f in (out / "sigma" / "vae").iterdir()) == ["weights"]
+    assert (out / "sigma" / "vae" / "weights").read_text() == "new vae_sigma"
+    assert (out / "alpha" / "vae" / "weights").read_text() == "new vae_alpha"
+    assert (out / "alpha" / "text_encoder" / "weights").read_text() == "new text_encoder"
+    assert json.loads((out / "sigma" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] \
+        == "v_prediction"
+    assert not [p for p in out.rglob(".*")]  # no temp or old folders left behind

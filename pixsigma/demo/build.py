@@ -52,17 +52,21 @@ class StageRun:
     steps: int
     pipeline: str  # "alpha" or "sigma": which VAE / pipeline folder it trains against
     resolution: int
+    batch_size: int  # that of its config times the build's batch scale
     images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
 
 
-def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1) -> list[StageRun]:
+def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, batch_scale: int = 1) -> list[StageRun]:
+    if batch_scale < 1:
+        raise ValueError(f"batch_scale must be an integer >= 1, got {batch_scale}")
     s = max(10, int(alpha_steps * sigma_fraction))
-    # Σ batch sizes are those of configs/shapes_sigma_*.yaml (32 at 128 px, 16 at 256 px): extracting more
-    # images than a stage can visit would only cost time (256 px VAE encoding dominates the build otherwise).
-    return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128),
-            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, s * 32),
-            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, s * 16),
-            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, s * 16)]
+    b128, b256 = 32 * batch_scale, 16 * batch_scale  # configs/shapes_*.yaml: 32 at 128 px, 16 at 256 px
+    # A Σ stage's cache holds only the images it can visit: more would only cost time (256 px VAE encoding
+    # dominates the build otherwise).
+    return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128, b128),
+            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, b128, s * b128),
+            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, b256, s * b256),
+            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, b256, s * b256)]
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -88,17 +92,24 @@ def make_data(work: Path, n: int, seed: int) -> Path:
 
 
 def assemble_pipelines(parts: Path, out: Path) -> None:
-    """alpha/ and sigma/ pipeline folders sharing the T5 and tokenizer, each with its own VAE."""
+    """alpha/ and sigma/ pipeline folders sharing the T5 and tokenizer, each with its own VAE.
+
+    The build's parts always replace what the folders held (a rebuild with a retrained VAE must not train
+    against the old one); each copy is swapped in whole."""
     from diffusers import DPMSolverMultistepScheduler
 
     from pixsigma.config import PRESETS
+    from pixsigma.io import swap_in_folder
     from pixsigma.sampling import PIXART_BETAS
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
         folder = out / name
         for sub, src in (("tokenizer", "tokenizer"), ("text_encoder", "text_encoder"), ("vae", vae)):
-            if not (folder / sub).is_dir():
-                shutil.copytree(parts / src, folder / sub)
+            tmp = folder / f".{sub}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(parts / src, tmp)
+            swap_in_folder(tmp, folder / sub)
         # Always rewritten: it must say the demo DiT's prediction type (the α folder's DiT is in diffusers
         # layout, which has no field for it).
         DPMSolverMultistepScheduler(**{**PIXART_BETAS, "prediction_type": PRESETS["demo"].prediction_type},
@@ -128,6 +139,7 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     every = max(1, st.steps // evals)
     sets = [f"output_dir={run_dir}", f"data.source={data}", f"data.cache={work / 'cache' / st.cache}",
             f"data.text_encoder={out / st.pipeline}", f"data.vae={out / st.pipeline}", f"steps={st.steps}",
+            f"batch_size={st.batch_size}",
             f"save_every={every}", f"keep_last={evals + 2}", "sample_every=0",
             f"mixed_precision={precision}"]
     if st.images is not None:
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=12000, help="training images of the world")
     ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS, help="PixArt-α steps; each Σ stage gets 10%%")
     ap.add_argument("--t5-steps", type=int, default=500, help="steps of the frozen text encoder's training")
+    ap.add_argument("--batch-scale", type=int, default=1,
+                    help="multiplies every stage's batch size (a GPU runs 4x the CPU batch in the same step time)")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -186,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)
     timings["data"] = time.perf_counter() - t0 - sum(timings.values())
-    plan = stage_plan(args.alpha_steps)
+    plan = stage_plan(args.alpha_steps, batch_scale=args.batch_scale)
     precision = default_precision() if args.precision == "auto" else args.precision
     prev = None
     for st in plan:

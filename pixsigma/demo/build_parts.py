@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -24,21 +23,10 @@ import torch
 
 from pixsigma.demo.text_encoder import build_tokenizer, train_text_encoder
 from pixsigma.demo.vae import VAE_SPECS, VAESpec, finish_vae, heldout_images, save_vae, train_vae
+from pixsigma.io import swap_in_folder
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
 T5_STEPS = 900
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the finished ``tmp`` folder (readers never see a half-written part)."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -91,7 +79,7 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
                                       align_to=_align_reference(spec, out))
                 metrics = finish_vae(vae, name, spec, info, images)
                 save_vae(vae, tmp, metrics)
-            _swap_in(tmp, out / part)
+            swap_in_folder(tmp, out / part)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -34,9 +34,12 @@ def generate_fn(pipe, size: int, steps: int, kv: KVCompress | None = None) -> Ca
 
 
 def _pipe(folder: Path, transformer: Path | None = None):
+    import torch
+
     from pixsigma.pipeline import PixSigmaPipeline
 
-    return PixSigmaPipeline.from_pretrained(str(folder), str(transformer) if transformer else None, device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return PixSigmaPipeline.from_pretrained(str(folder), str(transformer) if transformer else None, device=device)
 
 
 def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
