@@ -45,13 +45,13 @@ def test_plateau_step_is_the_first_checkpoint_near_the_best():
 def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits():
     from pixsigma.demo.build import stage_plan
 
-    plan = stage_plan(1000, batch_scale=4)
+    plan = stage_plan(1000, alpha_batch_scale=4)
     assert [(st.name, st.steps, st.batch_size, st.images) for st in plan] == [
-        ("alpha", 1000, 128, None), ("sigma_vae", 100, 128, 12800), ("sigma_resup", 100, 64, 6400),
-        ("sigma_kv", 100, 64, 6400)]
+        ("alpha", 1000, 128, None), ("sigma_vae", 100, 32, 3200), ("sigma_resup", 100, 16, 1600),
+        ("sigma_kv", 100, 16, 1600)]
     assert [st.batch_size for st in stage_plan(1000)] == [32, 32, 16, 16]
-    with pytest.raises(ValueError, match="batch_scale must be an integer >= 1, got 0"):
-        stage_plan(1000, batch_scale=0)
+    with pytest.raises(ValueError, match="alpha_batch_scale must be an integer >= 1, got 0"):
+        stage_plan(1000, alpha_batch_scale=0)
 
 
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
