@@ -123,8 +123,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """CAME with the paper's settings by default; AdamW as an option. Linear warm-up, then the base LR held
-    (``constant``, PixArt's schedule) or decayed to 0 at the run's last step (``cosine``: a short run from
-    scratch ends at a much lower loss when its LR is annealed)."""
+    (``constant``, PixArt's schedule) or decayed to 0 at the run's last step (``cosine``: a short run then
+    ends on small, low-noise updates instead of on its largest LR)."""
 
     name: str = "came"
     lr: float = 2e-5
