@@ -34,12 +34,10 @@ def generate_fn(pipe, size: int, steps: int, kv: KVCompress | None = None) -> Ca
 
 
 def _pipe(folder: Path, transformer: Path | None = None):
-    import torch
-
     from pixsigma.pipeline import PixSigmaPipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return PixSigmaPipeline.from_pretrained(str(folder), str(transformer) if transformer else None, device=device)
+    # device "auto" (the pipeline's resolve_device): the GPU when one is present, else the CPU
+    return PixSigmaPipeline.from_pretrained(str(folder), str(transformer) if transformer else None, device="auto")
 
 
 def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
