@@ -71,3 +71,44 @@ def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
     assert json.loads((out / "sigma" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] \
         == "v_prediction"
     assert not [p for p in out.rglob(".*")]  # no temp or old folders left behind
+
+
+def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
+    """The ceiling row: each prompt's real scene encoded and decoded (so a blurring VAE scores below 100 %)."""
+    from pixsigma.demo import shapesbench
+    from pixsigma.demo.report import vae_round_trip_fn
+    from pixsigma.demo.vae import VAESpec, build_vae, to_tensor
+
+    vae = build_vae(VAESpec(block_out_channels=(8, 8, 8, 8), steps=1))  # untrained: a very lossy round trip
+    vae.save_pretrained(tmp_path / "vae")
+    prompts = [it.prompt for it in shapesbench.bench_items(2)]
+    images = vae_round_trip_fn(tmp_path / "vae", 64)(prompts, 0)
+    real = shapesbench.oracle_generate_fn(64, 64)(prompts, 0)
+    assert [im.size for im in images] == [(64, 64)] * 2
+    with torch.no_grad():
+        want = vae.decode(vae.encode(to_tensor(real)).latent_dist.mode()).sample
+    got = to_tensor(images)
+    assert (got - want.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6  # the VAE's output, 8-bit rounded
+    assert (got - to_tensor(real)).abs().mean() > 0.05  # and not the oracle's scene itself
+
+
+def test_table_only_rescores_the_table_and_keeps_the_builds_curves(tmp_path, monkeypatch):
+    from pixsigma.demo import report
+
+    with pytest.raises(ValueError, match="re-scores an existing report"):
+        report.rescore_table(tmp_path, 4, "cmd")
+    old = {"table": {"PixArt-α (128 px)": {"attribute": 0.1}}, "curves": {"alpha": {"bench": [[10, 0.1]]}},
+           "plateau_steps": {"alpha": 10}, "command": "python -m pixsigma.demo.build"}
+    (tmp_path / "shapesbench.json").write_text(json.dumps(old))
+    row = {"n": 4, "attribute": 0.5, "count": 0.5, "colour": 0.5, "shape": 0.5, "position": 0.5, "size": 0.5,
+           "attribute_long": 0.5, "attribute_short": 0.5, "fsd": 1.0, "per_prompt": [{"prompt": "a red star"}]}
+    monkeypatch.setattr(report, "final_table", lambda out, n: {"PixArt-Σ (256 px, KV R=2)": {**row, "n": n}})
+    s = report.rescore_table(tmp_path, 4, "python -m pixsigma.demo.report --table-only")
+    saved = json.loads((tmp_path / "shapesbench.json").read_text())
+    assert saved == s
+    assert saved["curves"] == old["curves"] and saved["plateau_steps"] == old["plateau_steps"]
+    assert saved["command"] == old["command"] and saved["table_command"].endswith("--table-only")
+    assert list(saved["table"]) == ["PixArt-Σ (256 px, KV R=2)"] and "per_prompt" not in saved["table"][
+        "PixArt-Σ (256 px, KV R=2)"]
+    assert "| PixArt-Σ (256 px, KV R=2) | 50.0 |" in (tmp_path / "shapesbench.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes leave no temp files

@@ -27,7 +27,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory):
     out = tmp_path_factory.mktemp("parts")
-    metrics = build_parts(out, seed=3, t5_steps=2, vae_steps={"alpha": 2, "sigma": 2}, heldout=4, log=lambda s: None)
+    metrics = build_parts(out, seed=3, t5_steps=2, vae_steps={"alpha": 2, "sigma": 2},
+                          decoder_steps={"sigma": 2}, heldout=4, log=lambda s: None)
     return out, metrics
 
 
@@ -131,3 +132,72 @@ def test_vae_latent_alignment_pulls_latents_to_the_reference():
         train_vae(replace(spec, align_weight=10.0))
     with pytest.raises(ValueError, match="align_weight must be >= 0"):
         replace(spec, align_weight=-1.0)
+
+
+def _tiny_refine_spec(**kw) -> VAESpec:
+    return VAESpec(block_out_channels=(8, 8, 8, 8), steps=60, batch_size=2, sizes=((64, 64),), lr=3e-3,
+                   decoder_sizes=((64, 64),), decoder_lr=2e-3, **kw)
+
+
+@torch.no_grad()
+def _noisy_decode_error(vae, x: torch.Tensor, noise: float) -> float:
+    z = vae.encode(x).latent_dist.mode()
+    gen = torch.Generator().manual_seed(7)
+    z = z + noise * z.std() * torch.randn(z.shape, generator=gen)
+    return float((vae.decode(z).sample - x).abs().mean())
+
+
+def test_decoder_refinement_keeps_the_encoder_and_learns_to_decode_noisy_latents():
+    """Phase 2 trains only post_quant_conv + decoder: encode() is unchanged bit for bit (a DiT trained on the
+    latents needs no retraining) while decoding latents with DiT-like errors gets better."""
+    from dataclasses import replace
+
+    from pixsigma.demo.vae import heldout_images, refine_decoder, train_vae
+
+    spec = _tiny_refine_spec(decoder_steps=80, decoder_noise=0.5)
+    vae, info = train_vae(replace(spec, decoder_steps=0), seed=0)
+    assert "decoder_steps" not in info
+    x = heldout_images(4, size=64)
+    enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    dec = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder.")}
+    before = _noisy_decode_error(vae, x, 0.3)
+    out = refine_decoder(vae, spec, seed=0)
+    assert out["decoder_steps"] == 80
+    after = _noisy_decode_error(vae, x, 0.3)
+    sd = vae.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in enc.items())
+    assert any(not torch.equal(sd[k], v) for k, v in dec.items())
+    assert after < 0.9 * before, (before, after)
+    assert not any(p.requires_grad for p in vae.parameters())
+    with pytest.raises(ValueError, match="decoder_steps >= 1"):
+        refine_decoder(vae, replace(spec, decoder_steps=0))
+    with pytest.raises(ValueError, match="decoder_steps and decoder_noise must be >= 0"):
+        replace(spec, decoder_noise=-0.1)
+
+
+def test_refine_built_decoder_swaps_the_folder_and_refuses_a_second_pass(tmp_path):
+    from dataclasses import replace
+
+    from pixsigma.demo.build_parts import needs_refinement, refine_built_decoder
+    from pixsigma.demo.vae import save_vae, train_vae
+
+    spec = _tiny_refine_spec(decoder_steps=3, decoder_noise=0.3)
+    vae, _ = train_vae(replace(spec, decoder_steps=0), seed=0)
+    folder = tmp_path / "vae_sigma"
+    save_vae(vae, folder, {"name": "VAE-Σ", "psnr_db": 10.0})
+    assert needs_refinement(folder, spec) and not needs_refinement(folder, replace(spec, decoder_steps=0))
+    enc_before = load_file(folder / "diffusion_pytorch_model.safetensors")
+    m = refine_built_decoder(folder, spec, heldout=2, log=lambda s: None)
+    assert m["decoder_steps"] == 3 and m["psnr_db_phase1"] == 10.0 and m["spec"]["decoder_noise"] == 0.3
+    assert json.loads((folder / "metrics.json").read_text())["decoder_steps"] == 3
+    enc_after = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(enc_after[k], v) for k, v in enc_before.items() if k.startswith("encoder."))
+    assert not needs_refinement(folder, spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_sigma"]  # no temp or old folder left
+    with pytest.raises(ValueError, match="already refined"):
+        refine_built_decoder(folder, spec, heldout=2, log=lambda s: None)
+    with pytest.raises(ValueError, match="block_out_channels"):
+        (folder / "metrics.json").write_text(json.dumps({"psnr_db": 1.0}))
+        refine_built_decoder(folder, VAE_SPECS["sigma"], heldout=2, log=lambda s: None)
+    with pytest.raises(ValueError, match="not a VAE built by build_parts"):
+        refine_built_decoder(tmp_path, spec, heldout=2, log=lambda s: None)

@@ -137,3 +137,27 @@ def test_checkpoints_are_atomic_and_only_the_last_k_kept(tmp_path, cache, monkey
     assert sorted(p.name for p in ckdir.iterdir()) == ["step_00000003", "step_00000004"]
     for p in checkpoint_dirs(cfg.run_dir):
         assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "pixsigma.json"} <= set(os.listdir(p))
+
+
+def test_steps_are_logged_a_window_at_a_time_each_with_its_own_row(tmp_path, cache, monkeypatch):
+    """The device is read (losses, grad norms) once per log_every window, at checkpoints and at the end, not
+    once a step; metrics.jsonl still gets one row per step, equal to a run that flushes every step."""
+    flushes = []
+    real_flush = Trainer.flush
+
+    def counting_flush(self, pending):
+        flushes.append([p["step"] for p in pending])
+        return real_flush(self, pending)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "flush", counting_flush)
+        train(_cfg(tmp_path, cache, "windowed", log_every=4, save_every=100))
+        every = train(_cfg(tmp_path, cache, "every", log_every=1, save_every=100))
+    assert flushes[:2] == [[1, 2, 3, 4], [5, 6]]  # a window of 4, then the end
+    assert len(flushes) == 2 + 6
+    a, b = _metrics(tmp_path / "windowed"), _metrics(tmp_path / "every")
+    assert every["step"] == 6 and [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-6)
+    assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in a)
+    assert [r["indices"] for r in a] == [r["indices"] for r in b]

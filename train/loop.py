@@ -139,7 +139,7 @@ class Trainer:
             acc.backward(terms["loss"].mean() / self.cfg.grad_accum)
         return torch.stack([terms["loss"].mean(), terms["mse"].mean(), terms["vb"].mean()]).detach()
 
-    def optimizer_step(self) -> float | None:
+    def optimizer_step(self) -> Tensor | None:
         cfg, acc = self.cfg, self.acc
         norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
         self.optimizer.step()
@@ -148,7 +148,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.unwrapped)
-        return float(norm) if norm is not None else None
+        return norm.detach().float() if norm is not None else None  # on the device: flush() reads it
 
     def validate(self, step: int) -> None:
         """Validation images into ``RUN/samples`` (main process; the others wait)."""
@@ -174,36 +174,66 @@ class Trainer:
             self.monitor.update(samples=paths)
         acc.wait_for_everyone()
 
+    def stop_vote(self) -> bool:
+        """Whether any process was asked to stop (the stop file). One process reads it on the host; several
+        must agree through a collective, which waits for the device, so they vote only when logging."""
+        if self.acc.num_processes == 1:
+            return self.monitor.stop_requested()
+        flag = torch.tensor([float(self.monitor.stop_requested())], device=self.acc.device)
+        return bool(self.acc.reduce(flag, "sum").item())
+
+    def flush(self, pending: list[dict[str, Any]]) -> None:
+        """Log the steps in ``pending`` (their losses and grad norms still on the device) with one device
+        sync and one gather for all of them.
+
+        Per step, a ``.tolist()`` of the loss and a ``float`` of the grad norm would each wait for the device:
+        on a GPU a small model's step is mostly such waits, so they are paid once a ``log_every`` window (and
+        at checkpoints, stops and the end) instead; every step still gets its own row."""
+        if not pending:
+            return
+        terms = self.acc.reduce(torch.stack([p["terms"] for p in pending]), "mean").tolist()  # (n, 3)
+        norms = [p["norm"] for p in pending]
+        norms = torch.stack(norms).tolist() if all(n is not None for n in norms) else norms  # None: no clipping
+        indices = gather_object([[p["seen"] for p in pending]])  # every process's sample indices, per step
+        for k, (p, (loss, mse, vb), norm) in enumerate(zip(pending, terms, norms)):
+            self.monitor.log(p["step"], {"loss": loss, "mse": mse, "vb": vb, "lr": p["lr"], "grad_norm": norm,
+                                         "epoch": p["epoch"], "indices": [rank[k] for rank in indices]},
+                             write_status_file=k == len(pending) - 1)
+        pending.clear()
+
     def run(self) -> dict[str, Any]:
-        cfg, acc, st = self.cfg, self.acc, self.state
+        cfg, st = self.cfg, self.state
         it = self.batches()
         self.monitor.start(st.step)
         stopped = False
+        pending: list[dict[str, Any]] = []  # steps not yet logged (see flush)
         while st.step < cfg.steps and not stopped:
             self.model.train()
             terms, seen = [], []
             for micro in range(cfg.grad_accum):
                 batch = next(it)
-                seen.append(batch["index"].tolist())
+                seen.append(batch["index"].tolist())  # the loader's CPU tensor: no device wait
                 terms.append(self.micro_step(batch, sync=micro == cfg.grad_accum - 1))
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             norm = self.optimizer_step()
             st.step += 1
-            loss, mse, vb = acc.reduce(torch.stack(terms).mean(0), "mean").tolist()
-            indices = gather_object([seen])  # every process's sample indices of this step
-            flag = torch.tensor([float(self.monitor.stop_requested())], device=acc.device)
-            stopped = bool(acc.reduce(flag, "sum").item())
-            self.monitor.log(st.step, {"loss": loss, "mse": mse, "vb": vb, "lr": lr,
-                                       "grad_norm": norm, "epoch": st.epoch, "indices": indices},
-                             write_status_file=st.step % cfg.log_every == 0 or st.step == cfg.steps)
-            if stopped or st.step % cfg.save_every == 0 or st.step == cfg.steps:
-                save_checkpoint(acc, cfg.run_dir, st.step, self.dit, cfg.keep_last)
-            if cfg.sample_every and (st.step % cfg.sample_every == 0 or st.step == cfg.steps):
+            pending.append({"step": st.step, "terms": torch.stack(terms).mean(0), "norm": norm, "lr": lr,
+                            "epoch": st.epoch, "seen": seen})
+            save = st.step % cfg.save_every == 0 or st.step == cfg.steps
+            sample = bool(cfg.sample_every) and (st.step % cfg.sample_every == 0 or st.step == cfg.steps)
+            window = st.step % cfg.log_every == 0
+            if self.acc.num_processes == 1 or window or save or sample:
+                stopped = self.stop_vote()
+            if stopped or window or save or sample:
+                self.flush(pending)
+            if stopped or save:
+                save_checkpoint(self.acc, cfg.run_dir, st.step, self.dit, cfg.keep_last)
+            if sample:
                 self.validate(st.step)
         exports = {}
         if not stopped:
             extra = {"stage": cfg.stage.name, "step": st.step, "ema": self.ema is not None, "train": cfg.to_dict()}
-            exports = export_final(acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
+            exports = export_final(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
         state = "stopped" if stopped else "finished"
         self.monitor.close(state, step=st.step, data=self.stats(), exports=exports)
         return {"state": state, "step": st.step, "run_dir": str(cfg.run_dir), "exports": exports}

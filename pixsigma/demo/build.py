@@ -201,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"), "--parts",
               ",".join(missing), "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)],
              work / "logs" / "parts.log", args.threads)
+    from pixsigma.demo.build_parts import needs_refinement
+    from pixsigma.demo.vae import VAE_SPECS
+
+    for name, spec in VAE_SPECS.items():  # parts built before a spec gained its decoder phase get just that
+        if needs_refinement(work / "parts" / f"vae_{name}", spec):
+            _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--refine-decoder",
+                  str(work / "parts" / f"vae_{name}"), "--spec", name, "--seed", str(args.seed)],
+                 work / "logs" / "parts.log", args.threads)
     timings["parts"] = time.perf_counter() - t0
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)
