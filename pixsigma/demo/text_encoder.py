@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from pixsigma.demo.fit import fit
 from pixsigma.demo.world import (
     PALETTE,
     SHAPES,
@@ -186,33 +187,24 @@ def train_text_encoder(tokenizer: PreTrainedTokenizerFast, steps: int = 1500, se
     model = T5EncoderModel(text_encoder_config(len(tokenizer.get_vocab())))
     probe = SlotProbe(model.config.d_model)
     params = list(model.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    t0, done = time.perf_counter(), 0
-    model.train()
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         texts, tgt = _caption_batch(rng, batch_size, long=step % 2 == 0)  # one style per batch: little padding
         tok = tokenizer(texts, padding="longest", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
         feats = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, L, 128)
         out = probe(feats, tok.attention_mask)
-        loss = sum(loss_fn(out[k].flatten(0, 1), tgt[k].flatten()) for k in out
+        return sum(loss_fn(out[k].flatten(0, 1), tgt[k].flatten()) for k in out
                    if (tgt[k] != IGNORE).any())  # short captions say no size or cell
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        done = step + 1
-        if log is not None and (step % 100 == 0 or done == steps):
-            log(f"t5 step {done}/{steps} loss {loss.item():.4f}")
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            if log is not None:
-                log(f"t5: time budget reached after {done} steps (the result is no longer seed-deterministic)")
-            break
+
+    t0 = time.perf_counter()
+    model.train()
+    done, last = fit(step_loss, torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+                     lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps), steps, "t5", max_seconds, log,
+                     clip=1.0)
     model.eval().requires_grad_(False)
     acc = _probe_accuracy(tokenizer, model, probe, np.random.default_rng([8, seed]))
-    metrics = {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss.item(), 4),
+    metrics = {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "final_loss": round(last, 4),
                "probe_accuracy": acc, "params": sum(p.numel() for p in model.parameters())}
     return TrainResult(model, metrics)
 

@@ -12,7 +12,6 @@ shipped demo small.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pixsigma.demo.fit import fit, warmup_cosine
 from pixsigma.demo.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
 HELDOUT_SEED = 0  # scenes from the world's "heldout" domain: never seen by any training
@@ -126,30 +126,6 @@ def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED)
     return to_tensor([render(sample_scene(scene_rng("heldout", seed, i)), size, size) for i in range(n)])
 
 
-def _fit(params: list[torch.nn.Parameter], step_loss: Callable[[int], torch.Tensor], steps: int, lr: float,
-         what: str, max_seconds: float | None, log: Callable[[str], None] | None) -> int:
-    """Adam with a 50-step warm-up and cosine decay over ``steps`` of ``step_loss(step)``; returns steps done
-    (fewer when the time budget ``max_seconds`` ran out)."""
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    t0, done = time.perf_counter(), 0
-    for step in range(steps):
-        loss = step_loss(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        done = step + 1
-        if log is not None and (step % 100 == 0 or done == steps):
-            log(f"{what} step {done}/{steps} loss {loss.item():.4f}")
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            if log is not None:
-                log(f"{what}: time budget reached after {done} steps (the result is no longer seed-deterministic)")
-            break
-    return done
-
-
 def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
     err = (rec - x) * _pixel_weights(x, object_weight).sqrt()
     return err.abs().mean() + (err ** 2).mean()
@@ -187,8 +163,8 @@ def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
 
     vae.train()
     t0 = time.perf_counter()
-    done = _fit(list(vae.parameters()), step_loss, spec.steps, spec.lr, f"vae {spec.block_out_channels}",
-                max_seconds, log)
+    done, _ = fit(step_loss, torch.optim.Adam(vae.parameters(), lr=spec.lr), warmup_cosine(spec.steps), spec.steps,
+                  f"vae {spec.block_out_channels}", max_seconds, log)
     vae.eval().requires_grad_(False)
     info = {"steps": done, "train_seconds": round(time.perf_counter() - t0, 1)}
     if spec.decoder_steps > 0:
@@ -223,7 +199,8 @@ def refine_decoder(vae: AutoencoderKL, spec: VAESpec, seed: int = 0, max_seconds
 
     vae.decoder.train()
     t0 = time.perf_counter()
-    done = _fit(decoder, step_loss, spec.decoder_steps, spec.decoder_lr, "vae decoder", max_seconds, log)
+    done, _ = fit(step_loss, torch.optim.Adam(decoder, lr=spec.decoder_lr), warmup_cosine(spec.decoder_steps),
+                  spec.decoder_steps, "vae decoder", max_seconds, log)
     vae.eval().requires_grad_(False)
     return {"decoder_steps": done, "decoder_seconds": round(time.perf_counter() - t0, 1)}
 
