@@ -52,6 +52,11 @@ def test_calibration_real_scenes_near_perfect_noise_and_blank_near_zero():
         return [Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)) for _ in prompts]
 
     bad = evaluate(noise, n=24)
+    # per number of asked objects: the bench holds 1-4 object scenes, each bucket the mean of its prompts
+    assert set(real["attribute_by_objects"]) == {"1", "2", "3", "4"}
+    rows = bad["per_prompt"]
+    for k, v in bad["attribute_by_objects"].items():
+        assert v == pytest.approx(np.mean([r["attribute"] for r in rows if r["objects"] == int(k)]))
     blank = evaluate(lambda prompts, seed: [Image.new("RGB", (128, 128), "white") for _ in prompts], n=24)
     assert bad["attribute"] <= 0.3 and blank["attribute"] <= 0.3
     assert bad["fsd"] > 10 * max(real["fsd"], oracle["fsd"], 0.01)

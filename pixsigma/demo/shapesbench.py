@@ -301,7 +301,7 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
     """Run ``generate_fn`` on the first ``n`` bench prompts (batch ``b`` gets seed ``seed + b``) and score.
 
     Returns the mean of each metric over prompts (``METRICS``, fractions in [0, 1]), ``attribute``
-    per caption style, ``fsd`` against the bench scenes rendered at ``width``×``height``, and
+    per caption style and per number of asked objects (``attribute_by_objects``), ``fsd`` against the bench scenes rendered at ``width``×``height``, and
     ``per_prompt`` rows.
     """
     items = bench_items(n)
@@ -314,7 +314,9 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
             raise ValueError(f"generate_fn returned {len(images)} images for {len(batch)} prompts")
         for it, img in zip(batch, images):
             dets = detect(img)
-            rows.append({"prompt": it.prompt, "style": it.style, **score(dets, parse_prompt(it.prompt))})
+            parsed = parse_prompt(it.prompt)
+            rows.append({"prompt": it.prompt, "style": it.style, "objects": len(parsed.objects),
+                         **score(dets, parsed)})
             gen_feats.append(features(img, dets))
             real_feats.append(features(render(it.scene, width, height)))
         if progress is not None:
@@ -326,6 +328,9 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
     for style in ("long", "short"):
         vals = [r["attribute"] for r in rows if r["style"] == style]
         out[f"attribute_{style}"] = float(np.mean(vals)) if vals else None
+    counts = sorted({r["objects"] for r in rows})  # where a model breaks down as scenes get fuller
+    out["attribute_by_objects"] = {str(k): float(np.mean([r["attribute"] for r in rows if r["objects"] == k]))
+                                   for k in counts}
     out["fsd"] = frechet_distance(np.array(gen_feats), np.array(real_feats)) if n > 1 else None
     out["seconds"] = time.perf_counter() - t0
     out["per_prompt"] = rows
