@@ -50,8 +50,12 @@ def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits
         ("alpha", 1000, 128, None), ("sigma_vae", 100, 32, 3200), ("sigma_resup", 100, 16, 1600),
         ("sigma_kv", 100, 16, 1600)]
     assert [st.batch_size for st in stage_plan(1000)] == [32, 32, 16, 16]
+    gpu = stage_plan(1000, alpha_batch_scale=4, sigma_batch_scale=4)
+    assert [(st.batch_size, st.images) for st in gpu] == [(128, None), (128, 12800), (64, 6400), (64, 6400)]
     with pytest.raises(ValueError, match="alpha_batch_scale must be an integer >= 1, got 0"):
         stage_plan(1000, alpha_batch_scale=0)
+    with pytest.raises(ValueError, match="sigma_batch_scale must be an integer >= 1, got 0"):
+        stage_plan(1000, sigma_batch_scale=0)
 
 
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):

@@ -57,19 +57,22 @@ class StageRun:
     images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
 
 
-def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale: int = 1) -> list[StageRun]:
+def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale: int = 1,
+               sigma_batch_scale: int = 1) -> list[StageRun]:
     """α, then the three Σ stages of ``sigma_fraction`` of α's steps each. ``alpha_batch_scale`` multiplies α's
-    batch (a GPU runs 4× the CPU batch of this small model in about the same step time); the Σ stages keep
-    their configs' batches (32 at 128 px, 16 at 256 px) so that they stay short on a CPU."""
-    if alpha_batch_scale < 1:
-        raise ValueError(f"alpha_batch_scale must be an integer >= 1, got {alpha_batch_scale}")
+    batch and ``sigma_batch_scale`` the Σ stages' (a GPU runs 4× the CPU batch of this small model in about the
+    same step time); at 1 the Σ stages keep their configs' batches (32 at 128 px, 16 at 256 px), CPU-sized."""
+    for name, k in (("alpha_batch_scale", alpha_batch_scale), ("sigma_batch_scale", sigma_batch_scale)):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {k}")
     s = max(10, int(alpha_steps * sigma_fraction))
+    b128, b256 = 32 * sigma_batch_scale, 16 * sigma_batch_scale
     # A Σ stage's cache holds only the images it can visit: more would only cost time (256 px VAE encoding
     # dominates the build otherwise).
     return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128, 32 * alpha_batch_scale),
-            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, 32, s * 32),
-            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, 16, s * 16),
-            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, 16, s * 16)]
+            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, b128, s * b128),
+            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, b256, s * b256),
+            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, b256, s * b256)]
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t5-steps", type=int, default=T5_STEPS, help="steps of the frozen text encoder's training")
     ap.add_argument("--alpha-batch-scale", type=int, default=1,
                     help="multiplies α's batch of 32 (on a GPU, 4 costs about the same time per step)")
+    ap.add_argument("--sigma-batch-scale", type=int, default=1,
+                    help="multiplies the Σ stages' batches (32 at 128 px, 16 at 256 px) and their caches")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)
     timings["data"] = time.perf_counter() - t0 - sum(timings.values())
-    plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale)
+    plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
+                      sigma_batch_scale=args.sigma_batch_scale)
     precision = default_precision() if args.precision == "auto" else args.precision
     prev = None
     for st in plan:

@@ -301,8 +301,8 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
     """Run ``generate_fn`` on the first ``n`` bench prompts (batch ``b`` gets seed ``seed + b``) and score.
 
     Returns the mean of each metric over prompts (``METRICS``, fractions in [0, 1]), ``attribute``
-    per caption style and per number of asked objects (``attribute_by_objects``), ``fsd`` against the bench scenes rendered at ``width``×``height``, and
-    ``per_prompt`` rows.
+    per caption style and per number of asked objects (``attribute_by_objects``), ``fsd`` against the
+    bench scenes rendered at ``width``×``height``, and ``per_prompt`` rows.
     """
     items = bench_items(n)
     t0 = time.perf_counter()
