@@ -190,6 +190,7 @@ def test_refine_built_decoder_swaps_the_folder_and_refuses_a_second_pass(tmp_pat
     m = refine_built_decoder(folder, spec, heldout=2, log=lambda s: None)
     assert m["decoder_steps"] == 3 and m["psnr_db_phase1"] == 10.0 and m["spec"]["decoder_noise"] == 0.3
     assert json.loads((folder / "metrics.json").read_text())["decoder_steps"] == 3
+    assert "_name_or_path" not in json.loads((folder / "config.json").read_text())  # no path of this machine
     enc_after = load_file(folder / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(enc_after[k], v) for k, v in enc_before.items() if k.startswith("encoder."))
     assert not needs_refinement(folder, spec)
