@@ -239,6 +239,9 @@ def save_vae(vae: AutoencoderKL, folder: str | Path, metrics: dict) -> None:
     """fp16 weights + config + ``metrics.json`` into ``folder`` (the caller makes the folder swap atomic)."""
     folder = Path(folder)
     vae.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    if config.pop("_name_or_path", None) is not None:  # a VAE loaded from a folder would record where it was
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = folder / "diffusion_pytorch_model.safetensors"
     half = {k: v.to(torch.float16) for k, v in load_file(weights).items()}  # halves the shipped size
     save_file(half, folder / ".weights.tmp", metadata={"format": "pt"})
