@@ -155,9 +155,9 @@ def test_decoder_refinement_keeps_the_encoder_and_learns_to_decode_noisy_latents
     from pixsigma.demo.vae import heldout_images, refine_decoder, train_vae
 
     spec = _tiny_refine_spec(decoder_steps=80, decoder_noise=0.5)
-    vae, info = train_vae(replace(spec, decoder_steps=0), seed=0)
-    assert "decoder_steps" not in info
     x = heldout_images(4, size=64)
+    vae, info = train_vae(replace(spec, decoder_steps=0), seed=0, heldout=x)
+    assert "decoder_steps" not in info and "psnr_db_phase1" not in info
     enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
     dec = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder.")}
     before = _noisy_decode_error(vae, x, 0.3)
@@ -171,6 +171,10 @@ def test_decoder_refinement_keeps_the_encoder_and_learns_to_decode_noisy_latents
     assert not any(p.requires_grad for p in vae.parameters())
     with pytest.raises(ValueError, match="decoder_steps >= 1"):
         refine_decoder(vae, replace(spec, decoder_steps=0))
+    # both phases in one call, as build_parts runs them, is the same VAE as phase 1 then refine_decoder
+    both, info = train_vae(spec, seed=0, heldout=x)
+    assert info["decoder_steps"] == 80 and info["psnr_db_phase1"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(both.state_dict().values(), vae.state_dict().values()))
     with pytest.raises(ValueError, match="decoder_steps and decoder_noise must be >= 0"):
         replace(spec, decoder_noise=-0.1)
 

@@ -91,7 +91,7 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
                 if decoder_steps and name in decoder_steps:
                     spec = replace(spec, decoder_steps=decoder_steps[name])
                 vae, info = train_vae(spec, seed=seed, max_seconds=budget, log=log,
-                                      align_to=_align_reference(spec, out))
+                                      align_to=_align_reference(spec, out), heldout=images)
                 metrics = finish_vae(vae, name, spec, info, images)
                 save_vae(vae, tmp, metrics)
             swap_in_folder(tmp, out / part)

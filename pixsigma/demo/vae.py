@@ -135,10 +135,12 @@ def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: floa
 
 def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
               log: Callable[[str], None] | None = None,
-              align_to: AutoencoderKL | None = None) -> tuple[AutoencoderKL, dict]:
+              align_to: AutoencoderKL | None = None,
+              heldout: torch.Tensor | None = None) -> tuple[AutoencoderKL, dict]:
     """Train one VAE on world scenes (object-weighted L1 + MSE, a small KL, and with ``spec.align_weight``
     the latent-mean MSE to the frozen ``align_to``), then refine its decoder (``refine_decoder``, phase 2)
-    when ``spec.decoder_steps`` > 0; deterministic for a seed unless the time budget ``max_seconds`` (per
+    when ``spec.decoder_steps`` > 0, recording the PSNR on ``heldout`` images between the phases
+    (``psnr_db_phase1``) when given; deterministic for a seed unless the time budget ``max_seconds`` (per
     phase) stops it early."""
     if spec.align_weight > 0 and align_to is None:
         raise ValueError(f"align_weight {spec.align_weight} needs align_to: the VAE whose latents to stay near")
@@ -170,6 +172,8 @@ def train_vae(spec: VAESpec, seed: int = 0, max_seconds: float | None = None,
     vae.eval().requires_grad_(False)
     info = {"steps": done, "train_seconds": round(time.perf_counter() - t0, 1)}
     if spec.decoder_steps > 0:
+        if heldout is not None:
+            info["psnr_db_phase1"] = round(reconstruction_psnr(vae, heldout), 3)
         info.update(refine_decoder(vae, spec, seed=seed, max_seconds=max_seconds, log=log))
     return vae, info
 
