@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,22 @@ def swap_in_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+@contextmanager
+def new_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside ``final`` to fill; swapped in whole for ``final`` when the block ends, removed
+    (``final`` untouched) when it raises."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the finished folder is an ordinary shared one
+    try:
+        yield tmp
+        swap_in_folder(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:

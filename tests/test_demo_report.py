@@ -116,3 +116,21 @@ def test_table_only_rescores_the_table_and_keeps_the_builds_curves(tmp_path, mon
         "PixArt-Σ (256 px, KV R=2)"]
     assert "| PixArt-Σ (256 px, KV R=2) | 50.0 |" in (tmp_path / "shapesbench.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes leave no temp files
+
+
+def test_new_folder_swaps_in_whole_or_leaves_the_old_one(tmp_path):
+    from pixsigma.io import new_folder
+
+    final = tmp_path / "vae"
+    final.mkdir()
+    (final / "old.safetensors").write_text("old")
+    with pytest.raises(RuntimeError, match="half-written"):
+        with new_folder(final) as tmp:
+            (tmp / "new.safetensors").write_text("half")
+            raise RuntimeError("half-written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # the failed temp folder is gone
+    assert sorted(p.name for p in final.iterdir()) == ["old.safetensors"]  # the old folder untouched
+    with new_folder(final) as tmp:
+        (tmp / "new.safetensors").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.safetensors"] and final.stat().st_mode & 0o755 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]

@@ -105,17 +105,14 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
     from diffusers import DPMSolverMultistepScheduler
 
     from pixsigma.config import PRESETS
-    from pixsigma.io import swap_in_folder
+    from pixsigma.io import new_folder
     from pixsigma.sampling import PIXART_BETAS
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
         folder = out / name
         for sub, src in (("tokenizer", "tokenizer"), ("text_encoder", "text_encoder"), ("vae", vae)):
-            tmp = folder / f".{sub}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            shutil.copytree(parts / src, tmp)
-            swap_in_folder(tmp, folder / sub)
+            with new_folder(folder / sub) as tmp:
+                shutil.copytree(parts / src, tmp, dirs_exist_ok=True)
         # Always rewritten: it must say the demo DiT's prediction type (the α folder's DiT is in diffusers
         # layout, which has no field for it).
         DPMSolverMultistepScheduler(**{**PIXART_BETAS, "prediction_type": PRESETS["demo"].prediction_type},

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -35,7 +33,7 @@ from pixsigma.demo.vae import (
     save_vae,
     train_vae,
 )
-from pixsigma.io import swap_in_folder
+from pixsigma.io import new_folder
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
 T5_STEPS = 900
@@ -72,9 +70,7 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
     images = heldout_images(heldout) if any(p.startswith("vae_") for p in parts) else None
     for part in parts:
         t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{part}.", dir=out))
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the finished part is an ordinary shared folder
-        try:
+        with new_folder(out / part) as tmp:
             if part == "tokenizer":
                 tokenizer.save_pretrained(tmp)
                 metrics = {"vocab_size": len(tokenizer.get_vocab())}
@@ -94,10 +90,6 @@ def build_parts(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, 
                                       align_to=_align_reference(spec, out), heldout=images)
                 metrics = finish_vae(vae, name, spec, info, images)
                 save_vae(vae, tmp, metrics)
-            swap_in_folder(tmp, out / part)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
         results[part] = metrics
         log(f"{part}: done in {metrics['wall_seconds']} s {json.dumps(metrics, ensure_ascii=False)}")
@@ -133,14 +125,8 @@ def refine_built_decoder(folder: str | Path, spec: VAESpec, seed: int = 0, heldo
     before = metrics.get("psnr_db")
     metrics.update(refine_decoder(vae, spec, seed=seed, log=log))
     metrics.update(psnr_db_phase1=before, psnr_db=round(reconstruction_psnr(vae, images), 3), spec=asdict(spec))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)
-    try:
+    with new_folder(folder) as tmp:
         save_vae(vae, tmp, metrics)
-        swap_in_folder(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return metrics
 
 
