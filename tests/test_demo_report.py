@@ -58,6 +58,25 @@ def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits
         stage_plan(1000, sigma_batch_scale=0)
 
 
+def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache():
+    import yaml
+
+    from pixsigma.demo.build import CONFIGS, stage_plan
+
+    plan = stage_plan(1000, sigma_batch_scale=2, polish_steps=700, polish_images=900)
+    assert len(plan) == 5 and plan[:4] == stage_plan(1000, sigma_batch_scale=2)
+    polish = plan[-1]
+    assert (polish.name, polish.steps, polish.batch_size, polish.images, polish.resolution, polish.pipeline) == (
+        "sigma_polish", 700, 32, 900, 256, "sigma")
+    assert polish.cache not in {st.cache for st in plan[:4]}  # the stages' caches hold fewer images
+    cfg = yaml.safe_load((CONFIGS / polish.config).read_text())
+    assert cfg["stage"]["name"] == "finetune" and cfg["stage"]["load_from"].endswith("shapes_sigma_kv")
+    with pytest.raises(ValueError, match="polish_steps must be an integer >= 0"):
+        stage_plan(1000, polish_steps=-1)
+    with pytest.raises(ValueError, match="polish_images must be an integer >= 1, got 0"):
+        stage_plan(1000, polish_steps=10, polish_images=0)
+
+
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
     from pixsigma.demo.build import assemble_pipelines
 

@@ -7,6 +7,7 @@
 3. PixArt-α: from scratch at 128 px, VAE-α, short captions;
 4. PixArt-Σ from α: ``vae_adapt`` (VAE-Σ) -> ``res_up`` (256 px, PE interpolation) -> ``kv_compress``
    (R = 2, conv avg init, layers 4-7), on the 60/40 long/short caption mix, each stage 10% of α's steps;
+   optionally (``--polish-steps N``) the finished Σ trained N more steps at 256 px (``finetune``);
 5. ShapesBench over checkpoints (the curves) and, in full, over α, Σ and Σ without KV (the table).
 
 Every stage runs the one shared training loop (``python -m train``) with a config from ``configs/``;
@@ -32,6 +33,7 @@ CONFIGS = REPO / "configs"
 # Defaults shared with ``pixsigma.demo.report`` (which re-scores a build): its scratch folder, α's steps, the
 # table's prompt count.
 WORK, ALPHA_STEPS, BENCH_N = "runs/demo_build", 3000, 200
+POLISH_IMAGES = 6400  # world images the optional Σ polish run revisits (each costs ~0.1 s to encode on a CPU)
 # (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
 TRAIN_SIZES = ((256, 256), (256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 368), (368, 176),
                (128, 512), (512, 128))
@@ -58,21 +60,31 @@ class StageRun:
 
 
 def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale: int = 1,
-               sigma_batch_scale: int = 1) -> list[StageRun]:
+               sigma_batch_scale: int = 1, polish_steps: int = 0,
+               polish_images: int = POLISH_IMAGES) -> list[StageRun]:
     """α, then the three Σ stages of ``sigma_fraction`` of α's steps each. ``alpha_batch_scale`` multiplies α's
     batch and ``sigma_batch_scale`` the Σ stages' (a GPU runs 4× the CPU batch of this small model in about the
-    same step time); at 1 the Σ stages keep their configs' batches (32 at 128 px, 16 at 256 px), CPU-sized."""
-    for name, k in (("alpha_batch_scale", alpha_batch_scale), ("sigma_batch_scale", sigma_batch_scale)):
+    same step time); at 1 the Σ stages keep their configs' batches (32 at 128 px, 16 at 256 px), CPU-sized.
+    ``polish_steps`` > 0 appends a ``finetune`` run of the finished Σ at 256 px (the same model trained longer,
+    on ``polish_images`` images it revisits: its own cache, since the stages' caches hold only what they visit)."""
+    for name, k in (("alpha_batch_scale", alpha_batch_scale), ("sigma_batch_scale", sigma_batch_scale),
+                    ("polish_images", polish_images)):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {k}")
+    if not isinstance(polish_steps, int) or polish_steps < 0:
+        raise ValueError(f"polish_steps must be an integer >= 0 (0: no polish run), got {polish_steps}")
     s = max(10, int(alpha_steps * sigma_fraction))
     b128, b256 = 32 * sigma_batch_scale, 16 * sigma_batch_scale
     # A Σ stage's cache holds only the images it can visit: more would only cost time (256 px VAE encoding
     # dominates the build otherwise).
-    return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128, 32 * alpha_batch_scale),
+    plan = [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha_steps, "alpha", 128, 32 * alpha_batch_scale),
             StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", s, "sigma", 128, b128, s * b128),
             StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", s, "sigma", 256, b256, s * b256),
             StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, b256, s * b256)]
+    if polish_steps:
+        plan.append(StageRun("sigma_polish", "shapes_sigma_polish.yaml", "sigma_256_polish", polish_steps, "sigma",
+                             256, b256, polish_images))
+    return plan
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -186,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="multiplies α's batch of 32 (on a GPU, 4 costs about the same time per step)")
     ap.add_argument("--sigma-batch-scale", type=int, default=1,
                     help="multiplies the Σ stages' batches (32 at 128 px, 16 at 256 px) and their caches")
+    ap.add_argument("--polish-steps", type=int, default=0,
+                    help="after the three Σ stages, train the finished Σ this many more steps at 256 px (0: none)")
+    ap.add_argument("--polish-images", type=int, default=POLISH_IMAGES, help="world images the polish run revisits")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -216,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(work, args.images, args.seed)
     timings["data"] = time.perf_counter() - t0 - sum(timings.values())
     plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
-                      sigma_batch_scale=args.sigma_batch_scale)
+                      sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
+                      polish_images=args.polish_images)
     precision = default_precision() if args.precision == "auto" else args.precision
     prev = None
     for st in plan:
