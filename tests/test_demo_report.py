@@ -118,7 +118,7 @@ def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
 def test_table_only_rescores_the_table_and_keeps_the_builds_curves(tmp_path, monkeypatch):
     from pixsigma.demo import report
 
-    with pytest.raises(ValueError, match="re-scores an existing report"):
+    with pytest.raises(ValueError, match="--table-only works on an existing report"):
         report.rescore_table(tmp_path, 4, "cmd")
     old = {"table": {"PixArt-α (128 px)": {"attribute": 0.1}}, "curves": {"alpha": {"bench": [[10, 0.1]]}},
            "plateau_steps": {"alpha": 10}, "command": "python -m pixsigma.demo.build"}
@@ -153,3 +153,51 @@ def test_new_folder_swaps_in_whole_or_leaves_the_old_one(tmp_path):
         (tmp / "new.safetensors").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new.safetensors"] and final.stat().st_mode & 0o755 == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+
+
+def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, monkeypatch):
+    """``--extend``: more training of the last stage's model becomes one more stage on the curves' step axis."""
+    from types import SimpleNamespace
+
+    import train.checkpoint as ckpt
+    from pixsigma.demo import report
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    with pytest.raises(ValueError, match="works on an existing report"):
+        report.extend_curves(out, "polish", [tmp_path / "r1"], "cmd")
+    old = {"table": {}, "alpha_steps": 1000, "command": "python -m pixsigma.demo.build",
+           "curves": {"alpha": {"start": 0, "steps": 1000, "loss": [[1, 0.5]], "bench": [[1000, 0.2]]},
+                      "sigma_kv": {"start": 1000, "steps": 100, "loss": [[1001, 0.3]],
+                                   "bench": [[1000, 0.3], [1100, 0.4]]}},
+           "plateau_steps": {"alpha": 0, "sigma_kv": 100}}
+    (out / "shapesbench.json").write_text(json.dumps(old))
+    runs = []
+    for name, steps in (("r1", 60), ("r2", 200)):
+        run = tmp_path / name
+        for s in (steps // 2, steps):
+            (run / "checkpoints" / f"step_{s:08d}").mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"stage": "finetune", "state": "finished", "total_steps": steps}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, steps)))
+        runs.append(run)
+    monkeypatch.setattr(ckpt, "checkpoint_model",
+                        lambda p: SimpleNamespace(config=SimpleNamespace(resolution=256), step=int(p.name[5:])))
+    monkeypatch.setattr(report, "_pipe", lambda folder: object())
+    monkeypatch.setattr(report, "_curve_point", lambda pipe, net, res: net.step / 1000 if res == 256 else None)
+    report.extend_curves(out, "polish", runs, "python -m pixsigma.demo.report --extend polish r1 r2")
+    saved = json.loads((out / "shapesbench.json").read_text())
+    c = saved["curves"]["polish"]
+    assert list(saved["curves"]) == ["alpha", "sigma_kv", "polish"] and (c["start"], c["steps"]) == (1100, 260)
+    # step 0 is the last stage's last point; then each run's checkpoints, offset by the runs before it
+    assert c["bench"] == [[1100, 0.4], [1130, 0.03], [1160, 0.06], [1260, 0.1], [1360, 0.2]]
+    assert [s for s, _ in c["loss"]] == [1101, 1160, 1161, 1360]
+    assert saved["plateau_steps"] == {"alpha": 1000, "sigma_kv": 100, "polish": 0}  # recomputed for all
+    assert saved["plateau_fraction_of_alpha"] == {"sigma_kv": 0.1, "polish": 0.0}
+    assert saved["curves"]["sigma_kv"] == old["curves"]["sigma_kv"] and saved["extend_command"].endswith("r1 r2")
+    assert (out / "curves_shapesbench.png").is_file() and (out / "curves_loss.png").is_file()
+    with pytest.raises(ValueError, match="already has a stage 'polish'"):
+        report.extend_curves(out, "polish", runs, "cmd")
+    (runs[0] / "status.json").write_text(json.dumps({"stage": "res_up", "state": "finished", "total_steps": 60}))
+    with pytest.raises(ValueError, match="is not a finished finetune run \\(stage 'res_up'"):
+        report.extend_curves(out, "more", runs, "cmd")
+    assert json.loads((out / "shapesbench.json").read_text()) == saved  # a refused extension writes nothing

@@ -61,19 +61,64 @@ def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
         models = [(int(ck.name.split("_")[-1]), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
         if prev is not None and models:  # step 0: the previous stage's export in this stage's setting
             models.insert(0, (0, _stage_start(work / "runs" / prev.name / "final", models[0][1].config)))
-        scores = []
-        for step, net in models:
-            if st.pipeline not in pipes:
-                pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / "final")
-            pipe = pipes[st.pipeline]
-            pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
-            r = shapesbench.evaluate(generate_fn(pipe, st.resolution, CURVE_STEPS), n=CURVE_N, width=st.resolution,
-                                     height=st.resolution, batch_size=CURVE_N // 2)
-            scores.append((offset + step, r["attribute"]))
+        if models and st.pipeline not in pipes:
+            pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / "final")
+        scores = [(offset + step, _curve_point(pipes[st.pipeline], net, st.resolution)) for step, net in models]
         prev = st
         curves[st.name] = {"start": offset, "steps": st.steps, "loss": _losses(run_dir, offset), "bench": scores}
         offset += st.steps
     return curves
+
+
+def _curve_point(pipe, net: PixArtDiT, resolution: int) -> float:
+    """One checkpoint's point on a curve: ShapesBench attribute accuracy on the first ``CURVE_N`` prompts."""
+    pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
+    r = shapesbench.evaluate(generate_fn(pipe, resolution, CURVE_STEPS), n=CURVE_N, width=resolution,
+                             height=resolution, batch_size=CURVE_N // 2)
+    return r["attribute"]
+
+
+def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline: str = "sigma") -> dict[str, Any]:
+    """Append to the report's curves a ``finetune`` continuation of its last stage: ``runs`` are the
+    consecutive runs it took (each loading the one before), each checkpoint scored as the build's stages are.
+    Its step 0 is the last stage's last point: a finetune changes no setting, so that is the same model scored
+    the same way. Plateaus and the PNGs are redone; the table is left as it was (``--table-only`` re-scores it)."""
+    from train.checkpoint import checkpoint_dirs, checkpoint_model
+
+    summary = _read_summary(out, "--extend")
+    curves = summary["curves"]
+    if name in curves:
+        raise ValueError(f"the report already has a stage {name!r} (stages: {', '.join(curves)}); pick a new name")
+    if not runs:
+        raise ValueError("--extend needs the run folders of the continuation, in order")
+    last = curves[list(curves)[-1]]
+    start = last["start"] + last["steps"]
+    entry: dict[str, Any] = {"start": start, "steps": 0, "loss": [], "bench": [], "runs": [str(r) for r in runs]}
+    if last["bench"]:
+        entry["bench"].append((start, last["bench"][-1][1]))
+    pipe = None
+    for run in runs:
+        status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+        if status.get("stage") != "finetune" or status.get("state") != "finished":
+            raise ValueError(f"{run} is not a finished finetune run (stage {status.get('stage')!r}, state "
+                             f"{status.get('state')!r}): only more training of the last stage's model extends it")
+        offset = start + entry["steps"]
+        pipe = pipe or _pipe(out / pipeline)
+        for ck in checkpoint_dirs(run):
+            net = checkpoint_model(ck)
+            step = int(ck.name.split("_")[-1])
+            entry["bench"].append((offset + step, _curve_point(pipe, net, net.config.resolution)))
+        entry["loss"] += _losses(run, offset)
+        entry["steps"] += int(status["total_steps"])
+    curves[name] = entry
+    plateaus = {k: plateau_step(c["bench"], c["start"]) for k, c in curves.items()}
+    first = list(curves)[0]
+    summary.update(plateau_steps=plateaus, extend_command=command,
+                   plateau_fraction_of_alpha={k: (v / summary["alpha_steps"] if v is not None else None)
+                                              for k, v in plateaus.items() if k != first})
+    plot_curves(curves, out)
+    _write_summary(out, summary, summary["table"])
+    return summary
 
 
 def _stage_start(prev_final: Path, config: DiTConfig) -> PixArtDiT:
@@ -177,15 +222,19 @@ def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, f
 def rescore_table(out: Path, n: int, command: str) -> dict[str, Any]:
     """Re-score only the final table of an existing report (the curves, plateaus and build times stay as the
     build measured them): for a change that leaves the DiTs' training untouched, such as a refined decoder."""
-    path = out / "shapesbench.json"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: --table-only re-scores an existing report; run the build (or "
-                         f"the report without --table-only) first")
-    summary = json.loads(path.read_text())
+    summary = _read_summary(out, "--table-only")
     table = final_table(out, n)
     summary.update(table=_summary_table(table), vae_psnr=_vae_psnr(out), table_command=command)
     _write_summary(out, summary, table)
     return summary
+
+
+def _read_summary(out: Path, flag: str) -> dict[str, Any]:
+    path = out / "shapesbench.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: {flag} works on an existing report; run the build (or the "
+                         f"report without {flag}) first")
+    return json.loads(path.read_text())
 
 
 def _vae_psnr(out: Path) -> dict[str, float]:
@@ -214,10 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench-n", type=int, default=BENCH_N)
     ap.add_argument("--table-only", action="store_true",
                     help="re-score only the final table of the existing shapesbench.json (no checkpoints needed)")
+    ap.add_argument("--extend", nargs="+", metavar="NAME RUN",
+                    help="append a finetune continuation of the last stage (NAME, then its run folders in order) "
+                         "to the existing report's curves; the table is kept")
     args = ap.parse_args(argv)
     command = "python -m pixsigma.demo.report " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out).resolve()
-    if args.table_only:
+    if args.extend:
+        if len(args.extend) < 2:
+            ap.error("--extend takes a stage name and at least one run folder")
+        s = extend_curves(out, args.extend[0], [Path(r) for r in args.extend[1:]], command)
+    elif args.table_only:
         s = rescore_table(out, args.bench_n, command)
     else:
         s = write_report(Path(args.work).resolve(), out, stage_plan(args.alpha_steps, polish_steps=args.polish_steps),
