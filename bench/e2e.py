@@ -147,7 +147,7 @@ def bench_guidance(p: Profile, device: torch.device, rec: Recorder, steps: int, 
             shape = (1, dit.config.in_channels, size // 8, size // 8)
 
             def loop(n=steps):
-                sched = make_scheduler("dpm-solver")
+                sched = make_scheduler("dpm-solver", prediction_type=dit.config.prediction_type)
                 latents, gen = initial_noise(shape, seed, device, p.dtype, sched.init_noise_sigma)
                 with torch.no_grad():
                     return denoise(lambda x, t: call(x, t, y, mask), sched, latents, n, 4.5, gen, None,

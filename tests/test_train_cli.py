@@ -34,17 +34,20 @@ def test_extract_then_train_from_the_command_line(tmp_path):
     assert "8 samples" in proc.stdout and (tmp_path / "cache" / "index.json").is_file()
 
     proc = _run(["-m", "train", str(cfg), "--set", "mixed_precision=bf16", "--set", "optim.name=adamw",
-                 "--set", "optim.betas=[0.9, 0.999]", "--set", "optim.eps=[1e-8]", "--set", "steps=3"], tmp_path)
+                 "--set", "optim.betas=[0.9, 0.999]", "--set", "optim.eps=[1e-8]", "--set", "steps=3",
+                 "--set", "snr_gamma=0.001"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[train] finished at step 3: runs/cli" in proc.stdout
     run = tmp_path / "runs" / "cli"
     assert read_status(run)["state"] == "finished"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    # Min-SNR-γ reached the objective: γ = 0.001 cuts the MSE of every sample but those at t ≥ 826 (SNR < γ)
+    assert all(r["loss"] < r["mse"] + r["vb"] - 1e-6 for r in rows)
     weights = load_file(run / "final" / "model.safetensors")
     assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}  # bf16 autocast, fp32 master weights
     saved = (run / "config.yaml").read_text()
-    assert "mixed_precision: bf16" in saved and "name: adamw" in saved  # the resolved config, re-runnable
+    assert "mixed_precision: bf16" in saved and "name: adamw" in saved and "snr_gamma: 0.001" in saved  # re-runnable
 
     proc = _run(["-m", "train", str(cfg), "--set", "optim.name=sgd"], tmp_path)
     assert proc.returncode != 0 and "optim.name must be one of ('came', 'adamw'), got 'sgd'" in proc.stderr

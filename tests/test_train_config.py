@@ -63,6 +63,8 @@ def test_python_config(tmp_path):
     ({"stage": "from_scratch", "data": {"long_caption_ratio": 1.5}}, r"data.long_caption_ratio must be .* \[0, 1\]"),
     ({"stage": "from_scratch", "data": {"max_images": 0}}, "data.max_images must be an integer >= 1, got 0"),
     ({"stage": "from_scratch", "sample_every": 5}, "sample_every > 0 needs sample_prompts"),
+    ({"stage": "from_scratch", "snr_gamma": 0}, r"snr_gamma must be > 0 \(Min-SNR-γ; paper: 5\) or null"),
+    ({"stage": "from_scratch", "snr_gamma": "high"}, "snr_gamma must be a number, got 'high'"),
     ({"stage": "from_scratch", "stepz": 5}, r"unknown config keys \['stepz'\]"),
     ({"stage": {"name": "res_up", "load_from": "x", "resolution": 1000}}, "multiple of 16"),
     ({"stage": {"name": "kv_compress", "load_from": "x", "kv": {"ratio": 2, "layers": "3-1"}}}, "bad layer range"),

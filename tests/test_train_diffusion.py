@@ -79,3 +79,28 @@ def test_caption_dropout_uses_the_null_caption():
     torch.manual_seed(0)
     drops = sum((drop_captions(y, mask, y_null, m_null, 0.1)[1].sum(1) == 1).sum().item() for _ in range(500))
     assert 0.07 < drops / 3000 < 0.13
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighs_each_samples_mse_and_leaves_the_vlb(prediction_type):
+    """Min-SNR-γ: the x₀-MSE weight becomes min(SNR, γ), i.e. min(SNR, γ)/SNR on ε and /(SNR + 1) on v."""
+    plain = GaussianDiffusion(prediction_type=prediction_type)
+    snr5 = GaussianDiffusion(prediction_type=prediction_type, snr_gamma=5.0)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 20, 300, 999])
+    xt = plain.q_sample(x0, t, noise)
+    out = torch.randn(4, 8, 8, 8)
+    a, b = plain.training_losses(out, x0, xt, t, noise), snr5.training_losses(out, x0, xt, t, noise)
+    ac = plain.tables["sqrt_ac"][t] ** 2
+    snr = ac / (1 - ac)  # float64: t = 0 has SNR 1e4, t = 999 about 4e-5
+    want = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr if prediction_type == "epsilon"
+                                                                         else snr + 1)
+    torch.testing.assert_close(snr5.mse_weight(t), want.float())
+    torch.testing.assert_close(b["mse"], a["mse"])  # reported unweighted
+    torch.testing.assert_close(b["vb"], a["vb"])
+    torch.testing.assert_close(b["loss"], want.float() * a["mse"] + a["vb"])
+    assert (plain.mse_weight(t) == 1).all() and torch.equal(a["loss"], a["mse"] + a["vb"])
+    if prediction_type == "epsilon":  # noisy samples (SNR < γ) keep weight 1, near-clean ones are cut
+        assert b["loss"][3] == a["loss"][3] and snr5.mse_weight(t)[0] < 1e-3
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        GaussianDiffusion(snr_gamma=0.0)

@@ -186,6 +186,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.1
+    snr_gamma: float | None = None  # Min-SNR-γ loss weighting (train/diffusion.py); None = PixArt's plain MSE
     seed: int = 0
     save_every: int = 500
     keep_last: int = 3
@@ -210,6 +211,8 @@ class TrainConfig:
         _positive_int("sample_every", self.sample_every, zero=True)
         _positive_int("seed", self.seed, zero=True)
         _fraction(self, "caption_dropout", "caption_dropout")
+        if self.snr_gamma is not None and not _float(self, "snr_gamma", "snr_gamma") > 0:
+            raise ValueError(f"snr_gamma must be > 0 (Min-SNR-γ; paper: 5) or null (off), got {self.snr_gamma!r}")
         object.__setattr__(self, "sample_prompts", tuple(str(p) for p in self.sample_prompts))
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every > 0 needs sample_prompts (a list of captions to render)")

@@ -9,6 +9,10 @@ As in improved-DDPM / DiT / PixArt (``LossType.MSE`` with ``learn_sigma``): ``lo
 the model whose mean comes from the *detached* ε and whose variance interpolates, per element, between
 the clipped posterior variance and β_t (``learned_range``). Detaching keeps the mean trained by the MSE
 alone, so checkpoints stay compatible with the released ones (their sampler reads both halves).
+
+``snr_gamma`` (off by default, as in PixArt) weighs each sample's MSE by Min-SNR-γ (Hang et al., 2023):
+min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v, i.e. the x₀-MSE weight min(SNR, γ) either way, so
+near-clean timesteps stop dominating the gradient. The VLB is left unweighted; ``mse`` is reported unweighted.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ class GaussianDiffusion:
     """Schedule tables in float64 (as improved-DDPM computes them), gathered per sample in float32."""
 
     def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END, prediction_type: str = "epsilon"):
+                 beta_end: float = BETA_END, prediction_type: str = "epsilon", snr_gamma: float | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.num_timesteps, self.prediction_type = num_timesteps, prediction_type
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0 (Min-SNR-γ; paper: 5) or None (off), got {snr_gamma!r}")
+        self.num_timesteps, self.prediction_type, self.snr_gamma = num_timesteps, prediction_type, snr_gamma
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
@@ -68,6 +74,7 @@ class GaussianDiffusion:
             # the posterior variance is 0 at t = 0: its log is clipped to the t = 1 value
             "post_logvar": torch.cat([post_var[1:2], post_var[1:]]).log(),
             "post_c1": betas * ac_prev.sqrt() / (1.0 - ac), "post_c2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+            "snr": ac / (1.0 - ac),
         }
 
     def _at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
@@ -91,6 +98,14 @@ class GaussianDiffusion:
         if self.prediction_type == "epsilon":
             return pred
         return self._at("sqrt_ac", t, xt) * pred + self._at("sqrt_1m_ac", t, xt) * xt
+
+    def mse_weight(self, t: Tensor) -> Tensor:
+        """(B,) Min-SNR-γ weight of each sample's MSE at timesteps ``t`` (ones when ``snr_gamma`` is off)."""
+        snr = self.tables["snr"].to(t.device)[t].float()  # (B,)
+        if self.snr_gamma is None:
+            return torch.ones_like(snr)
+        clipped = snr.clamp(max=self.snr_gamma)
+        return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
 
     def _posterior_mean(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         return self._at("post_c1", t, xt) * x0 + self._at("post_c2", t, xt) * xt
@@ -118,4 +133,4 @@ class GaussianDiffusion:
             vb = self.vb_terms(x0, xt, t, self.to_eps(pred.detach(), xt, t), out[:, c:])
         else:
             vb = torch.zeros_like(mse)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": self.mse_weight(t) * mse + vb, "mse": mse, "vb": vb}
