@@ -177,18 +177,21 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
         run = tmp_path / name
         for s in (steps // 2, steps):
             (run / "checkpoints" / f"step_{s:08d}").mkdir(parents=True)
-        (run / "status.json").write_text(json.dumps({"stage": "finetune", "state": "finished", "total_steps": steps}))
+        (run / "status.json").write_text(json.dumps({"stage": "finetune", "state": "finished", "total_steps": steps,
+                                                     "load_report": {"source": str(tmp_path / "start")}}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, steps)))
         runs.append(run)
-    monkeypatch.setattr(ckpt, "checkpoint_model",
-                        lambda p: SimpleNamespace(config=SimpleNamespace(resolution=256), step=int(p.name[5:])))
+    net = lambda step: SimpleNamespace(config=SimpleNamespace(resolution=256), step=step)  # noqa: E731
+    monkeypatch.setattr(ckpt, "checkpoint_model", lambda p: net(int(p.name[5:])))
+    monkeypatch.setattr("pixsigma.weights.load_dit", lambda p: net(400) if p == tmp_path / "start" else None)
     monkeypatch.setattr(report, "_pipe", lambda folder: object())
     monkeypatch.setattr(report, "_curve_point", lambda pipe, net, res: net.step / 1000 if res == 256 else None)
+    (tmp_path / "start").mkdir()  # what r1 loaded (scored 0.4 below)
     report.extend_curves(out, "polish", runs, "python -m pixsigma.demo.report --extend polish r1 r2")
     saved = json.loads((out / "shapesbench.json").read_text())
     c = saved["curves"]["polish"]
     assert list(saved["curves"]) == ["alpha", "sigma_kv", "polish"] and (c["start"], c["steps"]) == (1100, 260)
-    # step 0 is the last stage's last point; then each run's checkpoints, offset by the runs before it
+    # step 0 is the first run's start weights scored now; then each run's checkpoints, offset by the runs before
     assert c["bench"] == [[1100, 0.4], [1130, 0.03], [1160, 0.06], [1260, 0.1], [1360, 0.2]]
     assert [s for s, _ in c["loss"]] == [1101, 1160, 1161, 1360]
     assert saved["plateau_steps"] == {"alpha": 1000, "sigma_kv": 100, "polish": 0}  # recomputed for all
@@ -197,6 +200,9 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     assert (out / "curves_shapesbench.png").is_file() and (out / "curves_loss.png").is_file()
     with pytest.raises(ValueError, match="already has a stage 'polish'"):
         report.extend_curves(out, "polish", runs, "cmd")
+    (tmp_path / "start").rmdir()
+    with pytest.raises(ValueError, match="started from .* are gone"):
+        report.extend_curves(out, "more", runs, "cmd")
     (runs[0] / "status.json").write_text(json.dumps({"stage": "res_up", "state": "finished", "total_steps": 60}))
     with pytest.raises(ValueError, match="is not a finished finetune run \\(stage 'res_up'"):
         report.extend_curves(out, "more", runs, "cmd")

@@ -81,8 +81,10 @@ def _curve_point(pipe, net: PixArtDiT, resolution: int) -> float:
 def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline: str = "sigma") -> dict[str, Any]:
     """Append to the report's curves a ``finetune`` continuation of its last stage: ``runs`` are the
     consecutive runs it took (each loading the one before), each checkpoint scored as the build's stages are.
-    Its step 0 is the last stage's last point: a finetune changes no setting, so that is the same model scored
-    the same way. Plateaus and the PNGs are redone; the table is left as it was (``--table-only`` re-scores it)."""
+    Its step 0 is the weights the first run loaded (``status.json``'s load report), scored now: with today's
+    pipeline (a refined decoder, say), not copied from the last stage's curve. Plateaus and the PNGs are redone;
+    the table is left as it was (``--table-only`` re-scores it)."""
+    from pixsigma.weights import load_dit
     from train.checkpoint import checkpoint_dirs, checkpoint_model
 
     summary = _read_summary(out, "--extend")
@@ -94,16 +96,19 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
     last = curves[list(curves)[-1]]
     start = last["start"] + last["steps"]
     entry: dict[str, Any] = {"start": start, "steps": 0, "loss": [], "bench": [], "runs": [str(r) for r in runs]}
-    if last["bench"]:
-        entry["bench"].append((start, last["bench"][-1][1]))
-    pipe = None
-    for run in runs:
-        status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+    statuses = [json.loads((r / "status.json").read_text()) if (r / "status.json").is_file() else {} for r in runs]
+    for run, status in zip(runs, statuses):
         if status.get("stage") != "finetune" or status.get("state") != "finished":
             raise ValueError(f"{run} is not a finished finetune run (stage {status.get('stage')!r}, state "
                              f"{status.get('state')!r}): only more training of the last stage's model extends it")
+    source = Path(statuses[0].get("load_report", {}).get("source") or "")
+    if not source.is_dir():
+        raise ValueError(f"the weights {runs[0]} started from ({source}) are gone: step 0 of the curve needs them")
+    pipe = _pipe(out / pipeline)
+    first_net = load_dit(source)
+    entry["bench"].append((start, _curve_point(pipe, first_net, first_net.config.resolution)))
+    for run, status in zip(runs, statuses):
         offset = start + entry["steps"]
-        pipe = pipe or _pipe(out / pipeline)
         for ck in checkpoint_dirs(run):
             net = checkpoint_model(ck)
             step = int(ck.name.split("_")[-1])
