@@ -116,11 +116,7 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
         entry["loss"] += _losses(run, offset)
         entry["steps"] += int(status["total_steps"])
     curves[name] = entry
-    plateaus = {k: plateau_step(c["bench"], c["start"]) for k, c in curves.items()}
-    first = list(curves)[0]
-    summary.update(plateau_steps=plateaus, extend_command=command,
-                   plateau_fraction_of_alpha={k: (v / summary["alpha_steps"] if v is not None else None)
-                                              for k, v in plateaus.items() if k != first})
+    summary.update(_plateaus(curves, summary["alpha_steps"]), extend_command=command)
     plot_curves(curves, out)
     _write_summary(out, summary, summary["table"])
     return summary
@@ -143,6 +139,15 @@ def plateau_step(points: list[tuple[int, float]], start: int, tol: float = 0.02)
         return None
     best = max(v for _, v in points)
     return next(s - start for s, v in points if v >= best - tol)
+
+
+def _plateaus(curves: dict[str, Any], alpha_steps: int) -> dict[str, dict]:
+    """Each stage's plateau step, and each Σ stage's as a share of α's steps (α is the first stage)."""
+    plateaus = {k: plateau_step(c["bench"], c["start"]) for k, c in curves.items()}
+    first = next(iter(curves), None)
+    return {"plateau_steps": plateaus,
+            "plateau_fraction_of_alpha": {k: (v / alpha_steps if v is not None else None)
+                                          for k, v in plateaus.items() if k != first}}
 
 
 def plot_curves(curves: dict[str, Any], out: Path) -> None:
@@ -211,12 +216,7 @@ def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, f
     curves = stage_curves(work, out, plan)
     plot_curves(curves, out)
     table = final_table(out, n)
-    alpha_steps = plan[0].steps
-    plateaus = {name: plateau_step(c["bench"], c["start"]) for name, c in curves.items()}
-    summary = {"table": _summary_table(table),
-               "plateau_steps": plateaus, "alpha_steps": alpha_steps,
-               "plateau_fraction_of_alpha": {k: (v / alpha_steps if v is not None else None)
-                                             for k, v in plateaus.items() if k != plan[0].name},
+    summary = {"table": _summary_table(table), **_plateaus(curves, plan[0].steps), "alpha_steps": plan[0].steps,
                "vae_psnr": _vae_psnr(out), "build_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
                "curves": curves,
                "command": command}
