@@ -207,3 +207,11 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     with pytest.raises(ValueError, match="is not a finished finetune run \\(stage 'res_up'"):
         report.extend_curves(out, "more", runs, "cmd")
     assert json.loads((out / "shapesbench.json").read_text()) == saved  # a refused extension writes nothing
+
+
+def test_build_refuses_a_bad_plan_before_building_anything(tmp_path):
+    from pixsigma.demo.build import main
+
+    with pytest.raises(ValueError, match="polish_steps must be an integer >= 0"):
+        main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "demo"), "--polish-steps", "-1"])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "demo").exists()  # no parts, data or folders

@@ -101,7 +101,7 @@ class GaussianDiffusion:
 
     def mse_weight(self, t: Tensor) -> Tensor:
         """(B,) Min-SNR-γ weight of each sample's MSE at timesteps ``t`` (ones when ``snr_gamma`` is off)."""
-        snr = self.tables["snr"].to(t.device)[t].float()  # (B,)
+        snr = self._at("snr", t, t)  # (B,)
         if self.snr_gamma is None:
             return torch.ones_like(snr)
         clipped = snr.clamp(max=self.snr_gamma)

@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="training precision (auto: bf16 where the hardware runs it fast, else fp32)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="BLAS threads per step")
     args = ap.parse_args(argv)
+    # the plan first: a bad --*-scale or --polish-* fails here, not after the parts and data are built
+    plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
+                      sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
+                      polish_images=args.polish_images)
     from pixsigma.demo import report
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
@@ -230,9 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     assemble_pipelines(work / "parts", out)
     data = make_data(work, args.images, args.seed)
     timings["data"] = time.perf_counter() - t0 - sum(timings.values())
-    plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
-                      sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
-                      polish_images=args.polish_images)
     precision = default_precision() if args.precision == "auto" else args.precision
     prev = None
     for st in plan:
