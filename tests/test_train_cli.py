@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 from test_train_fixtures import make_encoders, make_images, write_config
 
@@ -35,7 +36,7 @@ def test_extract_then_train_from_the_command_line(tmp_path):
 
     proc = _run(["-m", "train", str(cfg), "--set", "mixed_precision=bf16", "--set", "optim.name=adamw",
                  "--set", "optim.betas=[0.9, 0.999]", "--set", "optim.eps=[1e-8]", "--set", "steps=3",
-                 "--set", "snr_gamma=0.001"], tmp_path)
+                 "--set", "snr_gamma=0.001", "--set", "timestep_band=[100, 900, 0.5]"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[train] finished at step 3: runs/cli" in proc.stdout
     run = tmp_path / "runs" / "cli"
@@ -48,6 +49,7 @@ def test_extract_then_train_from_the_command_line(tmp_path):
     assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}  # bf16 autocast, fp32 master weights
     saved = (run / "config.yaml").read_text()
     assert "mixed_precision: bf16" in saved and "name: adamw" in saved and "snr_gamma: 0.001" in saved  # re-runnable
+    assert yaml.safe_load(saved)["timestep_band"] == [100, 900, 0.5]
 
     proc = _run(["-m", "train", str(cfg), "--set", "optim.name=sgd"], tmp_path)
     assert proc.returncode != 0 and "optim.name must be one of ('came', 'adamw'), got 'sgd'" in proc.stderr

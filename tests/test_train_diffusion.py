@@ -104,3 +104,18 @@ def test_min_snr_weighs_each_samples_mse_and_leaves_the_vlb(prediction_type):
         assert b["loss"][3] == a["loss"][3] and snr5.mse_weight(t)[0] < 1e-3
     with pytest.raises(ValueError, match="snr_gamma must be > 0"):
         GaussianDiffusion(snr_gamma=0.0)
+
+
+def test_timestep_band_draws_its_share_of_each_batch_in_the_band():
+    """[200, 700, 0.5]: half of each batch in the band, the rest uniform over all 1000; off = uniform."""
+    torch.manual_seed(0)
+    band = GaussianDiffusion(timestep_band=(200, 700, 0.5))
+    t = torch.stack([band.sample_timesteps(16, torch.device("cpu")) for _ in range(500)])  # (500, 16)
+    assert ((t[:, :8] >= 200) & (t[:, :8] <= 700)).all()
+    assert t[:, :8].min() == 200 and t[:, :8].max() == 700  # both ends reachable
+    inside = ((t[:, 8:] >= 200) & (t[:, 8:] <= 700)).float().mean()
+    assert 0.45 < inside < 0.55 and t[:, 8:].min() < 20 and t[:, 8:].max() > 980  # the rest: the whole range
+    plain = torch.cat([GaussianDiffusion().sample_timesteps(16, torch.device("cpu")) for _ in range(500)])
+    assert 0.45 < ((plain >= 200) & (plain <= 700)).float().mean() < 0.55
+    with pytest.raises(ValueError, match=r"timestep_band must be \[low, high, share\]"):
+        GaussianDiffusion(timestep_band=(0, 999, 1.5))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from pixsigma.config import PRESETS, KVCompress, parse_layers
+from pixsigma.constants import NUM_TRAIN_TIMESTEPS
 
 STAGE_NAMES = ("from_scratch", "vae_adapt", "res_up", "kv_compress", "finetune")
 OPTIMIZERS = ("came", "adamw")
@@ -46,6 +47,22 @@ def _fraction(obj: Any, name: str, where: str) -> None:
     v = getattr(obj, name)
     if not 0.0 <= _float(obj, name, where) <= 1.0:
         raise ValueError(f"{where} must be a number in [0, 1], got {v!r}")
+
+
+def check_timestep_band(band: Any, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[int, int, float]:
+    """``band`` as (low, high, share), or a ValueError saying what is accepted."""
+    msg = (f"timestep_band must be [low, high, share] with integers 0 <= low <= high < {num_timesteps} and "
+           f"share in (0, 1], or null (uniform t), got {band!r}")
+    try:
+        low, high, share = band
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if any(isinstance(v, bool) for v in (low, high, share)) or not (isinstance(low, int) and isinstance(high, int)):
+        raise ValueError(msg)
+    if not isinstance(share, (int, float)) or not (0 <= low <= high < num_timesteps and 0 < share <= 1):
+        raise ValueError(msg)
+    return low, high, float(share)
+
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.1
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting (train/diffusion.py); None = PixArt's plain MSE
+    timestep_band: tuple[int, int, float] | None = None  # [low, high, share] of t drawn there (train/diffusion.py)
     seed: int = 0
     save_every: int = 500
     keep_last: int = 3
@@ -213,6 +231,8 @@ class TrainConfig:
         _fraction(self, "caption_dropout", "caption_dropout")
         if self.snr_gamma is not None and not _float(self, "snr_gamma", "snr_gamma") > 0:
             raise ValueError(f"snr_gamma must be > 0 (Min-SNR-γ; paper: 5) or null (off), got {self.snr_gamma!r}")
+        if self.timestep_band is not None:
+            object.__setattr__(self, "timestep_band", check_timestep_band(self.timestep_band))
         object.__setattr__(self, "sample_prompts", tuple(str(p) for p in self.sample_prompts))
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every > 0 needs sample_prompts (a list of captions to render)")
@@ -227,6 +247,8 @@ class TrainConfig:
         d = asdict(self)
         if self.stage.kv is not None:
             d["stage"]["kv"]["layers"] = list(self.stage.kv.layers)
+        if self.timestep_band is not None:
+            d["timestep_band"] = list(self.timestep_band)
         return d
 
 

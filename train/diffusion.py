@@ -13,6 +13,11 @@ alone, so checkpoints stay compatible with the released ones (their sampler read
 ``snr_gamma`` (off by default, as in PixArt) weighs each sample's MSE by Min-SNR-γ (Hang et al., 2023):
 min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v, i.e. the x₀-MSE weight min(SNR, γ) either way, so
 near-clean timesteps stop dominating the gradient. The VLB is left unweighted; ``mse`` is reported unweighted.
+
+``timestep_band`` (off by default: PixArt draws t uniformly) = (low, high, share) draws ``share`` of each
+batch's timesteps uniformly from [low, high] and the rest from the whole range: more of a small model's
+training where its samples go wrong. (On the shapes demo that is the mid-noise range where shapes form:
+real images noised to t = 400 and denoised come back right far more often than from t = 600.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from pixsigma.config import PREDICTION_TYPES
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
+from train.config import check_timestep_band
 
 Tensor = torch.Tensor
 BETA_START, BETA_END = 1e-4, 0.02
@@ -56,12 +62,16 @@ class GaussianDiffusion:
     """Schedule tables in float64 (as improved-DDPM computes them), gathered per sample in float32."""
 
     def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END, prediction_type: str = "epsilon", snr_gamma: float | None = None):
+                 beta_end: float = BETA_END, prediction_type: str = "epsilon", snr_gamma: float | None = None,
+                 timestep_band: tuple[int, int, float] | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (Min-SNR-γ; paper: 5) or None (off), got {snr_gamma!r}")
+        if timestep_band is not None:
+            check_timestep_band(timestep_band, num_timesteps)
         self.num_timesteps, self.prediction_type, self.snr_gamma = num_timesteps, prediction_type, snr_gamma
+        self.timestep_band = timestep_band
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
@@ -82,7 +92,13 @@ class GaussianDiffusion:
         return v.reshape(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, batch: int, device: torch.device) -> Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), device=device)
+        """(B,) timesteps: uniform, or ``share`` of them (rounded down, per batch) from the band."""
+        t = torch.randint(0, self.num_timesteps, (batch,), device=device)
+        if self.timestep_band is not None:
+            low, high, share = self.timestep_band
+            k = int(batch * share)
+            t[:k] = torch.randint(low, high + 1, (k,), device=device)
+        return t
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return self._at("sqrt_ac", t, x0) * x0 + self._at("sqrt_1m_ac", t, x0) * noise

@@ -104,7 +104,8 @@ class Trainer:
             if resume:
                 monitor.note(f"nothing to resume in {run_dir}: starting at step 0")
             set_seed(cfg.seed, device_specific=True)  # different noise on each process
-        self.diffusion = GaussianDiffusion(prediction_type=self.dit.prediction_type, snr_gamma=cfg.snr_gamma)
+        self.diffusion = GaussianDiffusion(prediction_type=self.dit.prediction_type, snr_gamma=cfg.snr_gamma,
+                                           timestep_band=cfg.timestep_band)
         self.loader_seed = torch.Generator()  # the DataLoader's base seed: not drawn from the training RNG
         monitor.update(model=self.dit.to_dict(), stage=cfg.stage.name, load_report=report, data=self.stats())
 
