@@ -64,7 +64,6 @@ def check_timestep_band(band: Any, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> 
     return low, high, float(share)
 
 
-
 @dataclass(frozen=True)
 class Stage:
     """Which of the weak-to-strong stages this run is and where it starts from.

@@ -1,10 +1,10 @@
 """The one training loop every stage runs (``accelerate``: one device, DDP, or FSDP from accelerate's config).
 
 A step: per micro-batch, clean latents x0 and caption features (10% replaced by the null caption) ->
-noise at a uniform timestep -> DiT -> ε MSE + learned-variance VLB; after ``grad_accum`` micro-batches,
-clip, optimizer step, LR schedule, EMA. Checkpoints every ``save_every`` steps, on a stop request, and at
-the end; then the final export. Resuming restores everything a checkpoint holds, so a resumed run
-continues exactly where the interrupted one was (same data order, same noise).
+noise at a uniform timestep (or partly in ``timestep_band``) -> DiT -> ε MSE + learned-variance VLB;
+after ``grad_accum`` micro-batches, clip, optimizer step, LR schedule, EMA. Checkpoints every ``save_every``
+steps, on a stop request, and at the end; then the final export. Resuming restores everything a checkpoint
+holds, so a resumed run continues exactly where the interrupted one was (same data order, same noise).
 """
 
 from __future__ import annotations
