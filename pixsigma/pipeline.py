@@ -192,11 +192,12 @@ class PixSigmaPipeline:
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.is_file() else None
-        if _pixsigma_meta(folder, transformer) is None and sched and sched.get("prediction_type") in PREDICTION_TYPES:
+        meta = _pixsigma_meta(folder, transformer)  # read once: the prediction type and the token length
+        if meta is None and sched and sched.get("prediction_type") in PREDICTION_TYPES:
             # a diffusers-layout DiT cannot say what it predicts; its pipeline's scheduler does
             dit.config = replace(dit.config, prediction_type=sched["prediction_type"])
         pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model)
-        pipe.max_tokens = _token_length(folder, transformer)
+        pipe.max_tokens = _token_length(folder, transformer, meta)
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -343,12 +344,12 @@ def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
-def _token_length(folder: Path, transformer: str | None) -> int:
-    """T5 tokens the model was trained with: a pixsigma folder says so; diffusers folders imply it by pipeline
-    class (PixArt-α: 120, PixArt-Σ: 300)."""
-    for cand in ([transformer] if transformer else []) + [None]:
-        meta = _pixsigma_meta(folder, cand)
-        if meta is not None:
-            return int(meta["dit"]["max_tokens"])
+def _token_length(folder: Path, transformer: str | None, meta: dict | None) -> int:
+    """T5 tokens the model was trained with: a pixsigma folder says so (``meta``, the loaded DiT's; else the
+    pipeline folder's own DiT's); diffusers folders imply it by pipeline class (PixArt-α: 120, PixArt-Σ: 300)."""
+    if meta is None and transformer:
+        meta = _pixsigma_meta(folder, None)
+    if meta is not None:
+        return int(meta["dit"]["max_tokens"])
     index = json.loads((folder / "model_index.json").read_text())
     return ALPHA_TOKENS if index.get("_class_name") == "PixArtAlphaPipeline" else MAX_TOKENS
