@@ -75,6 +75,16 @@ def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache(
         stage_plan(1000, polish_steps=-1)
     with pytest.raises(ValueError, match="polish_images must be an integer >= 1, got 0"):
         stage_plan(1000, polish_steps=10, polish_images=0)
+    # the band run continues the polish on the same cache, with a share of its timesteps in the band
+    plan = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300)
+    band = plan[-1]
+    assert len(plan) == 6 and plan[:5] == stage_plan(1000, polish_steps=700, polish_images=900)
+    assert (band.name, band.steps, band.cache, band.images) == ("sigma_band", 300, polish.cache, 900)
+    cfg = yaml.safe_load((CONFIGS / band.config).read_text())
+    assert cfg["stage"]["name"] == "finetune" and cfg["stage"]["load_from"].endswith("shapes_sigma_polish")
+    assert cfg["timestep_band"] == [200, 700, 0.5]
+    with pytest.raises(ValueError, match="band_steps must be an integer >= 0 \\(0: no such run\\), got -2"):
+        stage_plan(1000, band_steps=-2)
 
 
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):

@@ -61,18 +61,21 @@ class StageRun:
 
 def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale: int = 1,
                sigma_batch_scale: int = 1, polish_steps: int = 0,
-               polish_images: int = POLISH_IMAGES) -> list[StageRun]:
+               polish_images: int = POLISH_IMAGES, band_steps: int = 0) -> list[StageRun]:
     """α, then the three Σ stages of ``sigma_fraction`` of α's steps each. ``alpha_batch_scale`` multiplies α's
     batch and ``sigma_batch_scale`` the Σ stages' (a GPU runs 4× the CPU batch of this small model in about the
     same step time); at 1 the Σ stages keep their configs' batches (32 at 128 px, 16 at 256 px), CPU-sized.
     ``polish_steps`` > 0 appends a ``finetune`` run of the finished Σ at 256 px (the same model trained longer,
-    on ``polish_images`` images it revisits: its own cache, since the stages' caches hold only what they visit)."""
+    on ``polish_images`` images it revisits: its own cache, since the stages' caches hold only what they visit).
+    ``band_steps`` > 0 appends one more ``finetune`` run on that cache with a share of its timesteps in the
+    mid-noise band (``configs/shapes_sigma_band.yaml``)."""
     for name, k in (("alpha_batch_scale", alpha_batch_scale), ("sigma_batch_scale", sigma_batch_scale),
                     ("polish_images", polish_images)):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {k}")
-    if not isinstance(polish_steps, int) or polish_steps < 0:
-        raise ValueError(f"polish_steps must be an integer >= 0 (0: no polish run), got {polish_steps}")
+    for name, k in (("polish_steps", polish_steps), ("band_steps", band_steps)):
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: no such run), got {k}")
     s = max(10, int(alpha_steps * sigma_fraction))
     b128, b256 = 32 * sigma_batch_scale, 16 * sigma_batch_scale
     # A Σ stage's cache holds only the images it can visit: more would only cost time (256 px VAE encoding
@@ -83,6 +86,9 @@ def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale:
             StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", s, "sigma", 256, b256, s * b256)]
     if polish_steps:
         plan.append(StageRun("sigma_polish", "shapes_sigma_polish.yaml", "sigma_256_polish", polish_steps, "sigma",
+                             256, b256, polish_images))
+    if band_steps:
+        plan.append(StageRun("sigma_band", "shapes_sigma_band.yaml", "sigma_256_polish", band_steps, "sigma",
                              256, b256, polish_images))
     return plan
 
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--polish-steps", type=int, default=0,
                     help="after the three Σ stages, train the finished Σ this many more steps at 256 px (0: none)")
     ap.add_argument("--polish-images", type=int, default=POLISH_IMAGES, help="world images the polish run revisits")
+    ap.add_argument("--band-steps", type=int, default=0,
+                    help="then this many more with a share of the timesteps in the mid-noise band (0: none)")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     # the plan first: a bad --*-scale or --polish-* fails here, not after the parts and data are built
     plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
                       sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
-                      polish_images=args.polish_images)
+                      polish_images=args.polish_images, band_steps=args.band_steps)
     from pixsigma.demo import report
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--out", default=str(DEMO_DIR))
     ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS)
-    ap.add_argument("--polish-steps", type=int, default=0, help="the build's --polish-steps (its plan's last run)")
+    ap.add_argument("--polish-steps", type=int, default=0, help="the build's --polish-steps")
+    ap.add_argument("--band-steps", type=int, default=0, help="the build's --band-steps")
     ap.add_argument("--bench-n", type=int, default=BENCH_N)
     ap.add_argument("--table-only", action="store_true",
                     help="re-score only the final table of the existing shapesbench.json (no checkpoints needed)")
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.table_only:
         s = rescore_table(out, args.bench_n, command)
     else:
-        s = write_report(Path(args.work).resolve(), out, stage_plan(args.alpha_steps, polish_steps=args.polish_steps),
-                         args.bench_n, {}, command)
+        plan = stage_plan(args.alpha_steps, polish_steps=args.polish_steps, band_steps=args.band_steps)
+        s = write_report(Path(args.work).resolve(), out, plan, args.bench_n, {}, command)
     print(json.dumps(s["table"], indent=1))
     return 0
 
