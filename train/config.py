@@ -57,9 +57,9 @@ def check_timestep_band(band: Any, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> 
         low, high, share = band
     except (TypeError, ValueError):
         raise ValueError(msg) from None
-    if any(isinstance(v, bool) for v in (low, high, share)) or not (isinstance(low, int) and isinstance(high, int)):
-        raise ValueError(msg)
-    if not isinstance(share, (int, float)) or not (0 <= low <= high < num_timesteps and 0 < share <= 1):
+    numbers = not any(isinstance(v, bool) for v in band) and isinstance(low, int) and isinstance(high, int) \
+        and isinstance(share, (int, float))
+    if not (numbers and 0 <= low <= high < num_timesteps and 0 < share <= 1):
         raise ValueError(msg)
     return low, high, float(share)
 

@@ -68,10 +68,8 @@ class GaussianDiffusion:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (Min-SNR-γ; paper: 5) or None (off), got {snr_gamma!r}")
-        if timestep_band is not None:
-            check_timestep_band(timestep_band, num_timesteps)
         self.num_timesteps, self.prediction_type, self.snr_gamma = num_timesteps, prediction_type, snr_gamma
-        self.timestep_band = timestep_band
+        self.timestep_band = None if timestep_band is None else check_timestep_band(timestep_band, num_timesteps)
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
