@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="training precision (auto: bf16 where the hardware runs it fast, else fp32)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="BLAS threads per step")
     args = ap.parse_args(argv)
-    # the plan first: a bad --*-scale or --polish-* fails here, not after the parts and data are built
+    # the plan first: a bad --*-scale, --polish-* or --band-steps fails here, not after the parts and data are built
     plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
                       sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
                       polish_images=args.polish_images, band_steps=args.band_steps)
