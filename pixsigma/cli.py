@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output PNG (several images: out-0.png, out-1.png, …)")
     g.add_argument("--negative", default="", help="negative prompt (default: empty, as PixArt was trained)")
     g.add_argument("--seed", type=int, help="random seed (default: random, stored in the PNG)")
-    g.add_argument("--steps", type=int, help="sampling steps (default: the sampler's, 20 for DPM-Solver++)")
-    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model folder's sampling.json, else the "
+                   "sampler's: 20 for DPM-Solver++)")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: the model folder's "
+                   f"sampling.json, else {DEFAULT_GUIDANCE}; 1 = off)")
     g.add_argument("--width", type=int, help="image width in px (default: the model's base resolution)")
     g.add_argument("--height", type=int, help="image height in px")
     g.add_argument("--sampler", choices=SAMPLERS, default="default",
@@ -100,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--out {out} must end in .png")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
     dtype = args.dtype or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32")

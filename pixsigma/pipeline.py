@@ -38,8 +38,8 @@ from pixsigma.sampling import (
 )
 from pixsigma.weights import LAYOUTS, load_dit
 
-__all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "latent_preview",
-           "resolve_model", "OutOfMemory"]
+__all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
+           "latent_preview", "resolve_model", "OutOfMemory"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_IMAGES = 16
@@ -50,8 +50,53 @@ MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a sma
                 "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
 
 
+SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
+
+
 class OutOfMemory(RuntimeError):
     """Raised instead of a bare CUDA OOM, naming what lowers memory."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves steps or guidance unset gets for this model. The sampler itself is the
+    folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it."""
+
+    steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
+    guidance: float = DEFAULT_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
+                                       or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or null, got {self.steps!r}")
+        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not self.guidance >= 0:
+            raise ValueError(f"guidance must be a number >= 0 (1 = no guidance), got {self.guidance!r}")
+
+    @classmethod
+    def read(cls, folder: Path) -> SamplingDefaults:
+        """The folder's ``sampling.json`` ({"steps": 30, "guidance": 2.0}), else PixArt's (20 steps, 4.5)."""
+        path = folder / SAMPLING_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{path} must hold an object like {{"steps": 30, "guidance": 2.0}}, got {data!r}')
+        unknown = set(data) - {"steps", "guidance"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: steps, guidance")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def write(self, folder: Path) -> None:
+        from pixsigma.io import atomic_write
+
+        body = json.dumps({"steps": self.steps, "guidance": self.guidance}, indent=1)
+        atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
 
 
 @dataclass(frozen=True)
@@ -60,8 +105,8 @@ class GenerationRequest:
     negative_prompt: str = ""
     width: int | None = None  # None: the model's base resolution
     height: int | None = None
-    steps: int | None = None  # None: the sampler's default
-    guidance: float = DEFAULT_GUIDANCE
+    steps: int | None = None  # None: the model folder's (SamplingDefaults), else the sampler's
+    guidance: float | None = None  # None: the model folder's (SamplingDefaults), else DEFAULT_GUIDANCE
     sampler: str | None = None  # None / "default": the model folder's scheduler
     seed: int | None = None  # None: a random seed, reported in the result
     num_images: int = 1  # per prompt
@@ -75,7 +120,7 @@ class GenerationRequest:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not self.guidance >= 0:
+        if self.guidance is not None and not self.guidance >= 0:
             raise ValueError(f"guidance must be >= 0 (1 = no guidance, {DEFAULT_GUIDANCE} default), "
                              f"got {self.guidance!r}")
         if self.sampler not in (None, *SAMPLERS):
@@ -161,10 +206,12 @@ class PixSigmaPipeline:
     """The loaded parts of a PixArt pipeline folder, and ``generate``."""
 
     def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
-                 device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = ""):
+                 device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = "",
+                 sampling: SamplingDefaults | None = None):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.scheduler_config, self.device, self.dtype = scheduler_config, device, dtype
         self.offload_t5, self.name = offload_t5, name
+        self.sampling = sampling or SamplingDefaults()
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
@@ -196,7 +243,8 @@ class PixSigmaPipeline:
         if meta is None and sched and sched.get("prediction_type") in PREDICTION_TYPES:
             # a diffusers-layout DiT cannot say what it predicts; its pipeline's scheduler does
             dit.config = replace(dit.config, prediction_type=sched["prediction_type"])
-        pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model)
+        pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model,
+                   sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
         return pipe
 
@@ -264,6 +312,14 @@ class PixSigmaPipeline:
             gh, gw = h, w
         return h, w, gh, gw
 
+    def resolve_sampling(self, req: GenerationRequest) -> tuple[float, int]:
+        """(guidance, steps) a request runs with: its own, else this model's ``sampling`` defaults (their steps
+        go with the folder's own sampler only), else the sampler's."""
+        guidance = self.sampling.guidance if req.guidance is None else req.guidance
+        own_sampler = req.sampler in (None, "default")
+        steps = req.steps or (self.sampling.steps if own_sampler and self.sampling.steps else None)
+        return float(guidance), steps or default_steps(req.sampler)
+
     @torch.no_grad()
     def generate(self, req: GenerationRequest,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
@@ -279,6 +335,7 @@ class PixSigmaPipeline:
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        guidance, steps = self.resolve_sampling(req)
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         h, w, gh, gw = self.plan_size(req)
         dit = self.transformer
@@ -290,14 +347,13 @@ class PixSigmaPipeline:
         try:
             prompts = [p for p in req.prompts for _ in range(req.num_images)]
             cond, cmask, warnings = self.encode_prompts(prompts)
-            if req.guidance > 1.0:
+            if guidance > 1.0:
                 uncond, umask, _ = self.encode_prompts([req.negative_prompt] * len(prompts))
                 y, mask = torch.cat([uncond, cond]), torch.cat([umask, cmask])  # (2B, L, C), (2B, L)
             else:
                 y, mask = cond, cmask
             y = y.to(self.dtype)
             scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
-            steps = req.steps or default_steps(req.sampler)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
             extra = {}
@@ -307,7 +363,7 @@ class PixSigmaPipeline:
                          "aspect_ratio": torch.full((n, 1), gh / gw, dtype=self.dtype, device=self.device)}
 
             call = dit
-            if req.guidance_interval is not None and req.guidance > 1.0:
+            if req.guidance_interval is not None and guidance > 1.0:
                 from pixsigma.speed import cfg_interval
 
                 call = cfg_interval(dit, *req.guidance_interval)
@@ -315,7 +371,7 @@ class PixSigmaPipeline:
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return call(x, t, y, mask, **extra)
 
-            latents = denoise(model_fn, scheduler, latents, steps, req.guidance, gen, callback,
+            latents = denoise(model_fn, scheduler, latents, steps, guidance, gen, callback,
                               dit.config.learn_sigma)
             images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
             if req.binning:
@@ -326,7 +382,7 @@ class PixSigmaPipeline:
                 dit.set_kv_compress(own)
         kv = req.kv if req.kv is not None else dit.config.kv_compress
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": steps,
-                  "guidance": req.guidance, "sampler": req.sampler or "default", "width": w, "height": h,
+                  "guidance": guidance, "sampler": req.sampler or "default", "width": w, "height": h,
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}

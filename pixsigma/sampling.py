@@ -16,8 +16,9 @@ from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, latents)
 
-SAMPLERS = ("default", "dpm-solver", "sa-solver", "ddim", "euler")
-DEFAULT_STEPS_FOR = {"default": DEFAULT_STEPS, "dpm-solver": DEFAULT_STEPS, "sa-solver": 25, "ddim": 50, "euler": 30}
+SAMPLERS = ("default", "dpm-solver", "sa-solver", "ddim", "euler", "euler-a")
+DEFAULT_STEPS_FOR = {"default": DEFAULT_STEPS, "dpm-solver": DEFAULT_STEPS, "sa-solver": 25, "ddim": 50, "euler": 30,
+                     "euler-a": 30}
 # PixArt's training schedule, used when a model folder carries no scheduler config.
 PIXART_BETAS = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 0.0001, "beta_end": 0.02,
                 "beta_schedule": "linear", "prediction_type": "epsilon"}
@@ -46,7 +47,11 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
         return diffusers.SASolverScheduler.from_config(base, algorithm_type="data_prediction")
     if name == "ddim":
         return diffusers.DDIMScheduler.from_config(base, clip_sample=False)  # latents are not in [-1, 1]
-    return diffusers.EulerDiscreteScheduler.from_config(base)
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler.from_config(base)
+    # Ancestral: each step re-noises a little, so a small model's errors are partly washed out rather than
+    # carried to the end (the demo's shapes and counts are much better with it than with any ODE solver).
+    return diffusers.EulerAncestralDiscreteScheduler.from_config(base)
 
 
 def default_steps(sampler: str | None) -> int:

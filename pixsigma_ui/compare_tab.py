@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 from pixsigma.config import KVCompress, parse_layers
-from pixsigma.constants import DEFAULT_STEPS
 from pixsigma_ui.engine import ALPHA, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, layers_spec
 from pixsigma_ui.generate_tab import ASPECTS, as_int, parse_aspect
 from pixsigma_ui.styles import examples_for
@@ -40,7 +39,7 @@ def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
     sigma = engine.info(MAIN)
     alpha = engine.info(ALPHA) if engine.has(ALPHA) else None
 
-    def compare(prompt: str, seed: int = 0, steps: int = DEFAULT_STEPS, aspect_ratio: str = "1:1",
+    def compare(prompt: str, seed: int = 0, steps: int = sigma.steps, aspect_ratio: str = "1:1",
                 kv_ratio: int = 2, kv_layers: str = "", progress: gr.Progress = gr.Progress(),  # noqa: B008
                 ) -> Iterator[tuple]:
         try:
@@ -109,7 +108,7 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
         with gr.Column(scale=2):
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                steps = gr.Slider(1, engine.limits.max_steps, value=min(DEFAULT_STEPS, engine.limits.max_steps),
+                steps = gr.Slider(1, engine.limits.max_steps, value=min(sigma.steps, engine.limits.max_steps),
                                   step=1, label="Steps")
                 aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio (w:h)")
             with gr.Row():

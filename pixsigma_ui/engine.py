@@ -53,6 +53,8 @@ class Pipeline(Protocol):
 
     def unknown_words(self, prompt: str) -> list[str]: ...
 
+    def resolve_sampling(self, request: GenerationRequest) -> tuple[float, int]: ...
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -100,6 +102,8 @@ class ModelInfo:
     config: DiTConfig
     device: str
     resolutions: tuple[int, ...]  # base resolutions offered, ascending
+    steps: int = 20  # the model folder's default steps and guidance (its sampling.json, else PixArt's)
+    guidance: float = 4.5
 
     @property
     def resolution(self) -> int:
@@ -236,9 +240,11 @@ class AppEngine:
 
     def info(self, model: str = MAIN) -> ModelInfo:
         self._check_model(model)
-        cfg = self._configs[model]
-        return ModelInfo(name=self.names[model], config=cfg, device=str(self.pipes[model].device),
-                         resolutions=offered_resolutions(cfg, self.limits.max_resolution))
+        cfg, pipe = self._configs[model], self.pipes[model]
+        guidance, steps = pipe.resolve_sampling(GenerationRequest("-"))
+        return ModelInfo(name=self.names[model], config=cfg, device=str(pipe.device),
+                         resolutions=offered_resolutions(cfg, self.limits.max_resolution), steps=steps,
+                         guidance=guidance)
 
     def _check_model(self, model: str) -> None:
         if model not in self.pipes:
@@ -273,11 +279,14 @@ class AppEngine:
         return KVCompress(ratio=ratio, layers=layers, operator=operator)
 
     def make_request(self, prompt: str, *, negative_prompt: str = "", aspect_ratio: float = 1.0,
-                     resolution: int | None = None, steps: int = 20, guidance: float = 4.5,
+                     resolution: int | None = None, steps: int | None = None, guidance: float | None = None,
                      sampler: str = "default", seed: int = 0, num_images: int = 1,
                      kv: KVCompress | None = None, model: str = MAIN) -> GenerationRequest:
-        """A validated request: ``aspect_ratio`` is height/width, snapped to the bucket of ``resolution``."""
+        """A validated request: ``aspect_ratio`` is height/width, snapped to the bucket of ``resolution``;
+        unset ``steps``/``guidance`` are the model's own (:class:`ModelInfo`)."""
         info = self.info(model)
+        steps = info.steps if steps is None else steps
+        guidance = info.guidance if guidance is None else guidance
         lim = self.limits
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: describe the image to draw")

@@ -19,7 +19,6 @@ import gradio as gr
 from PIL import Image
 
 from pixsigma.config import KV_OPERATORS, parse_layers
-from pixsigma.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.engine import GUIDANCE_RANGE, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, Step, layers_spec
@@ -105,7 +104,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator
     info = engine.info(MAIN)
 
     def generate(prompt: str, negative_prompt: str = "", style: str = NO_STYLE, aspect_ratio: str = "1:1",
-                 resolution: int = info.resolution, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                 resolution: int = info.resolution, steps: int = info.steps, guidance: float = info.guidance,
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
@@ -161,8 +160,8 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                 resolution = gr.Dropdown(list(info.resolutions), value=info.resolution, label="Base resolution")
                 aspect = gr.Dropdown(aspect_choices(info.resolution), value="1:1", label="Aspect ratio (w:h)")
             with gr.Row():
-                steps = gr.Slider(1, lim.max_steps, value=min(DEFAULT_STEPS, lim.max_steps), step=1, label="Steps")
-                guidance = gr.Slider(*GUIDANCE_RANGE, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+                steps = gr.Slider(1, lim.max_steps, value=min(info.steps, lim.max_steps), step=1, label="Steps")
+                guidance = gr.Slider(*GUIDANCE_RANGE, value=info.guidance, step=0.5, label="Guidance")
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler")
                 num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")

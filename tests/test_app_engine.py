@@ -59,6 +59,9 @@ class FlakyPipe:
     def unknown_words(self, prompt):
         return self.pipe.unknown_words(prompt)
 
+    def resolve_sampling(self, request):
+        return self.pipe.resolve_sampling(request)
+
 
 def pixels(done: Done) -> list[np.ndarray]:
     return [np.asarray(im) for im in done.result.images]

@@ -28,6 +28,20 @@ def test_demo_models_generate_offline(name, size, kv):
     assert img.shape == (size, size, 3) and img.std() > 5  # a picture, not a flat field
 
 
+@pytest.mark.parametrize("name", ["sigma", "alpha"])
+def test_demo_folders_sample_as_measured(name):
+    """The table's sampling is the folders' own: ancestral Euler, the build's steps and guidance."""
+    import json
+
+    from pixsigma.demo.build import DEMO_GUIDANCE, DEMO_STEPS
+    from pixsigma.pipeline import SamplingDefaults
+
+    folder = DEMO_DIR / name
+    assert SamplingDefaults.read(folder) == SamplingDefaults(DEMO_STEPS, DEMO_GUIDANCE)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "EulerAncestralDiscreteScheduler" and sched["prediction_type"] == "v_prediction"
+
+
 def test_demo_unknown_words_are_reported():
     pipe = PixSigmaPipeline.from_pretrained("demo", device="cpu")
     assert pipe.unknown_words("a red giraffe above a blue ring") == ["giraffe"]

@@ -8,7 +8,7 @@ from PIL import Image
 from pixsigma.cli import main as cli
 from pixsigma.config import KVCompress
 from pixsigma.io import read_params
-from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline
+from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline, SamplingDefaults
 from pixsigma.sampling import PIXART_BETAS
 
 PROMPT = "a red star above a blue ring"
@@ -180,3 +180,49 @@ def test_batches_larger_than_the_text_cache(pipe):
                for s in ("star", "circle", "square", "ring", "triangle")]  # 35 distinct > TEXT_CACHE
     emb, mask, _ = pipe.encode_prompts(prompts)
     assert emb.shape[0] == 35 and mask.shape[0] == 35
+
+
+def test_a_folder_sets_its_own_steps_and_guidance(tiny_pipeline, pipe, tmp_path):
+    import shutil
+
+    assert pipe.resolve_sampling(GenerationRequest(PROMPT)) == (4.5, 20)  # no sampling.json: PixArt's
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, folder)
+    SamplingDefaults(steps=3, guidance=2.0).write(folder)
+    own = PixSigmaPipeline.from_pretrained(str(folder), device="cpu")
+    r = own.generate(GenerationRequest(PROMPT, seed=1))
+    assert (r.params["steps"], r.params["guidance"]) == (3, 2.0)
+    spelled = own.generate(GenerationRequest(PROMPT, seed=1, steps=3, guidance=2.0))
+    assert np.array_equal(np.asarray(r.images[0]), np.asarray(spelled.images[0]))
+    r = own.generate(GenerationRequest(PROMPT, seed=1, steps=2, guidance=1.0))  # the request's own win
+    assert (r.params["steps"], r.params["guidance"]) == (2, 1.0)
+    # the folder's steps go with its own sampler; another sampler keeps its own count
+    assert own.resolve_sampling(GenerationRequest(PROMPT, sampler="ddim")) == (2.0, 50)
+
+
+@pytest.mark.parametrize("body,msg", [
+    ('{"steps": 0}', "steps must be an integer >= 1 or null, got 0"),
+    ('{"guidance": "high"}', "guidance must be a number >= 0"),
+    ('{"step": 30}', r"unknown keys \['step'\]; accepted: steps, guidance"),
+    ("[30, 2]", "must hold an object like"),
+    ("{steps: 30}", "is not valid JSON"),
+])
+def test_bad_sampling_file_is_named(tmp_path, body, msg):
+    (tmp_path / "sampling.json").write_text(body)
+    with pytest.raises(ValueError, match=msg) as e:
+        SamplingDefaults.read(tmp_path)
+    assert str(tmp_path / "sampling.json") in str(e.value)
+
+
+def test_euler_ancestral_is_seeded(pipe):
+    """Its re-noising draws from the request's generator: the seed alone fixes the image."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from pixsigma.sampling import make_scheduler
+
+    assert isinstance(make_scheduler("euler-a"), EulerAncestralDiscreteScheduler)
+    folder = {"_class_name": "EulerAncestralDiscreteScheduler", **PIXART_BETAS}
+    assert isinstance(make_scheduler("default", folder), EulerAncestralDiscreteScheduler)
+    a, b, c = (np.asarray(pipe.generate(GenerationRequest(PROMPT, sampler="euler-a", steps=4, seed=s)).images[0])
+               for s in (7, 7, 8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

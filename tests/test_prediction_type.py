@@ -64,7 +64,7 @@ def _oracle(x_star: torch.Tensor, prediction_type: str):
     return fn
 
 
-@pytest.mark.parametrize("sampler", ["dpm-solver", "ddim", "default"])
+@pytest.mark.parametrize("sampler", ["dpm-solver", "ddim", "euler-a", "default"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_samplers_read_the_prediction_type(sampler, prediction_type):
     x_star = torch.randn(2, 4, 4, 4)

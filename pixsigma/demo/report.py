@@ -21,15 +21,18 @@ from pixsigma.demo import DEMO_DIR, shapesbench
 from pixsigma.model.dit import PixArtDiT
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
-CURVE_STEPS = 14  # sampler steps for the curves (20 for the table)
+# The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
+# 14 DPM-Solver++ steps at guidance 4.5. The table samples as a user does: each folder's own (sampling.json).
+CURVE_SAMPLING = {"sampler": "dpm-solver", "steps": 14, "guidance": 4.5}
 
 
-def generate_fn(pipe, size: int, steps: int, kv: KVCompress | None = None) -> Callable[[list[str], int], list]:
+def generate_fn(pipe, size: int, kv: KVCompress | None = None, **sampling: Any) -> Callable[[list[str], int], list]:
+    """``sampling``: the request's sampler / steps / guidance (unset: the pipeline folder's own)."""
     from pixsigma.pipeline import GenerationRequest
 
     def fn(prompts: list[str], seed: int) -> list:
-        return pipe.generate(GenerationRequest(prompts, seed=seed, steps=steps, width=size, height=size,
-                                               kv=kv)).images
+        return pipe.generate(GenerationRequest(prompts, seed=seed, width=size, height=size, kv=kv,
+                                               **sampling)).images
     return fn
 
 
@@ -73,7 +76,7 @@ def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
 def _curve_point(pipe, net: PixArtDiT, resolution: int) -> float:
     """One checkpoint's point on a curve: ShapesBench attribute accuracy on the first ``CURVE_N`` prompts."""
     pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
-    r = shapesbench.evaluate(generate_fn(pipe, resolution, CURVE_STEPS), n=CURVE_N, width=resolution,
+    r = shapesbench.evaluate(generate_fn(pipe, resolution, **CURVE_SAMPLING), n=CURVE_N, width=resolution,
                              height=resolution, batch_size=CURVE_N // 2)
     return r["attribute"]
 
@@ -200,9 +203,9 @@ def final_table(out: Path, n: int) -> dict[str, dict]:
     rows = {"real images (ceiling)": (shapesbench.oracle_generate_fn(256, 256), 256),
             "real images through VAE-α (128 px)": (vae_round_trip_fn(out / "alpha" / "vae", 128), 128),
             "real images through VAE-Σ (256 px)": (vae_round_trip_fn(out / "sigma" / "vae", 256), 256),
-            "PixArt-α (128 px)": (generate_fn(alpha, 128, 20), 128),
-            "PixArt-Σ (256 px, KV R=2)": (generate_fn(sigma, 256, 20), 256),
-            "PixArt-Σ without KV": (generate_fn(sigma, 256, 20, KVCompress()), 256)}
+            "PixArt-α (128 px)": (generate_fn(alpha, 128), 128),
+            "PixArt-Σ (256 px, KV R=2)": (generate_fn(sigma, 256), 256),
+            "PixArt-Σ without KV": (generate_fn(sigma, 256, KVCompress()), 256)}
     return {name: shapesbench.evaluate(fn, n=n, width=size, height=size, batch_size=25)
             for name, (fn, size) in rows.items()}
 
