@@ -137,6 +137,23 @@ def test_aspect_ratio_snaps_to_the_bucket(engine):
     assert (square.width, square.height) == (128, 128)
 
 
+def test_requests_default_to_the_model_folders_sampling(engine, tiny_pipeline, tmp_path):
+    import shutil
+
+    from pixsigma.pipeline import SamplingDefaults
+
+    info = engine.info(MAIN)
+    assert (info.steps, info.guidance) == (20, 4.5)  # a folder without sampling.json: PixArt's
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, folder)
+    SamplingDefaults(steps=3, guidance=2.0).write(folder)
+    own = AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(folder), device="cpu")})
+    assert (own.info(MAIN).steps, own.info(MAIN).guidance) == (3, 2.0)
+    req = own.make_request("a red circle", resolution=128)
+    assert (req.steps, req.guidance) == (3, 2.0)
+    assert own.make_request("a red circle", resolution=128, steps=5, guidance=1.0).steps == 5
+
+
 def test_stream_gives_every_step_previews_then_the_pipeline_result(engine, pipe):
     request = engine.make_request("a red circle above a blue square", steps=4, seed=3, num_images=2, resolution=128)
     events = list(engine.stream(request, preview_every=2))
