@@ -59,6 +59,17 @@ def test_calibration_real_scenes_near_perfect_noise_and_blank_near_zero():
         assert v == pytest.approx(np.mean([r["attribute"] for r in rows if r["objects"] == int(k)]))
     blank = evaluate(lambda prompts, seed: [Image.new("RGB", (128, 128), "white") for _ in prompts], n=24)
     assert bad["attribute"] <= 0.3 and blank["attribute"] <= 0.3
+    # the failure breakdown: a blank image is "empty", a four-object scene has "extra" objects for a prompt that
+    # asks for fewer, real scenes are neither
+    assert blank["empty"] == 1.0 and real["empty"] == 0.0
+    assert all(g["empty"] == 1.0 and g["extra"] == 0.0 for g in blank["by_group"].values())
+    crowded = evaluate(lambda prompts, seed: [render(sample_scene(seed * 100 + i, n_objects=4), 128, 128)
+                                              for i in range(len(prompts))], n=24)
+    assert crowded["by_group"]["short/1"]["extra"] == 1.0 and crowded["by_group"]["short/2"]["extra"] == 1.0
+    assert crowded["empty"] == 0.0 and all(g["extra"] == 0.0 for g in real["by_group"].values())
+    groups = real["by_group"]
+    assert set(groups) == {"long/1", "long/2", "long/3", "long/4", "short/1", "short/2"}  # short: 1-2 objects
+    assert sum(g["n"] for g in groups.values()) == 50
     assert bad["fsd"] > 10 * max(real["fsd"], oracle["fsd"], 0.01)
     table = format_table({"real": real, "noise": bad})
     assert table.splitlines()[0].startswith("| model | attribute") and "| noise | " in table

@@ -316,7 +316,7 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
             dets = detect(img)
             parsed = parse_prompt(it.prompt)
             rows.append({"prompt": it.prompt, "style": it.style, "objects": len(parsed.objects),
-                         **score(dets, parsed)})
+                         "found": len(dets), **score(dets, parsed)})
             gen_feats.append(features(img, dets))
             real_feats.append(features(render(it.scene, width, height)))
         if progress is not None:
@@ -331,10 +331,23 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
     counts = sorted({r["objects"] for r in rows})  # where a model breaks down as scenes get fuller
     out["attribute_by_objects"] = {str(k): float(np.mean([r["attribute"] for r in rows if r["objects"] == k]))
                                    for k in counts}
+    # How a model fails, per caption style and asked objects ("short/1": "a red star"): images with no object
+    # at all (a model that never commits to a place), and with more objects than asked (strays, fragments).
+    out["empty"] = float(np.mean([r["found"] == 0 for r in rows]))
+    groups = sorted({(r["style"], r["objects"]) for r in rows})
+    out["by_group"] = {f"{st}/{k}": _group([r for r in rows if (r["style"], r["objects"]) == (st, k)])
+                       for st, k in groups}
     out["fsd"] = frechet_distance(np.array(gen_feats), np.array(real_feats)) if n > 1 else None
     out["seconds"] = time.perf_counter() - t0
     out["per_prompt"] = rows
     return out
+
+
+def _group(rows: list[dict]) -> dict[str, float | int]:
+    return {"n": len(rows), "attribute": float(np.mean([r["attribute"] for r in rows])),
+            "count": float(np.mean([r["count"] for r in rows])),
+            "empty": float(np.mean([r["found"] == 0 for r in rows])),
+            "extra": float(np.mean([r["found"] > r["objects"] for r in rows]))}
 
 
 def format_table(results: dict[str, dict]) -> str:
