@@ -13,7 +13,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,10 @@ class SamplingDefaults:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f'{path} must hold an object like {{"steps": 30, "guidance": 2.0}}, got {data!r}')
-        unknown = set(data) - {"steps", "guidance"}
+        accepted = [f.name for f in fields(cls)]
+        unknown = set(data) - set(accepted)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: steps, guidance")
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: {', '.join(accepted)}")
         try:
             return cls(**data)
         except ValueError as e:
@@ -95,7 +96,7 @@ class SamplingDefaults:
     def write(self, folder: Path) -> None:
         from pixsigma.io import atomic_write
 
-        body = json.dumps({"steps": self.steps, "guidance": self.guidance}, indent=1)
+        body = json.dumps(asdict(self), indent=1)
         atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
 
 
