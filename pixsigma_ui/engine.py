@@ -102,8 +102,8 @@ class ModelInfo:
     config: DiTConfig
     device: str
     resolutions: tuple[int, ...]  # base resolutions offered, ascending
-    steps: int = 20  # the model folder's default steps and guidance (its sampling.json, else PixArt's)
-    guidance: float = 4.5
+    steps: int  # the model's default steps and guidance (PixSigmaPipeline.resolve_sampling)
+    guidance: float
 
     @property
     def resolution(self) -> int:
