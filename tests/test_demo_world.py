@@ -13,6 +13,7 @@ from pixsigma.demo.world import (
     Scene,
     SceneObject,
     caption_vocabulary,
+    dataset_caption,
     long_caption,
     make_dataset,
     parse_prompt,
@@ -114,3 +115,25 @@ def test_make_dataset_writes_png_txt_and_metadata(tmp_path):
         assert (row["width"], row["height"]) in [(64, 128), (128, 64)]
     assert not list(out.glob(".*tmp"))
     assert set(SHAPES) <= set(caption_vocabulary())
+
+
+def test_complete_short_captions_name_every_object(tmp_path):
+    obj = lambda shape, colour, size, cell: SceneObject(shape, colour, size, cell)  # noqa: E731
+    two = Scene((obj("star", "red", "small", 0), obj("ring", "blue", "large", 8)))
+    four = Scene((*two.objects, obj("circle", "green", "medium", 4), obj("cross", "pink", "small", 2)))
+    # A 1-2 object scene's raw caption already names every object: kept in both styles.
+    assert dataset_caption(two, "complete") == dataset_caption(two) == "a red star and a blue ring"
+    # A fuller scene's raw caption names its two largest only; "complete" gives it the long caption.
+    assert dataset_caption(four) == short_caption(four) == "a blue ring and a green circle"
+    assert dataset_caption(four, "complete") == long_caption(four)
+    with pytest.raises(ValueError, match="short caption style 'full'.*raw, complete"):
+        dataset_caption(four, "full")
+    with pytest.raises(ValueError, match="short caption style"):
+        make_dataset(tmp_path / "bad", n=1, short="full")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    out = make_dataset(tmp_path / "ds", n=24, seed=1, short="complete")
+    for row in (json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()):
+        scene = Scene.from_dict(row["scene"])
+        assert (out / row["path"]).with_suffix(".txt").read_text() == row["caption"]
+        named = len(parse_prompt(row["caption"]).objects)
+        assert named == len(scene.objects), row["caption"]
