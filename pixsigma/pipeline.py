@@ -53,6 +53,16 @@ MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a sma
 SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
 
 
+def check_sampling(steps: int | None, guidance: float | None) -> None:
+    """Steps and guidance as a request or a folder's ``sampling.json`` gives them (None: unset)."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1 or null, got {steps!r}")
+    if guidance is not None and (not isinstance(guidance, int | float) or isinstance(guidance, bool)
+                                 or not guidance >= 0):
+        raise ValueError(f"guidance must be a number >= 0 (1 = no guidance; PixArt's default {DEFAULT_GUIDANCE}) "
+                         f"or null (the default), got {guidance!r}")
+
+
 class OutOfMemory(RuntimeError):
     """Raised instead of a bare CUDA OOM, naming what lowers memory."""
 
@@ -63,14 +73,10 @@ class SamplingDefaults:
     folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it."""
 
     steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
-    guidance: float = DEFAULT_GUIDANCE
+    guidance: float | None = None  # None: DEFAULT_GUIDANCE
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
-                                       or self.steps < 1):
-            raise ValueError(f"steps must be an integer >= 1 or null, got {self.steps!r}")
-        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not self.guidance >= 0:
-            raise ValueError(f"guidance must be a number >= 0 (1 = no guidance), got {self.guidance!r}")
+        check_sampling(self.steps, self.guidance)
 
     @classmethod
     def read(cls, folder: Path) -> SamplingDefaults:
@@ -119,11 +125,7 @@ class GenerationRequest:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.guidance is not None and not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0 (1 = no guidance, {DEFAULT_GUIDANCE} default), "
-                             f"got {self.guidance!r}")
+        check_sampling(self.steps, self.guidance)
         if self.sampler not in (None, *SAMPLERS):
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
         if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
@@ -316,7 +318,7 @@ class PixSigmaPipeline:
     def resolve_sampling(self, req: GenerationRequest) -> tuple[float, int]:
         """(guidance, steps) a request runs with: its own, else this model's ``sampling`` defaults (their steps
         go with the folder's own sampler only), else the sampler's."""
-        guidance = self.sampling.guidance if req.guidance is None else req.guidance
+        guidance = next(g for g in (req.guidance, self.sampling.guidance, DEFAULT_GUIDANCE) if g is not None)
         own_sampler = req.sampler in (None, "default")
         steps = req.steps or (self.sampling.steps if own_sampler and self.sampling.steps else None)
         return float(guidance), steps or default_steps(req.sampler)

@@ -81,7 +81,8 @@ def test_unknown_words_are_listed(pipe):
 
 @pytest.mark.parametrize("kwargs,msg", [
     ({"steps": 0}, "steps must be an integer >= 1"),
-    ({"guidance": -1.0}, "guidance must be >= 0"),
+    ({"steps": True}, "steps must be an integer >= 1 or null, got True"),
+    ({"guidance": -1.0}, "guidance must be a number >= 0"),
     ({"sampler": "plms"}, "unknown sampler 'plms'; accepted: default, dpm-solver"),
     ({"num_images": 0}, "num_images must be an integer in 1-16"),
 ])
