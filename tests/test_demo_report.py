@@ -87,6 +87,31 @@ def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache(
         stage_plan(1000, band_steps=-2)
 
 
+def test_stage_plan_complete_run_trains_on_its_own_complete_caption_data(tmp_path):
+    import yaml
+
+    from pixsigma.demo.build import CONFIGS, make_data, stage_plan
+    from pixsigma.demo.world import Scene, parse_prompt
+
+    base = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300)
+    plan = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300, complete_steps=400)
+    done = plan[-1]
+    assert plan[:-1] == base and {st.short for st in base} == {"raw"}
+    assert (done.name, done.steps, done.images, done.short) == ("sigma_complete", 400, 900, "complete")
+    assert done.cache not in {st.cache for st in base}  # its captions differ: its own T5 features
+    cfg = yaml.safe_load((CONFIGS / done.config).read_text())
+    assert cfg["stage"]["name"] == "finetune" and cfg["data"]["long_caption_ratio"] == 0.2
+    with pytest.raises(ValueError, match="complete_steps must be an integer >= 0"):
+        stage_plan(1000, complete_steps=-1)
+    raw, complete = make_data(tmp_path, 16, 0), make_data(tmp_path, 16, 0, "complete")
+    assert (raw.name, complete.name) == ("data", "data_complete")
+    rows = [[json.loads(x) for x in (d / "metadata.jsonl").read_text().splitlines()] for d in (raw, complete)]
+    assert [r["scene"] for r in rows[0]] == [r["scene"] for r in rows[1]]  # the same images
+    named = [[len(parse_prompt(r["caption"]).objects) == len(Scene.from_dict(r["scene"]).objects) for r in rs]
+             for rs in rows]
+    assert all(named[1]) and not all(named[0])  # raw captions leave objects out of fuller scenes
+
+
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
     from pixsigma.demo.build import assemble_pipelines
 

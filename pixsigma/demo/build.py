@@ -63,23 +63,27 @@ class StageRun:
     resolution: int
     batch_size: int
     images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
+    short: str = "raw"  # its data's short captions (world.dataset_caption): "raw", or "complete"
 
 
 def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale: int = 1,
                sigma_batch_scale: int = 1, polish_steps: int = 0,
-               polish_images: int = POLISH_IMAGES, band_steps: int = 0) -> list[StageRun]:
+               polish_images: int = POLISH_IMAGES, band_steps: int = 0,
+               complete_steps: int = 0) -> list[StageRun]:
     """α, then the three Σ stages of ``sigma_fraction`` of α's steps each. ``alpha_batch_scale`` multiplies α's
     batch and ``sigma_batch_scale`` the Σ stages' (a GPU runs 4× the CPU batch of this small model in about the
     same step time); at 1 the Σ stages keep their configs' batches (32 at 128 px, 16 at 256 px), CPU-sized.
     ``polish_steps`` > 0 appends a ``finetune`` run of the finished Σ at 256 px (the same model trained longer,
     on ``polish_images`` images it revisits: its own cache, since the stages' caches hold only what they visit).
     ``band_steps`` > 0 appends one more ``finetune`` run on that cache with a share of its timesteps in the
-    mid-noise band (``configs/shapes_sigma_band.yaml``)."""
+    mid-noise band (``configs/shapes_sigma_band.yaml``). ``complete_steps`` > 0 appends one more on the same
+    images with complete short captions (``configs/shapes_sigma_complete.yaml``: every caption names every
+    object)."""
     for name, k in (("alpha_batch_scale", alpha_batch_scale), ("sigma_batch_scale", sigma_batch_scale),
                     ("polish_images", polish_images)):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {k}")
-    for name, k in (("polish_steps", polish_steps), ("band_steps", band_steps)):
+    for name, k in (("polish_steps", polish_steps), ("band_steps", band_steps), ("complete_steps", complete_steps)):
         if not isinstance(k, int) or k < 0:
             raise ValueError(f"{name} must be an integer >= 0 (0: no such run), got {k}")
     s = max(10, int(alpha_steps * sigma_fraction))
@@ -96,6 +100,9 @@ def stage_plan(alpha_steps: int, sigma_fraction: float = 0.1, alpha_batch_scale:
     if band_steps:
         plan.append(StageRun("sigma_band", "shapes_sigma_band.yaml", "sigma_256_polish", band_steps, "sigma",
                              256, b256, polish_images))
+    if complete_steps:
+        plan.append(StageRun("sigma_complete", "shapes_sigma_complete.yaml", "sigma_256_complete", complete_steps,
+                             "sigma", 256, b256, polish_images, short="complete"))
     return plan
 
 
@@ -112,12 +119,13 @@ def _run(cmd: list[str], log: Path, threads: int) -> None:
         raise RuntimeError(f"step failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
-def make_data(work: Path, n: int, seed: int) -> Path:
+def make_data(work: Path, n: int, seed: int, short: str = "raw") -> Path:
+    """The build's world images (the same for both caption styles; "complete" data has its own folder)."""
     from pixsigma.demo.world import make_dataset
 
-    data = work / "data"
+    data = work / ("data" if short == "raw" else f"data_{short}")
     if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, n, seed=seed, sizes=TRAIN_SIZES)
+        make_dataset(data, n, seed=seed, sizes=TRAIN_SIZES, short=short)
     return data
 
 
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--polish-images", type=int, default=POLISH_IMAGES, help="world images the polish run revisits")
     ap.add_argument("--band-steps", type=int, default=0,
                     help="then this many more with a share of the timesteps in the mid-noise band (0: none)")
+    ap.add_argument("--complete-steps", type=int, default=0,
+                    help="then this many more on complete short captions (every caption names every object; 0: none)")
     ap.add_argument("--evals", type=int, default=4, help="checkpoints per stage scored for the curves")
     ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--seed", type=int, default=0)
@@ -227,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     # the plan first: a bad --*-scale, --polish-* or --band-steps fails here, not after the parts and data are built
     plan = stage_plan(args.alpha_steps, alpha_batch_scale=args.alpha_batch_scale,
                       sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
-                      polish_images=args.polish_images, band_steps=args.band_steps)
+                      polish_images=args.polish_images, band_steps=args.band_steps,
+                      complete_steps=args.complete_steps)
     from pixsigma.demo import report
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
@@ -248,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                  work / "logs" / "parts.log", args.threads)
     timings["parts"] = time.perf_counter() - t0
     assemble_pipelines(work / "parts", out)
-    data = make_data(work, args.images, args.seed)
+    data = {st.short: make_data(work, args.images, args.seed, st.short) for st in plan}
     timings["data"] = time.perf_counter() - t0 - sum(timings.values())
     precision = default_precision() if args.precision == "auto" else args.precision
     prev = None
     for st in plan:
         t = time.perf_counter()
-        train_stage(st, prev, work, data, out, args.evals, args.threads, precision)
+        train_stage(st, prev, work, data[st.short], out, args.evals, args.threads, precision)
         timings[st.name] = time.perf_counter() - t
         prev = st
     export(work, out, plan)
