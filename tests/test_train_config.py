@@ -114,6 +114,7 @@ def test_shipped_recipes_chain(tmp_path):
     assert got["sigma_xl_4k"] == (4096, deep) and produced["runs/sigma_xl_4k"].pe_interpolation == 8.0
     assert cfgs["shapes_alpha"].data.long_caption_ratio == 0.0
     assert cfgs["shapes_sigma_kv"].data.long_caption_ratio == 0.6
+    assert got["shapes_sigma_complete"] == got["shapes_sigma_kv"]  # the finetunes keep the shipped Σ's shape
 
 
 def test_lr_schedules_warm_up_then_hold_or_anneal_to_zero():
