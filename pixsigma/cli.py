@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adds CUDA graphs")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="apply guidance only for timesteps in [LOW, HIGH] (faster; changes the image)")
+    g.add_argument("--no-expand", action="store_true", help="give the model the prompt as typed, not the rewrite "
+                   "its folder names (the demo Σ's: a short prompt as the dense caption it was trained on)")
     g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
                    "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
     c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
@@ -112,7 +114,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)
     req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,
                             args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg,
-                            tuple(args.guidance_interval) if args.guidance_interval else None)
+                            tuple(args.guidance_interval) if args.guidance_interval else None,
+                            expand_prompt=not args.no_expand)
     for word in pipe.unknown_words(args.prompt):
         log.warning("unknown word %r: this model's tokenizer does not know it", word)
     res = pipe.generate(req)
@@ -124,6 +127,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     mem = f", peak {res.peak_memory_bytes / 2**30:.1f} GiB" if res.peak_memory_bytes else ""
     print(f"wrote {', '.join(map(str, paths))} ({res.width}x{res.height}, seed {res.seed}, "
           f"{res.seconds:.1f} s{mem})")
+    for path, read in zip(paths, res.params.get("expanded_prompts", [])):
+        print(f"{path.name} read the expanded prompt (--no-expand: as typed): {read}")
     return paths
 
 

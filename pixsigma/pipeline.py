@@ -51,6 +51,9 @@ MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a sma
 
 
 SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
+# Prompt expanders a folder may name (``SamplingDefaults.prompt_expander``): (prompt, seed) -> the prompt the
+# model reads. Imported only when a folder names one, so the engine carries no world's grammar.
+PROMPT_EXPANDERS = {"shapes": "pixsigma.demo.prompts:expand_prompt"}
 
 
 def check_sampling(steps: int | None, guidance: float | None) -> None:
@@ -70,13 +73,19 @@ class OutOfMemory(RuntimeError):
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a request that leaves steps or guidance unset gets for this model. The sampler itself is the
-    folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it."""
+    folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it. ``prompt_expander``
+    names how the model wants to be prompted: a rewrite of short prompts into the dense captions it was
+    trained on (``PROMPT_EXPANDERS``), applied unless a request turns it off."""
 
     steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
     guidance: float | None = None  # None: DEFAULT_GUIDANCE
+    prompt_expander: str | None = None  # None: prompts go to the text encoder as typed
 
     def __post_init__(self) -> None:
         check_sampling(self.steps, self.guidance)
+        if self.prompt_expander is not None and self.prompt_expander not in PROMPT_EXPANDERS:
+            raise ValueError(f"unknown prompt_expander {self.prompt_expander!r}; accepted: "
+                             f"{', '.join(PROMPT_EXPANDERS)} or null")
 
     @classmethod
     def read(cls, folder: Path) -> SamplingDefaults:
@@ -120,12 +129,15 @@ class GenerationRequest:
     binning: bool = True
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
+    expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         check_sampling(self.steps, self.guidance)
+        if not isinstance(self.expand_prompt, bool):
+            raise ValueError(f"expand_prompt must be true or false, got {self.expand_prompt!r}")
         if self.sampler not in (None, *SAMPLERS):
             raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
         if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
@@ -299,6 +311,18 @@ class PixSigmaPipeline:
             self._text_cache.popitem(last=False)
         return emb, mask, warnings
 
+    def expand(self, prompts: list[str], seed: int) -> list[str]:
+        """What the model reads for ``prompts`` (image ``i`` of a request drawn from ``seed + i``): the folder's
+        prompt expander applied, or the prompts as they are where it names none."""
+        name = self.sampling.prompt_expander
+        if name is None:
+            return list(prompts)
+        import importlib
+
+        module, func = PROMPT_EXPANDERS[name].split(":")
+        fn = getattr(importlib.import_module(module), func)
+        return [fn(p, seed + i) for i, p in enumerate(prompts)]
+
     # -- images -------------------------------------------------------------------------------------------
     @property
     def base_resolution(self) -> int:
@@ -348,7 +372,8 @@ class PixSigmaPipeline:
         else:
             own = None
         try:
-            prompts = [p for p in req.prompts for _ in range(req.num_images)]
+            asked = [p for p in req.prompts for _ in range(req.num_images)]
+            prompts = self.expand(asked, seed) if req.expand_prompt else asked
             cond, cmask, warnings = self.encode_prompts(prompts)
             if guidance > 1.0:
                 uncond, umask, _ = self.encode_prompts([req.negative_prompt] * len(prompts))
@@ -391,6 +416,8 @@ class PixSigmaPipeline:
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
+        if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
+            params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult([Image.fromarray(a) for a in arrays], seed, params, warnings,
                                 time.perf_counter() - start, peak, w, h)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pixsigma.config import KVCompress, parse_layers
 from pixsigma_ui.engine import ALPHA, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, layers_spec
-from pixsigma_ui.generate_tab import ASPECTS, as_int, parse_aspect
+from pixsigma_ui.generate_tab import ASPECTS, as_int, expansion_note, parse_aspect
 from pixsigma_ui.styles import examples_for
 
 DIFF_GAIN = 4  # |Σ − Σ_kv| is small; ×4 makes it visible
@@ -40,13 +40,15 @@ def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
     alpha = engine.info(ALPHA) if engine.has(ALPHA) else None
 
     def compare(prompt: str, seed: int = 0, steps: int = sigma.steps, aspect_ratio: str = "1:1",
-                kv_ratio: int = 2, kv_layers: str = "", progress: gr.Progress = gr.Progress(),  # noqa: B008
+                kv_ratio: int = 2, kv_layers: str = "", expand_prompt: bool = True,
+                progress: gr.Progress = gr.Progress(),  # noqa: B008
                 ) -> Iterator[tuple]:
         try:
             seed, steps = as_int(seed, "seed"), as_int(steps, "steps")
             kv = engine.kv_setting("on", as_int(kv_ratio, "KV ratio"), parse_layers(kv_layers or ""),
                                    sigma.suggested_kv.operator)
-            common = dict(aspect_ratio=parse_aspect(aspect_ratio), steps=steps, seed=seed)
+            common = dict(aspect_ratio=parse_aspect(aspect_ratio), steps=steps, seed=seed,
+                          expand_prompt=expand_prompt)  # each model's own expander: Σ's, α has none
             runs = {"sigma": (MAIN, engine.make_request(prompt, kv=None, **common)),
                     "full": (MAIN, engine.make_request(prompt, kv=KVCompress(), **common)),
                     "kv": (MAIN, engine.make_request(prompt, kv=kv, **common))}
@@ -85,7 +87,7 @@ def _panels(done: dict[str, Done], alpha_name: str | None, sigma_name: str, kv: 
         sa, ss = a.result.images[0], s.result.images[0]
         out[2] = (sa.resize(ss.size, Image.BILINEAR) if sa.size != ss.size else sa, ss)
         out[3] = (f"α {a.result.seconds:.2f} s · Σ {s.result.seconds:.2f} s "
-                  f"(α drawn at {sa.width}×{sa.height}, its own base resolution)")
+                  f"(α drawn at {sa.width}×{sa.height}, its own base resolution)") + expansion_note(s.result.params)
     elif s and alpha_name is None:
         out[3] = "No PixArt-α model loaded: start the app with `--alpha-model` to compare."
     if f:
@@ -114,6 +116,8 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
             with gr.Row():
                 kv_ratio = gr.Slider(2, 4, value=kv.ratio, step=1, label="KV ratio R")
                 kv_layers = gr.Textbox(value=layers_spec(kv.layers), label=f"KV layers (0–{sigma.depth - 1})")
+            expand = gr.Checkbox(value=True, label="Expand Σ's prompt (into the dense caption it was trained on)",
+                                 visible=sigma.prompt_expander is not None, elem_id="compare-expand")
     button = gr.Button("Compare", variant="primary", elem_id="compare")
     gr.Markdown("### PixArt-α vs PixArt-Σ")
     with gr.Row():
@@ -129,6 +133,6 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
     kv_note = gr.Markdown(label="KV latency")
     gr.Examples([[p] for p in examples_for(sigma.is_xl)], inputs=[prompt], label="Example prompts")
     gr.on([button.click, prompt.submit], gpu(make_compare_fn(engine)),
-          [prompt, seed, steps, aspect, kv_ratio, kv_layers],
+          [prompt, seed, steps, aspect, kv_ratio, kv_layers, expand],
           [alpha_img, sigma_img, slider, ab_note, full_img, kv_img, diff_img, kv_note],
           api_name="compare", concurrency_id=engine.device_key, concurrency_limit=1)

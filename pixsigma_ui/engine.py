@@ -26,6 +26,7 @@ from pixsigma.pipeline import (
     GenerationResult,
     OutOfMemory,
     PixSigmaPipeline,
+    SamplingDefaults,
     latent_preview,
 )
 
@@ -45,6 +46,7 @@ class Pipeline(Protocol):
     """What the engine uses of a :class:`PixSigmaPipeline` (tests pass fakes with the same surface)."""
 
     transformer: torch.nn.Module
+    sampling: SamplingDefaults  # the folder's own steps, guidance and prompt expander
 
     @property
     def device(self) -> torch.device: ...
@@ -104,6 +106,7 @@ class ModelInfo:
     resolutions: tuple[int, ...]  # base resolutions offered, ascending
     steps: int  # the model's default steps and guidance (PixSigmaPipeline.resolve_sampling)
     guidance: float
+    prompt_expander: str | None = None  # the folder's rewrite of short prompts (SamplingDefaults), if any
 
     @property
     def resolution(self) -> int:
@@ -244,7 +247,7 @@ class AppEngine:
         guidance, steps = pipe.resolve_sampling(GenerationRequest("-"))
         return ModelInfo(name=self.names[model], config=cfg, device=str(pipe.device),
                          resolutions=offered_resolutions(cfg, self.limits.max_resolution), steps=steps,
-                         guidance=guidance)
+                         guidance=guidance, prompt_expander=pipe.sampling.prompt_expander)
 
     def _check_model(self, model: str) -> None:
         if model not in self.pipes:
@@ -281,9 +284,11 @@ class AppEngine:
     def make_request(self, prompt: str, *, negative_prompt: str = "", aspect_ratio: float = 1.0,
                      resolution: int | None = None, steps: int | None = None, guidance: float | None = None,
                      sampler: str = "default", seed: int = 0, num_images: int = 1,
-                     kv: KVCompress | None = None, model: str = MAIN) -> GenerationRequest:
+                     kv: KVCompress | None = None, model: str = MAIN,
+                     expand_prompt: bool = True) -> GenerationRequest:
         """A validated request: ``aspect_ratio`` is height/width, snapped to the bucket of ``resolution``;
-        unset ``steps``/``guidance`` are the model's own (:class:`ModelInfo`)."""
+        unset ``steps``/``guidance`` are the model's own (:class:`ModelInfo`); ``expand_prompt`` applies the
+        model's prompt expander where it has one."""
         info = self.info(model)
         steps = info.steps if steps is None else steps
         guidance = info.guidance if guidance is None else guidance
@@ -317,7 +322,7 @@ class AppEngine:
                              f"base resolution")
         return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt or "", width=width, height=height,
                                  steps=steps, guidance=float(guidance), sampler=sampler, seed=seed,
-                                 num_images=num_images, binning=True, kv=kv)
+                                 num_images=num_images, binning=True, kv=kv, expand_prompt=expand_prompt)
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -85,8 +85,15 @@ def summary(done: Done) -> str:
     """The line under the result: size, seed, steps, time and peak memory."""
     r, p = done.result, done.result.params
     kind = f" ({done.memory_kind})" if done.memory_kind else ""
-    return (f"{r.width}×{r.height} px · seed {r.seed} · {p.get('steps')} steps · {p.get('sampler')} · "
+    line = (f"{r.width}×{r.height} px · seed {r.seed} · {p.get('steps')} steps · {p.get('sampler')} · "
             f"**{r.seconds:.2f} s** · peak memory {format_bytes(done.peak_memory_bytes)}{kind}")
+    return line + expansion_note(p)
+
+
+def expansion_note(params: dict[str, Any]) -> str:
+    """What the model read when its prompt expander rewrote the prompt (one line per distinct rewrite)."""
+    read = list(dict.fromkeys(params.get("expanded_prompts", [])))
+    return "".join(f"\n\nthe model read (prompt expanded): *{t}*" for t in read)
 
 
 def save_images(done: Done, folder: Path, extra: dict[str, Any]) -> list[str]:
@@ -107,7 +114,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator
                  resolution: int = info.resolution, steps: int = info.steps, guidance: float = info.guidance,
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
-                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+                 expand_prompt: bool = True, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         try:
             styled, negative = style_by_name(style, info.is_xl).apply(prompt or "", negative_prompt or "")
             seed = random.SystemRandom().randrange(MAX_SEED + 1) if randomize_seed else as_int(seed, "seed")
@@ -117,7 +124,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator
                 styled if (prompt or "").strip() else "", negative_prompt=negative,
                 aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
                 steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
-                num_images=as_int(num_images, "number of images"), kv=kv)
+                num_images=as_int(num_images, "number of images"), kv=kv, expand_prompt=expand_prompt)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         unknown = engine.unknown_words(styled)
@@ -168,6 +175,9 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 randomize = gr.Checkbox(value=True, label="Randomize seed")
+            expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
+                                 "this model was trained on (what it read is shown with the result)",
+                                 visible=info.prompt_expander is not None, elem_id="expand")
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
                             + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))
@@ -187,7 +197,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
     resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
-              kv_mode, kv_ratio, kv_layers, kv_operator]
+              kv_mode, kv_ratio, kv_layers, kv_operator, expand]
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=1, show_progress_on=[gallery])

@@ -40,7 +40,7 @@ class FlakyPipe:
     def __init__(self, pipe, fail: int = 0, error: Exception | None = None):
         self.pipe, self.fail, self.runs = pipe, fail, []  # runs: the steps each generate call reached
         self.error = error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.transformer, self.device = pipe.transformer, pipe.device
+        self.transformer, self.device, self.sampling = pipe.transformer, pipe.device, pipe.sampling
 
     def generate(self, request, callback=None):
         if self.fail:
@@ -146,12 +146,16 @@ def test_requests_default_to_the_model_folders_sampling(engine, tiny_pipeline, t
     assert (info.steps, info.guidance) == (20, 4.5)  # a folder without sampling.json: PixArt's
     folder = tmp_path / "model"
     shutil.copytree(tiny_pipeline, folder)
-    SamplingDefaults(steps=3, guidance=2.0).write(folder)
+    SamplingDefaults(steps=3, guidance=2.0, prompt_expander="shapes").write(folder)
     own = AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(folder), device="cpu")})
     assert (own.info(MAIN).steps, own.info(MAIN).guidance) == (3, 2.0)
+    assert own.info(MAIN).prompt_expander == "shapes" and info.prompt_expander is None
     req = own.make_request("a red circle", resolution=128)
-    assert (req.steps, req.guidance) == (3, 2.0)
+    assert (req.steps, req.guidance, req.expand_prompt) == (3, 2.0, True)
     assert own.make_request("a red circle", resolution=128, steps=5, guidance=1.0).steps == 5
+    assert own.make_request("a red circle", resolution=128, expand_prompt=False).expand_prompt is False
+    with pytest.raises(ValueError, match="expand_prompt must be true or false"):
+        own.make_request("a red circle", resolution=128, expand_prompt="no")
 
 
 def test_stream_gives_every_step_previews_then_the_pipeline_result(engine, pipe):

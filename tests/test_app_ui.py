@@ -130,6 +130,29 @@ def test_compare_handler_fills_every_panel_with_its_latency(engine):
     assert "α " in ab_note and "full attention" in kv_note and "difference shown ×4" in kv_note
 
 
+def test_a_models_prompt_expansion_is_shown_and_can_be_turned_off(pipe, tiny_pipeline, tmp_path):
+    import shutil
+
+    from pixsigma.demo.prompts import expand_prompt
+    from pixsigma.pipeline import SamplingDefaults
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, folder)
+    SamplingDefaults(prompt_expander="shapes").write(folder)
+    expanding = AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(folder), device="cpu"), ALPHA: pipe})
+    generate = make_generate_fn(expanding, tmp_path / "out")
+    args = dict(resolution=128, steps=2, seed=7, randomize_seed=False)
+    paths, summary, _, _ = run_all(generate("a red circle", **args))[-1]
+    dense = expand_prompt("a red circle", 7)
+    assert f"the model read (prompt expanded): *{dense}*" in summary
+    params = read_params(paths[0])
+    assert params["expanded_prompts"] == [dense] and params["user_prompt"] == "a red circle"
+    paths, summary, _, _ = run_all(generate("a red circle", expand_prompt=False, **args))[-1]
+    assert "prompt expanded" not in summary and "expanded_prompts" not in read_params(paths[0])
+    ab_note = run_all(make_compare_fn(expanding)("a red circle", seed=7, steps=1, kv_layers="1"))[-1][3]
+    assert f"*{dense}*" in ab_note  # Σ's rewrite; α (no expander) read the prompt as typed
+
+
 def test_compare_without_alpha_says_how_to_get_it(pipe):
     outs = run_all(make_compare_fn(AppEngine({MAIN: pipe}))("a red circle", steps=1, kv_layers="1"))
     assert "start the app with `--alpha-model`" in outs[-1][3]

@@ -33,11 +33,12 @@ def test_demo_folders_sample_as_measured(name):
     """The table's sampling is the folders' own: ancestral Euler, the build's steps and guidance."""
     import json
 
-    from pixsigma.demo.build import DEMO_GUIDANCE, DEMO_STEPS
+    from pixsigma.demo.build import DEMO_EXPANDER, DEMO_GUIDANCE, DEMO_STEPS
     from pixsigma.pipeline import SamplingDefaults
 
     folder = DEMO_DIR / name
-    assert SamplingDefaults.read(folder) == SamplingDefaults(DEMO_STEPS, DEMO_GUIDANCE)
+    assert SamplingDefaults.read(folder) == SamplingDefaults(DEMO_STEPS, DEMO_GUIDANCE, DEMO_EXPANDER[name])
+    assert DEMO_EXPANDER == {"sigma": "shapes", "alpha": None}  # Σ reads dense captions; α never learned them
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "EulerAncestralDiscreteScheduler" and sched["prediction_type"] == "v_prediction"
 
@@ -47,11 +48,19 @@ def test_demo_unknown_words_are_reported():
     assert pipe.unknown_words("a red giraffe above a blue ring") == ["giraffe"]
 
 
-def test_cli_generates_from_the_shipped_model(tmp_path):
-    out = tmp_path / "star.png"
-    assert cli(["generate", "a red star above a blue ring", "--model", "demo", "--out", str(out), "--seed", "1",
-                "--steps", "4"]) == 0
-    assert Image.open(out).size == (256, 256) and read_params(out)["model"] == "demo"
+def test_cli_generates_from_the_shipped_model(tmp_path, capsys):
+    from pixsigma.demo.prompts import expand_prompt
+
+    out, typed = tmp_path / "star.png", tmp_path / "typed.png"
+    args = ["generate", "a red star above a blue ring", "--model", "demo", "--seed", "1", "--steps", "4"]
+    assert cli([*args, "--out", str(out)]) == 0
+    params = read_params(out)
+    assert Image.open(out).size == (256, 256) and params["model"] == "demo"
+    dense = expand_prompt("a red star above a blue ring", 1)  # Σ's folder names the shapes expander
+    assert params["expanded_prompts"] == [dense] and "star.png read the expanded prompt " in capsys.readouterr().out
+    assert cli([*args, "--out", str(typed), "--no-expand"]) == 0
+    assert "expanded_prompts" not in read_params(typed) and "expanded" not in capsys.readouterr().out
+    assert np.asarray(Image.open(out)).tobytes() != np.asarray(Image.open(typed)).tobytes()
 
 
 def test_shipped_shapesbench_report_is_complete():

@@ -201,12 +201,37 @@ def test_a_folder_sets_its_own_steps_and_guidance(tiny_pipeline, pipe, tmp_path)
     assert own.resolve_sampling(GenerationRequest(PROMPT, sampler="ddim")) == (2.0, 50)
 
 
+def test_a_folder_expands_prompts_with_its_named_expander(tiny_pipeline, pipe, tmp_path):
+    """The model reads the expander's rewrite (seeded per image), the result says so, and a request can opt out."""
+    import shutil
+
+    from pixsigma.demo.prompts import expand_prompt
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, folder)
+    SamplingDefaults(steps=2, guidance=2.0, prompt_expander="shapes").write(folder)
+    own = PixSigmaPipeline.from_pretrained(str(folder), device="cpu")
+    r = own.generate(GenerationRequest(PROMPT, seed=5, num_images=2))
+    assert r.params["prompt"] == PROMPT
+    assert r.params["expanded_prompts"] == [expand_prompt(PROMPT, 5), expand_prompt(PROMPT, 6)]
+    read = own.generate(GenerationRequest(r.params["expanded_prompts"], seed=5, expand_prompt=False))
+    assert np.array_equal(np.asarray(r.images[1]), np.asarray(read.images[1]))  # exactly what it read
+    plain = own.generate(GenerationRequest(PROMPT, seed=5, expand_prompt=False))
+    assert "expanded_prompts" not in plain.params and "expanded_prompts" not in read.params
+    as_folder = pipe.generate(GenerationRequest(PROMPT, seed=5, steps=2, guidance=2.0))  # no expander named
+    assert "expanded_prompts" not in as_folder.params
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(as_folder.images[0]))
+    with pytest.raises(ValueError, match="expand_prompt must be true or false"):
+        GenerationRequest(PROMPT, expand_prompt="yes")
+
+
 @pytest.mark.parametrize("body,msg", [
     ('{"steps": 0}', "steps must be an integer >= 1 or null, got 0"),
     ('{"guidance": "high"}', "guidance must be a number >= 0"),
     ('{"step": 30}', r"unknown keys \['step'\]; accepted: steps, guidance"),
     ("[30, 2]", "must hold an object like"),
     ("{steps: 30}", "is not valid JSON"),
+    ('{"prompt_expander": "llm"}', r"unknown prompt_expander 'llm'; accepted: shapes or null"),
 ])
 def test_bad_sampling_file_is_named(tmp_path, body, msg):
     (tmp_path / "sampling.json").write_text(body)

@@ -1,0 +1,102 @@
+"""Prompt expansion for the shapes world: a short prompt rewritten as the dense caption Σ was trained on.
+
+PixArt-Σ learned from dense captions, and a short prompt leaves it to guess: "a pink triangle" says nothing
+of where, so the model's early estimate spreads over every cell and may never commit to one; "a red ring and
+a blue triangle" reads like the world's alt-text, which names only the two largest objects of a fuller
+scene, so more shapes may follow. ``expand_prompt`` writes the dense caption of a scene that keeps every
+thing the prompt asks (shapes, colours, sizes, cells, relations) and draws what it leaves open from a seed,
+as DALL-E 3 and others upsample prompts with a language model before the diffusion model sees them. Here
+the world's own grammar is the language model: nothing is learned and nothing the prompt says is dropped.
+
+A prompt is left as it is when expanding it could lose or change what it says: it names a background (the
+parser does not read those), uses a word outside the world's vocabulary, asks for 0 or more than 4 objects (or 'many'),
+or asks for relations no placement satisfies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+
+from pixsigma.demo.world import (
+    MAX_OBJECTS,
+    PALETTE,
+    SIZES,
+    ParsedPrompt,
+    Scene,
+    SceneObject,
+    caption_vocabulary,
+    long_caption,
+    parse_prompt,
+    sample_scene,
+)
+
+# Counts the parser cannot hold to (it reads "five stars" as a plural, two): the prompt stays as it is.
+_UNCOUNTED = {"five", "six", "seven", "eight", "nine", "many", "some"}
+_RELATION_HOLDS = {
+    "above": lambda a, b: a // 3 < b // 3,
+    "below": lambda a, b: a // 3 > b // 3,
+    "left of": lambda a, b: a % 3 < b % 3,
+    "right of": lambda a, b: a % 3 > b % 3,
+}
+
+
+def _placements(parsed: ParsedPrompt) -> list[tuple[int, ...]]:
+    """Every assignment of distinct cells (0..8) to the objects that keeps their asked cells and relations."""
+    fixed = [s.cell for s in parsed.objects]
+    if len({c for c in fixed if c is not None}) != sum(c is not None for c in fixed):
+        return []  # two objects asked for the same cell
+    free_idx = [i for i, c in enumerate(fixed) if c is None]
+    free_cells = [c for c in range(9) if c not in fixed]
+    out = []
+    for chosen in itertools.permutations(free_cells, len(free_idx)):
+        cells = list(fixed)
+        for i, c in zip(free_idx, chosen):
+            cells[i] = c
+        if all(_RELATION_HOLDS[r](cells[a], cells[b]) for a, r, b in parsed.relations):
+            out.append(tuple(cells))
+    return out
+
+
+def expandable(text: str) -> ParsedPrompt | None:
+    """The parsed prompt when ``expand_prompt`` would rewrite ``text``, else None (see the module docstring)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    if not words or "background" in words or _UNCOUNTED & set(words) or set(words) - set(caption_vocabulary()):
+        return None
+    parsed = parse_prompt(text)
+    if not 1 <= len(parsed.objects) <= MAX_OBJECTS or not _placements(parsed):
+        return None
+    return parsed
+
+
+def expand_prompt(text: str, seed: int) -> str:
+    """The dense caption of a scene satisfying ``text``, what it leaves open drawn from ``seed``; or ``text``.
+
+    Kept: every object's shape and the colour, size and cell it is given, and every relation. Drawn: the rest
+    (a colour not giving two objects the same colour and shape where the palette allows, a size, a cell among
+    those that satisfy the relations, the background). The same text and seed always give the same caption.
+    """
+    parsed = expandable(text)
+    if parsed is None:
+        return text
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    options = _placements(parsed)
+    cells = options[int(rng.integers(len(options)))]
+    taken = {(s.colour, s.shape) for s in parsed.objects if s.colour is not None}
+    objects = []
+    for spec, cell in zip(parsed.objects, cells):
+        colour = spec.colour
+        if colour is None:
+            fresh = [c for c in PALETTE if (c, spec.shape) not in taken] or list(PALETTE)
+            colour = fresh[int(rng.integers(len(fresh)))]
+            taken.add((colour, spec.shape))
+        size = spec.size or SIZES[int(rng.integers(len(SIZES)))]
+        objects.append(SceneObject(spec.shape, colour, size, cell))
+    background = sample_scene(rng, n_objects=1).background  # the world's own background distribution
+    # Reading order, as every training caption lists its objects; the cells carry the asked relations.
+    return long_caption(Scene(tuple(sorted(objects, key=lambda o: o.cell)), background))
+
+
+__all__ = ["expand_prompt", "expandable"]
