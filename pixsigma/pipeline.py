@@ -13,7 +13,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.demo import DEMO_ALPHA, DEMO_SIGMA
+from pixsigma.folder_settings import SamplingDefaults, check_sampling, load_expander
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import (
     SAMPLERS,
@@ -50,69 +51,8 @@ MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a sma
                 "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
 
 
-SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
-# Prompt expanders a folder may name (``SamplingDefaults.prompt_expander``): (prompt, seed) -> the prompt the
-# model reads. Imported only when a folder names one, so the engine carries no world's grammar.
-PROMPT_EXPANDERS = {"shapes": "pixsigma.demo.prompts:expand_prompt"}
-
-
-def check_sampling(steps: int | None, guidance: float | None) -> None:
-    """Steps and guidance as a request or a folder's ``sampling.json`` gives them (None: unset)."""
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1 or null, got {steps!r}")
-    if guidance is not None and (not isinstance(guidance, int | float) or isinstance(guidance, bool)
-                                 or not guidance >= 0):
-        raise ValueError(f"guidance must be a number >= 0 (1 = no guidance; PixArt's default {DEFAULT_GUIDANCE}) "
-                         f"or null (the default), got {guidance!r}")
-
-
 class OutOfMemory(RuntimeError):
     """Raised instead of a bare CUDA OOM, naming what lowers memory."""
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What a request that leaves steps or guidance unset gets for this model. The sampler itself is the
-    folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it. ``prompt_expander``
-    names how the model wants to be prompted: a rewrite of short prompts into the dense captions it was
-    trained on (``PROMPT_EXPANDERS``), applied unless a request turns it off."""
-
-    steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
-    guidance: float | None = None  # None: DEFAULT_GUIDANCE
-    prompt_expander: str | None = None  # None: prompts go to the text encoder as typed
-
-    def __post_init__(self) -> None:
-        check_sampling(self.steps, self.guidance)
-        if self.prompt_expander is not None and self.prompt_expander not in PROMPT_EXPANDERS:
-            raise ValueError(f"unknown prompt_expander {self.prompt_expander!r}; accepted: "
-                             f"{', '.join(PROMPT_EXPANDERS)} or null")
-
-    @classmethod
-    def read(cls, folder: Path) -> SamplingDefaults:
-        """The folder's ``sampling.json`` ({"steps": 30, "guidance": 2.0}), else PixArt's (20 steps, 4.5)."""
-        path = folder / SAMPLING_FILE
-        if not path.is_file():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f'{path} must hold an object like {{"steps": 30, "guidance": 2.0}}, got {data!r}')
-        accepted = [f.name for f in fields(cls)]
-        unknown = set(data) - set(accepted)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: {', '.join(accepted)}")
-        try:
-            return cls(**data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def write(self, folder: Path) -> None:
-        from pixsigma.io import atomic_write
-
-        body = json.dumps(asdict(self), indent=1)
-        atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
 
 
 @dataclass(frozen=True)
@@ -314,13 +254,9 @@ class PixSigmaPipeline:
     def expand(self, prompts: list[str], seed: int) -> list[str]:
         """What the model reads for ``prompts`` (image ``i`` of a request drawn from ``seed + i``): the folder's
         prompt expander applied, or the prompts as they are where it names none."""
-        name = self.sampling.prompt_expander
-        if name is None:
+        if self.sampling.prompt_expander is None:
             return list(prompts)
-        import importlib
-
-        module, func = PROMPT_EXPANDERS[name].split(":")
-        fn = getattr(importlib.import_module(module), func)
+        fn = load_expander(self.sampling.prompt_expander)
         return [fn(p, seed + i) for i, p in enumerate(prompts)]
 
     # -- images -------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
 
     from pixsigma.config import PRESETS
     from pixsigma.io import new_folder
-    from pixsigma.pipeline import SamplingDefaults
+    from pixsigma.folder_settings import SamplingDefaults
     from pixsigma.sampling import PIXART_BETAS
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):

@@ -22,12 +22,13 @@ from pixsigma.model.dit import PixArtDiT
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 # The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
-# 14 DPM-Solver++ steps at guidance 4.5. The table samples as a user does: each folder's own (sampling.json).
-CURVE_SAMPLING = {"sampler": "dpm-solver", "steps": 14, "guidance": 4.5}
+# 14 DPM-Solver++ steps at guidance 4.5, prompts as written. The table samples as a user does: each folder's
+# own (sampling.json), with Σ's rows both as typed and with its folder's prompt expansion.
+CURVE_SAMPLING = {"sampler": "dpm-solver", "steps": 14, "guidance": 4.5, "expand_prompt": False}
 
 
 def generate_fn(pipe, size: int, kv: KVCompress | None = None, **sampling: Any) -> Callable[[list[str], int], list]:
-    """``sampling``: the request's sampler / steps / guidance (unset: the pipeline folder's own)."""
+    """``sampling``: the request's sampler / steps / guidance / expand_prompt (unset: the pipeline folder's own)."""
     from pixsigma.pipeline import GenerationRequest
 
     def fn(prompts: list[str], seed: int) -> list:
@@ -198,14 +199,16 @@ def vae_round_trip_fn(vae_folder: Path, size: int) -> Callable[[list[str], int],
 
 
 def final_table(out: Path, n: int) -> dict[str, dict]:
-    """The oracle, each VAE's round trip (its decoder's ceiling), then α, Σ and Σ without KV."""
+    """The oracle, each VAE's round trip (its decoder's ceiling), then α, Σ and Σ without KV with the prompts
+    as typed (the models alone), and Σ as its folder runs by default: short prompts expanded to dense captions."""
     alpha, sigma = _pipe(out / "alpha"), _pipe(out / "sigma")
     rows = {"real images (ceiling)": (shapesbench.oracle_generate_fn(256, 256), 256),
             "real images through VAE-α (128 px)": (vae_round_trip_fn(out / "alpha" / "vae", 128), 128),
             "real images through VAE-Σ (256 px)": (vae_round_trip_fn(out / "sigma" / "vae", 256), 256),
             "PixArt-α (128 px)": (generate_fn(alpha, 128), 128),
-            "PixArt-Σ (256 px, KV R=2)": (generate_fn(sigma, 256), 256),
-            "PixArt-Σ without KV": (generate_fn(sigma, 256, KVCompress()), 256)}
+            "PixArt-Σ (256 px, KV R=2)": (generate_fn(sigma, 256, expand_prompt=False), 256),
+            "PixArt-Σ without KV": (generate_fn(sigma, 256, KVCompress(), expand_prompt=False), 256),
+            "PixArt-Σ, prompts expanded": (generate_fn(sigma, 256), 256)}
     return {name: shapesbench.evaluate(fn, n=n, width=size, height=size, batch_size=25)
             for name, (fn, size) in rows.items()}
 

@@ -1,0 +1,86 @@
+"""A pipeline folder's own settings, ``sampling.json``: how this model wants to be sampled and prompted.
+
+pixsigma's file (diffusers ignores it), written next to ``scheduler/``: the steps and guidance that go with
+the folder's own sampler, and optionally a prompt expander, a rewrite of what the user typed into the kind
+of caption the model was trained on. A request's own values always win.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from pixsigma.constants import DEFAULT_GUIDANCE
+from pixsigma.io import atomic_write
+
+SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
+# Prompt expanders a folder may name (``SamplingDefaults.prompt_expander``): (prompt, seed) -> the prompt the
+# model reads. Imported only when a folder names one, so the engine carries no world's grammar.
+PROMPT_EXPANDERS = {"shapes": "pixsigma.demo.prompts:expand_prompt"}
+
+
+def _check_expander(name: str) -> None:
+    if name not in PROMPT_EXPANDERS:
+        raise ValueError(f"unknown prompt_expander {name!r}; accepted: {', '.join(PROMPT_EXPANDERS)} or null")
+
+
+def check_sampling(steps: int | None, guidance: float | None) -> None:
+    """Steps and guidance as a request or a folder's ``sampling.json`` gives them (None: unset)."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1 or null, got {steps!r}")
+    if guidance is not None and (not isinstance(guidance, int | float) or isinstance(guidance, bool)
+                                 or not guidance >= 0):
+        raise ValueError(f"guidance must be a number >= 0 (1 = no guidance; PixArt's default {DEFAULT_GUIDANCE}) "
+                         f"or null (the default), got {guidance!r}")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves steps or guidance unset gets for this model. The sampler itself is the
+    folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it. ``prompt_expander``
+    names how the model wants to be prompted: a rewrite of short prompts into the dense captions it was
+    trained on (``PROMPT_EXPANDERS``), applied unless a request turns it off."""
+
+    steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
+    guidance: float | None = None  # None: DEFAULT_GUIDANCE
+    prompt_expander: str | None = None  # None: prompts go to the text encoder as typed
+
+    def __post_init__(self) -> None:
+        check_sampling(self.steps, self.guidance)
+        if self.prompt_expander is not None:
+            _check_expander(self.prompt_expander)
+
+    @classmethod
+    def read(cls, folder: Path) -> SamplingDefaults:
+        """The folder's ``sampling.json`` ({"steps": 30, "guidance": 2.0}), else PixArt's (20 steps, 4.5)."""
+        path = folder / SAMPLING_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{path} must hold an object like {{"steps": 30, "guidance": 2.0}}, got {data!r}')
+        accepted = [f.name for f in fields(cls)]
+        unknown = set(data) - set(accepted)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: {', '.join(accepted)}")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def write(self, folder: Path) -> None:
+        body = json.dumps(asdict(self), indent=1)
+        atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
+
+
+def load_expander(name: str) -> Callable[[str, int], str]:
+    """The (prompt, seed) -> prompt function ``PROMPT_EXPANDERS`` names."""
+    _check_expander(name)
+    module, func = PROMPT_EXPANDERS[name].split(":")
+    return getattr(importlib.import_module(module), func)
