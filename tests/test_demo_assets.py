@@ -70,8 +70,8 @@ def test_shipped_shapesbench_report_is_complete():
     report = json.loads((DEMO_DIR / "shapesbench.json").read_text())
     assert report["command"].startswith("python -m pixsigma.demo.")
     rows = report["table"]
-    names = {"PixArt-α (128 px)", "PixArt-Σ (256 px, KV R=2)", "PixArt-Σ without KV", "real images (ceiling)",
-             "real images through VAE-α (128 px)", "real images through VAE-Σ (256 px)"}
+    names = {"PixArt-α (128 px)", "PixArt-Σ (256 px, KV R=2)", "PixArt-Σ without KV", "PixArt-Σ, prompts expanded",
+             "real images (ceiling)", "real images through VAE-α (128 px)", "real images through VAE-Σ (256 px)"}
     assert names <= set(rows)
     for name, row in rows.items():
         assert row["n"] >= 200, name
