@@ -140,8 +140,8 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
     from diffusers import EulerAncestralDiscreteScheduler
 
     from pixsigma.config import PRESETS
-    from pixsigma.io import new_folder
     from pixsigma.folder_settings import SamplingDefaults
+    from pixsigma.io import new_folder
     from pixsigma.sampling import PIXART_BETAS
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
