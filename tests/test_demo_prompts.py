@@ -48,17 +48,29 @@ def test_bench_short_prompts_expand_to_scenes_that_score_perfectly_against_the_o
 @pytest.mark.parametrize("prompt", [
     "a red star on a plain blue background",  # names a background: the parser does not read it
     "a red star wearing a hat",  # words outside the world's vocabulary
-    "five red stars",  # more objects than a scene holds
-    "a blue square",
+    "five red stars",  # the parser would read a plural: two
+    "many stars",
+    "a big red star",  # in the vocabulary, but not a size the parser reads
+    "a red star on the left",  # a place outside "in the ..."
+    "a star of red colour",  # a colour not right before its shape
+    "a red star next to a blue ring",
+    "a red star above",  # a relation with nothing after it
+    "three shapes: a red star and a blue ring",
     "",
     "a red star above a blue ring. the blue ring is above the red star",  # no placement satisfies both
     "a red star in the centre and a blue ring in the centre",  # two objects asked for one cell
 ])
 def test_prompts_expansion_could_change_are_left_as_they_are(prompt):
-    if prompt == "a blue square":  # the control: a plain prompt is expanded
-        assert expandable(prompt) is not None and expand_prompt(prompt, 0) != prompt
-    else:
-        assert expandable(prompt) is None and expand_prompt(prompt, 0) == prompt
+    assert expandable(prompt) is None and expand_prompt(prompt, 0) == prompt
+
+
+@pytest.mark.parametrize("prompt", [
+    "a blue square", "a picture of two blue rings", "a red star to the left of a blue ring",
+    "a large red star in the top left", "a red star. the red star is above a blue ring",
+    "a small blue ring is below a red star, with a green cross",
+])
+def test_prompts_the_parser_reads_whole_are_expanded(prompt):
+    assert expandable(prompt) is not None and expand_prompt(prompt, 0) != prompt
 
 
 def test_a_dense_caption_comes_back_unchanged():

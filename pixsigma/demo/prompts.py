@@ -8,9 +8,9 @@ thing the prompt asks (shapes, colours, sizes, cells, relations) and draws what 
 as DALL-E 3 and others upsample prompts with a language model before the diffusion model sees them. Here
 the world's own grammar is the language model: nothing is learned and nothing the prompt says is dropped.
 
-A prompt is left as it is when expanding it could lose or change what it says: it names a background (the
-parser does not read those), uses a word outside the world's vocabulary, asks for 0 or more than 4 objects (or 'many'),
-or asks for relations no placement satisfies.
+A prompt is left as it is when expanding it could lose or change what it says: it has a word the world's
+parser would pass over (outside its vocabulary, or where it does not read it: a background, "big", "on the
+left", "five"), asks for 0 or more than 4 objects, or asks for places no placement satisfies.
 """
 
 from __future__ import annotations
@@ -22,19 +22,25 @@ import numpy as np
 
 from pixsigma.demo.world import (
     MAX_OBJECTS,
+    NUMBER_WORDS,
     PALETTE,
+    SHAPES,
     SIZES,
     ParsedPrompt,
     Scene,
     SceneObject,
-    caption_vocabulary,
     long_caption,
     parse_prompt,
     sample_scene,
 )
 
-# Counts the parser cannot hold to (it reads "five stars" as a plural, two): the prompt stays as it is.
-_UNCOUNTED = {"five", "six", "seven", "eight", "nine", "many", "some"}
+# Words that are safe anywhere (they carry no attribute); every other word must sit where parse_prompt reads
+# it (``_unread``), or the rewrite would drop what it says.
+_FILLER = {"a", "an", "the", "and", "with", "is", "of", "to", "in", "at", "picture", "image", "photo"}
+_SHAPE_WORDS = set(SHAPES) | {s + "s" for s in SHAPES}
+_ADJECTIVES = set(PALETTE) | set(SIZES) | set(NUMBER_WORDS)  # read only in a chain right before a shape word
+_CELL_WORDS = {"top", "middle", "bottom", "left", "right", "centre", "center"}  # read only after "in/at the"
+_SENTENCE_END = {".", ";", "!", "?"}
 _RELATION_HOLDS = {
     "above": lambda a, b: a // 3 < b // 3,
     "below": lambda a, b: a // 3 > b // 3,
@@ -60,10 +66,40 @@ def _placements(parsed: ParsedPrompt) -> list[tuple[int, ...]]:
     return out
 
 
+def _unread(tokens: list[str]) -> list[str]:
+    """The words of a prompt ``parse_prompt`` would pass over: outside the world's vocabulary, or in a place it
+    does not read them ("a big star", "a star on the left", "a star of red colour", "five stars")."""
+    sentence = list(itertools.accumulate(t in _SENTENCE_END for t in tokens))  # (T,) sentence index per token
+    shapes = [k for k, t in enumerate(tokens) if t in _SHAPE_WORDS]
+    out = []
+    for i, w in enumerate(tokens):
+        shape_before = any(k < i and sentence[k] == sentence[i] for k in shapes)
+        shape_after = any(k > i and sentence[k] == sentence[i] for k in shapes)
+        if w in _SHAPE_WORDS or w in _FILLER or w in _SENTENCE_END or w == ",":
+            continue
+        if w in _ADJECTIVES:
+            j = i + 1
+            while j < len(tokens) and tokens[j] in _ADJECTIVES:
+                j += 1
+            if j < len(tokens) and tokens[j] in _SHAPE_WORDS:
+                continue
+        elif w in ("above", "below") or (w in ("left", "right") and tokens[i + 1:i + 2] == ["of"]):
+            if shape_before and shape_after:  # a relation is read between two shapes of one sentence
+                continue
+        elif w in _CELL_WORDS:
+            j = i - 1
+            while j >= 0 and tokens[j] in _CELL_WORDS:
+                j -= 1
+            if i - j <= 2 and j >= 1 and tokens[j] == "the" and tokens[j - 1] in ("in", "at"):
+                continue
+        out.append(w)
+    return out
+
+
 def expandable(text: str) -> ParsedPrompt | None:
     """The parsed prompt when ``expand_prompt`` would rewrite ``text``, else None (see the module docstring)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    if not words or "background" in words or _UNCOUNTED & set(words) or set(words) - set(caption_vocabulary()):
+    tokens = re.findall(r"[a-z]+|[.,;!?]", text.lower())
+    if not tokens or _unread(tokens):
         return None
     parsed = parse_prompt(text)
     if not 1 <= len(parsed.objects) <= MAX_OBJECTS or not _placements(parsed):
