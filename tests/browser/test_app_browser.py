@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,13 +48,17 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tiny_pipeline, tmp_path_factory):
     from pixsigma.demo.world import make_dataset
+    from pixsigma.folder_settings import SamplingDefaults
 
     tmp = tmp_path_factory.mktemp("browser_app")
     make_dataset(tmp / "data", 6, sizes=((256, 256),))
     (tmp / "configs").mkdir()
     (tmp / "configs" / "shapes_finetune.yaml").write_text(FINETUNE.format(model=tiny_pipeline, data=tmp / "data"))
+    sigma = tmp / "sigma"  # Σ names a prompt expander, as the demo Σ does; α (the same weights) does not
+    shutil.copytree(tiny_pipeline, sigma)
+    SamplingDefaults(prompt_expander="shapes").write(sigma)
     port = free_port()
-    cmd = [sys.executable, "app.py", "--model", str(tiny_pipeline), "--alpha-model", str(tiny_pipeline),
+    cmd = [sys.executable, "app.py", "--model", str(sigma), "--alpha-model", str(tiny_pipeline),
            "--device", "cpu", "--port", str(port), "--enable-training", "--runs-dir", str(tmp / "runs"),
            "--train-configs", str(tmp / "configs"), "--outputs", str(tmp / "outputs")]
     log = open(tmp / "app.log", "wb")
@@ -115,8 +120,14 @@ def test_generate_shows_images_time_and_memory(page):
     page.wait_for_function("document.querySelector('#stats').innerText.includes('peak memory')", timeout=60_000)
     stats = page.inner_text("#stats")
     assert "256×256 px" in stats and "30 steps" in stats and " s · peak memory" in stats
+    assert "the model read (prompt expanded): Two shapes on " in stats  # what Σ read, under the image
     assert page.locator("#files").get_by_text(".png").count() >= 1  # the download list
     page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
+    page.locator("#expand input[type=checkbox]").uncheck()  # the prompt as typed
+    page.fill("input[aria-label='number input for Steps']", "2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#stats').innerText.includes('2 steps')", timeout=60_000)
+    assert "prompt expanded" not in page.inner_text("#stats")
 
 
 def test_bad_input_shows_an_error_toast(page):
