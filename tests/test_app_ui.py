@@ -215,7 +215,8 @@ def test_spaces_gpu_decorator_is_used_when_importable(monkeypatch):
 
 def test_api_generate(client, engine):
     images, summary, files, seed = client.predict(prompt="a red circle above a blue square", resolution=128, steps=3,
-                                                  seed=21, randomize_seed=False, num_images=2, api_name="/generate")
+                                                  seed=21, randomize_seed=False, num_images=2, expand_prompt=False,
+                                                  api_name="/generate")  # expand_prompt: the API names it too
     assert seed == 21 and len(images) == 2 and len(files) == 2 and "seed 21" in summary
     params = read_params(files[0])
     assert params["prompt"] == "a red circle above a blue square" and params["steps"] == 3
