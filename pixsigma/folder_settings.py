@@ -16,7 +16,7 @@ from pathlib import Path
 from pixsigma.constants import DEFAULT_GUIDANCE
 from pixsigma.io import atomic_write
 
-SAMPLING_FILE = "sampling.json"  # a pipeline folder's own steps and guidance (pixsigma's; diffusers ignores it)
+SAMPLING_FILE = "sampling.json"  # a folder's steps, guidance and prompt expander (pixsigma's; diffusers ignores it)
 # Prompt expanders a folder may name (``SamplingDefaults.prompt_expander``): (prompt, seed) -> the prompt the
 # model reads. Imported only when a folder names one, so the engine carries no world's grammar.
 PROMPT_EXPANDERS = {"shapes": "pixsigma.demo.prompts:expand_prompt"}

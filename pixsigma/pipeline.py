@@ -3,7 +3,9 @@
 With the same folder, seed and settings this makes the same image as diffusers'
 ``PixArtSigmaPipeline`` (noise drawn on the CPU from one generator, prompts
 lower-cased and stripped, padding to the model's token length, binning on the
-PixArt tables, bilinear cover-resize + centre-crop back to the asked size).
+PixArt tables, bilinear cover-resize + centre-crop back to the asked size). A folder whose ``sampling.json``
+names a prompt expander (``folder_settings``) has its prompts rewritten first, which diffusers does not do:
+``GenerationRequest(expand_prompt=False)`` gives the prompts as typed.
 """
 
 from __future__ import annotations
