@@ -231,7 +231,8 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     assert [s for s, _ in c["loss"]] == [1101, 1160, 1161, 1360]
     assert saved["plateau_steps"] == {"alpha": 1000, "sigma_kv": 100, "polish": 0}  # recomputed for all
     assert saved["plateau_fraction_of_alpha"] == {"sigma_kv": 0.1, "polish": 0.0}
-    assert saved["curves"]["sigma_kv"] == old["curves"]["sigma_kv"] and saved["extend_command"].endswith("r1 r2")
+    assert saved["curves"]["sigma_kv"] == old["curves"]["sigma_kv"] and c["command"].endswith("--extend polish r1 r2")
+    assert "extend_command" not in saved
     assert (out / "curves_shapesbench.png").is_file() and (out / "curves_loss.png").is_file()
     with pytest.raises(ValueError, match="already has a stage 'polish'"):
         report.extend_curves(out, "polish", runs, "cmd")

@@ -99,7 +99,8 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
         raise ValueError("--extend needs the run folders of the continuation, in order")
     last = curves[list(curves)[-1]]
     start = last["start"] + last["steps"]
-    entry: dict[str, Any] = {"start": start, "steps": 0, "loss": [], "bench": [], "runs": [str(r) for r in runs]}
+    entry: dict[str, Any] = {"start": start, "steps": 0, "loss": [], "bench": [], "runs": [str(r) for r in runs],
+                             "command": command}  # each continuation keeps its own command
     statuses = [json.loads((r / "status.json").read_text()) if (r / "status.json").is_file() else {} for r in runs]
     for run, status in zip(runs, statuses):
         if status.get("stage") != "finetune" or status.get("state") != "finished":
@@ -120,7 +121,8 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
         entry["loss"] += _losses(run, offset)
         entry["steps"] += int(status["total_steps"])
     curves[name] = entry
-    summary.update(_plateaus(curves, summary["alpha_steps"]), extend_command=command)
+    summary.update(_plateaus(curves, summary["alpha_steps"]))
+    summary.pop("extend_command", None)  # the single slot of older reports: now each entry's "command"
     plot_curves(curves, out)
     _write_summary(out, summary, summary["table"])
     return summary
