@@ -61,7 +61,7 @@ def test_bench_short_prompts_expand_to_scenes_that_score_perfectly_against_the_o
     "a red star in the centre and a blue ring in the centre",  # two objects asked for one cell
 ])
 def test_prompts_expansion_could_change_are_left_as_they_are(prompt):
-    assert expandable(prompt) is None and expand_prompt(prompt, 0) == prompt
+    assert not expandable(prompt) and expand_prompt(prompt, 0) == prompt
 
 
 @pytest.mark.parametrize("prompt", [
@@ -70,7 +70,7 @@ def test_prompts_expansion_could_change_are_left_as_they_are(prompt):
     "a small blue ring is below a red star, with a green cross",
 ])
 def test_prompts_the_parser_reads_whole_are_expanded(prompt):
-    assert expandable(prompt) is not None and expand_prompt(prompt, 0) != prompt
+    assert expandable(prompt) and expand_prompt(prompt, 0) != prompt
 
 
 def test_a_dense_caption_comes_back_unchanged():

@@ -21,32 +21,26 @@ import re
 import numpy as np
 
 from pixsigma.demo.world import (
+    CELL_WORDS,
     MAX_OBJECTS,
     NUMBER_WORDS,
     PALETTE,
-    SHAPES,
+    SHAPE_OF,
     SIZES,
     ParsedPrompt,
     Scene,
     SceneObject,
     long_caption,
     parse_prompt,
+    relation_holds,
     sample_scene,
 )
 
 # Words that are safe anywhere (they carry no attribute); every other word must sit where parse_prompt reads
 # it (``_unread``), or the rewrite would drop what it says.
 _FILLER = {"a", "an", "the", "and", "with", "is", "of", "to", "in", "at", "picture", "image", "photo"}
-_SHAPE_WORDS = set(SHAPES) | {s + "s" for s in SHAPES}
 _ADJECTIVES = set(PALETTE) | set(SIZES) | set(NUMBER_WORDS)  # read only in a chain right before a shape word
-_CELL_WORDS = {"top", "middle", "bottom", "left", "right", "centre", "center"}  # read only after "in/at the"
 _SENTENCE_END = {".", ";", "!", "?"}
-_RELATION_HOLDS = {
-    "above": lambda a, b: a // 3 < b // 3,
-    "below": lambda a, b: a // 3 > b // 3,
-    "left of": lambda a, b: a % 3 < b % 3,
-    "right of": lambda a, b: a % 3 > b % 3,
-}
 
 
 def _placements(parsed: ParsedPrompt) -> list[tuple[int, ...]]:
@@ -61,7 +55,7 @@ def _placements(parsed: ParsedPrompt) -> list[tuple[int, ...]]:
         cells = list(fixed)
         for i, c in zip(free_idx, chosen):
             cells[i] = c
-        if all(_RELATION_HOLDS[r](cells[a], cells[b]) for a, r, b in parsed.relations):
+        if all(relation_holds(r, cells[a], cells[b]) for a, r, b in parsed.relations):
             out.append(tuple(cells))
     return out
 
@@ -70,25 +64,25 @@ def _unread(tokens: list[str]) -> list[str]:
     """The words of a prompt ``parse_prompt`` would pass over: outside the world's vocabulary, or in a place it
     does not read them ("a big star", "a star on the left", "a star of red colour", "five stars")."""
     sentence = list(itertools.accumulate(t in _SENTENCE_END for t in tokens))  # (T,) sentence index per token
-    shapes = [k for k, t in enumerate(tokens) if t in _SHAPE_WORDS]
+    shapes = [k for k, t in enumerate(tokens) if t in SHAPE_OF]
     out = []
     for i, w in enumerate(tokens):
         shape_before = any(k < i and sentence[k] == sentence[i] for k in shapes)
         shape_after = any(k > i and sentence[k] == sentence[i] for k in shapes)
-        if w in _SHAPE_WORDS or w in _FILLER or w in _SENTENCE_END or w == ",":
+        if w in SHAPE_OF or w in _FILLER or w in _SENTENCE_END or w == ",":
             continue
         if w in _ADJECTIVES:
             j = i + 1
             while j < len(tokens) and tokens[j] in _ADJECTIVES:
                 j += 1
-            if j < len(tokens) and tokens[j] in _SHAPE_WORDS:
+            if j < len(tokens) and tokens[j] in SHAPE_OF:
                 continue
         elif w in ("above", "below") or (w in ("left", "right") and tokens[i + 1:i + 2] == ["of"]):
             if shape_before and shape_after:  # a relation is read between two shapes of one sentence
                 continue
-        elif w in _CELL_WORDS:
+        elif w in CELL_WORDS:
             j = i - 1
-            while j >= 0 and tokens[j] in _CELL_WORDS:
+            while j >= 0 and tokens[j] in CELL_WORDS:
                 j -= 1
             if i - j <= 2 and j >= 1 and tokens[j] == "the" and tokens[j - 1] in ("in", "at"):
                 continue
@@ -96,15 +90,21 @@ def _unread(tokens: list[str]) -> list[str]:
     return out
 
 
-def expandable(text: str) -> ParsedPrompt | None:
-    """The parsed prompt when ``expand_prompt`` would rewrite ``text``, else None (see the module docstring)."""
+def _plan(text: str) -> tuple[ParsedPrompt, list[tuple[int, ...]]] | None:
+    """The parsed prompt and every placement of its objects, when ``text`` can be expanded; else None."""
     tokens = re.findall(r"[a-z]+|[.,;!?]", text.lower())
     if not tokens or _unread(tokens):
         return None
     parsed = parse_prompt(text)
-    if not 1 <= len(parsed.objects) <= MAX_OBJECTS or not _placements(parsed):
+    if not 1 <= len(parsed.objects) <= MAX_OBJECTS:  # checked first: placements of 5+ objects are many
         return None
-    return parsed
+    options = _placements(parsed)
+    return (parsed, options) if options else None
+
+
+def expandable(text: str) -> bool:
+    """Whether ``expand_prompt`` rewrites ``text`` (see the module docstring for when it does not)."""
+    return _plan(text) is not None
 
 
 def expand_prompt(text: str, seed: int) -> str:
@@ -114,11 +114,11 @@ def expand_prompt(text: str, seed: int) -> str:
     (a colour not giving two objects the same colour and shape where the palette allows, a size, a cell among
     those that satisfy the relations, the background). The same text and seed always give the same caption.
     """
-    parsed = expandable(text)
-    if parsed is None:
+    plan = _plan(text)
+    if plan is None:
         return text
+    parsed, options = plan
     rng = np.random.default_rng([int(seed), 0x5EED])
-    options = _placements(parsed)
     cells = options[int(rng.integers(len(options)))]
     taken = {(s.colour, s.shape) for s in parsed.objects if s.colour is not None}
     objects = []

@@ -45,6 +45,7 @@ from pixsigma.demo.world import (
     SceneObject,
     long_caption,
     parse_prompt,
+    relation_holds,
     render,
     sample_scene,
     scene_rng,
@@ -187,11 +188,6 @@ def detect(image: Image.Image) -> list[Detection]:
     return sorted(found, key=lambda d: -d.area)
 
 
-def _satisfied(rel: str, a: Detection, b: Detection) -> bool:
-    ra, ca, rb, cb = a.cell // 3, a.cell % 3, b.cell // 3, b.cell % 3
-    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
-
-
 def score(detections: Sequence[Detection], parsed: ParsedPrompt) -> dict[str, float | None]:
     """Per-prompt scores in [0, 1] (None where the prompt does not ask for that part)."""
     specs = parsed.objects
@@ -216,7 +212,7 @@ def score(detections: Sequence[Detection], parsed: ParsedPrompt) -> dict[str, fl
     shape = mean([m is not None and m.shape == s.shape for s, m in zip(specs, match)])
     size = mean([m is not None and m.size == s.size for s, m in zip(specs, match) if s.size])
     places = [m is not None and m.cell == s.cell for s, m in zip(specs, match) if s.cell is not None]
-    places += [match[a] is not None and match[b] is not None and _satisfied(r, match[a], match[b])
+    places += [match[a] is not None and match[b] is not None and relation_holds(r, match[a].cell, match[b].cell)
                for a, r, b in parsed.relations]
     out: dict[str, float | None] = {"count": float(len(detections) == len(specs)), "colour": colour,
                                     "shape": shape, "position": mean(places), "size": size}

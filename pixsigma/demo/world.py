@@ -249,6 +249,12 @@ def relation(a: SceneObject, b: SceneObject) -> str:
     return " and ".join(parts)
 
 
+def relation_holds(rel: str, cell_a: int, cell_b: int) -> bool:
+    """Whether an object on ``cell_a`` is ``rel`` (one of ``RELATIONS``) the object on ``cell_b``."""
+    ra, ca, rb, cb = cell_a // 3, cell_a % 3, cell_b // 3, cell_b % 3
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
 def background_phrase(bg: Background) -> str:
     if bg.split == "none":
         return f"a plain {bg.colours[0]} background"
@@ -317,9 +323,9 @@ class ParsedPrompt:
     relations: tuple[tuple[int, str, int], ...]  # (subject index, one of RELATIONS, object index)
 
 
-_SHAPE_OF = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+SHAPE_OF = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}  # a prompt's shape word -> the shape
 _COUNT_OF = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
-_CELL_WORDS = {"top", "middle", "bottom", "left", "right", "centre", "center"}
+CELL_WORDS = {"top", "middle", "bottom", "left", "right", "centre", "center"}  # read after "in the" / "at the"
 
 
 def _cell_from(words: list[str]) -> int | None:
@@ -351,8 +357,8 @@ def parse_prompt(text: str) -> ParsedPrompt:
         elif w in ("above", "below", "left", "right") and (pending is not None or last_index is not None):
             pending = pending or (last_index, [], i)  # 'a star to the left of a circle' needs no 'is'
             pending[1].append(w if w in ("above", "below") else f"{w} of")
-        elif w in _SHAPE_OF:
-            shape, colour, size, det = _SHAPE_OF[w], None, None, None
+        elif w in SHAPE_OF:
+            shape, colour, size, det = SHAPE_OF[w], None, None, None
             j = i - 1
             while j >= 0 and (toks[j] in PALETTE or toks[j] in SIZES):
                 colour = toks[j] if toks[j] in PALETTE and colour is None else colour
@@ -363,7 +369,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
             k = i + 1
             if k + 1 < len(toks) and toks[k] in ("in", "at") and toks[k + 1] == "the":
                 k += 2
-                while k < len(toks) and toks[k] in _CELL_WORDS and len(cell_words) < 2:
+                while k < len(toks) and toks[k] in CELL_WORDS and len(cell_words) < 2:
                     cell_words.append(toks[k])
                     k += 1
                 i = k - 1
