@@ -106,7 +106,7 @@ class ModelInfo:
     resolutions: tuple[int, ...]  # base resolutions offered, ascending
     steps: int  # the model's default steps and guidance (PixSigmaPipeline.resolve_sampling)
     guidance: float
-    prompt_expander: str | None = None  # the folder's rewrite of short prompts (SamplingDefaults), if any
+    prompt_expander: str | None  # the folder's rewrite of short prompts (SamplingDefaults), None: none
 
     @property
     def resolution(self) -> int:
