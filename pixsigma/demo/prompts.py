@@ -16,7 +16,6 @@ left", "five"), asks for 0 or more than 4 objects, or asks for places no placeme
 from __future__ import annotations
 
 import itertools
-import re
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from pixsigma.demo.world import (
     parse_prompt,
     relation_holds,
     sample_scene,
+    tokenize,
 )
 
 # Words that are safe anywhere (they carry no attribute); every other word must sit where parse_prompt reads
@@ -92,7 +92,7 @@ def _unread(tokens: list[str]) -> list[str]:
 
 def _plan(text: str) -> tuple[ParsedPrompt, list[tuple[int, ...]]] | None:
     """The parsed prompt and every placement of its objects, when ``text`` can be expanded; else None."""
-    tokens = re.findall(r"[a-z]+|[.,;!?]", text.lower())
+    tokens = tokenize(text)
     if not tokens or _unread(tokens):
         return None
     parsed = parse_prompt(text)

@@ -336,13 +336,18 @@ def _cell_from(words: list[str]) -> int | None:
     return (rows[0] if rows else 1) * 3 + (cols[0] if cols else 1)
 
 
+def tokenize(text: str) -> list[str]:
+    """A prompt's lower-cased words and punctuation marks, as ``parse_prompt`` reads them."""
+    return re.findall(r"[a-z]+|[.,;!?]", text.lower())
+
+
 def parse_prompt(text: str) -> ParsedPrompt:
     """The objects (shape, colour, size, cell) and relations a prompt in the world's language asks for.
 
     Reads both caption styles and simple variants ('two blue rings', 'a star to the left of a circle').
     'the <colour> <shape>' refers back to an object already named rather than adding one.
     """
-    toks = re.findall(r"[a-z]+|[.,;!?]", text.lower())
+    toks = tokenize(text)
     objects: list[ObjectSpec] = []
     relations: list[tuple[int, str, int]] = []
     pending: tuple[int, list[str], int] | None = None  # (subject index, relation words, token index of 'is')
