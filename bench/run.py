@@ -13,7 +13,7 @@ from bench.dit import bench_dit
 from bench.e2e import bench_e2e_demo, bench_e2e_random, bench_guidance
 from bench.measure import check_device, environment, matmul_peak
 from bench.plan import PARTS, BenchFailed, BenchSettings, Profile, Recorder, profile_for
-from pixsigma.pipeline import DEMO_MODELS
+from pixsigma.registry import MODEL_ALIASES
 
 GB = 1e9  # the memory targets, in decimal gigabytes
 
@@ -106,7 +106,7 @@ def _e2e(p: Profile, device: torch.device, rec: Recorder, settings: BenchSetting
         rows, found = bench_e2e_demo(p, device, rec, settings.steps, settings.seed)
         if found:
             return rows
-        notes.append(f"FALLBACK: the trained demo model is not at {DEMO_MODELS['demo']} yet, so the whole-image "
+        notes.append(f"FALLBACK: the trained demo model is not at {MODEL_ALIASES['demo']} yet, so the whole-image "
                      "row is a random pipeline with the demo's DiT architecture and a small T5 and VAE — "
                      "NOT the demo model.")
         return bench_e2e_random(p, device, rec, settings.steps, settings.seed,

@@ -185,7 +185,7 @@ PRESETS: dict[str, DiTConfig] = {
     "XL_2_1024_KV": DiTConfig(**_XL, sample_size=128, pe_interpolation=2.0, kv_compress=_DEEP_HALF_XL),
     "XL_2_2K_KV": DiTConfig(**_XL, sample_size=256, pe_interpolation=4.0, kv_compress=_DEEP_HALF_XL),
     "XL_2_4K_KV": DiTConfig(**_XL, sample_size=512, pe_interpolation=8.0, kv_compress=_DEEP_HALF_XL),
-    # The shipped "shapes" demo (see pixsigma/demo); small enough for a CPU. v-prediction: with ε a model
+    # The shipped "shapes" demo (see shapes); small enough for a CPU. v-prediction: with ε a model
     # this small cannot output ε to the ~1e-2 precision that x₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ needs at high noise
     # (√ᾱ ≈ 0.02 at t = 900), so its early sampler steps (where layout and colour are decided) drift.
     "demo": DiTConfig(depth=8, hidden_size=192, num_heads=4, caption_channels=128, max_tokens=80,

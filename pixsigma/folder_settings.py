@@ -7,24 +7,15 @@ of caption the model was trained on. A request's own values always win.
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pixsigma.constants import DEFAULT_GUIDANCE
 from pixsigma.io import atomic_write
+from pixsigma.registry import check_expander
 
 SAMPLING_FILE = "sampling.json"  # a folder's steps, guidance and prompt expander (pixsigma's; diffusers ignores it)
-# Prompt expanders a folder may name (``SamplingDefaults.prompt_expander``): (prompt, seed) -> the prompt the
-# model reads. Imported only when a folder names one, so the engine carries no world's grammar.
-PROMPT_EXPANDERS = {"shapes": "pixsigma.demo.prompts:expand_prompt"}
-
-
-def _check_expander(name: str) -> None:
-    if name not in PROMPT_EXPANDERS:
-        raise ValueError(f"unknown prompt_expander {name!r}; accepted: {', '.join(PROMPT_EXPANDERS)} or null")
 
 
 def check_sampling(steps: int | None, guidance: float | None) -> None:
@@ -42,7 +33,7 @@ class SamplingDefaults:
     """What a request that leaves steps or guidance unset gets for this model. The sampler itself is the
     folder's ``scheduler/`` (the ``default`` sampler); these two numbers go with it. ``prompt_expander``
     names how the model wants to be prompted: a rewrite of short prompts into the dense captions it was
-    trained on (``PROMPT_EXPANDERS``), applied unless a request turns it off."""
+    trained on (``pixsigma.registry``), applied unless a request turns it off."""
 
     steps: int | None = None  # None: the sampler's own (DEFAULT_STEPS_FOR)
     guidance: float | None = None  # None: DEFAULT_GUIDANCE
@@ -51,7 +42,7 @@ class SamplingDefaults:
     def __post_init__(self) -> None:
         check_sampling(self.steps, self.guidance)
         if self.prompt_expander is not None:
-            _check_expander(self.prompt_expander)
+            check_expander(self.prompt_expander)
 
     @classmethod
     def read(cls, folder: Path) -> SamplingDefaults:
@@ -78,9 +69,3 @@ class SamplingDefaults:
         body = json.dumps(asdict(self), indent=1)
         atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
 
-
-def load_expander(name: str) -> Callable[[str, int], str]:
-    """The (prompt, seed) -> prompt function ``PROMPT_EXPANDERS`` names."""
-    _check_expander(name)
-    module, func = PROMPT_EXPANDERS[name].split(":")
-    return getattr(importlib.import_module(module), func)

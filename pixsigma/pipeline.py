@@ -25,9 +25,9 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
-from pixsigma.demo import DEMO_ALPHA, DEMO_SIGMA
-from pixsigma.folder_settings import SamplingDefaults, check_sampling, load_expander
+from pixsigma.folder_settings import SamplingDefaults, check_sampling
 from pixsigma.model.dit import PixArtDiT
+from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
     SAMPLERS,
     decode,
@@ -48,7 +48,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_IMAGES = 16
 TEXT_CACHE = 32  # distinct prompts whose T5 features are kept
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
-DEMO_MODELS = {"demo": DEMO_SIGMA, "demo-sigma": DEMO_SIGMA, "demo-alpha": DEMO_ALPHA}
 MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a smaller --width/--height, "
                 "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
 
@@ -131,11 +130,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def resolve_model(model: str) -> Path:
     """A local pipeline folder, a shipped demo name, or a hub id (downloaded through huggingface_hub)."""
-    if model in DEMO_MODELS:
-        path = DEMO_MODELS[model]
+    if model in MODEL_ALIASES:
+        path = MODEL_ALIASES[model]
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"demo model {model!r} is missing at {path}; rebuild it with "
-                                    "`python -m pixsigma.demo.build`")
+                                    "`python -m shapes.build` (from a clone of the repository)")
         return path
     path = Path(model).expanduser()
     if path.exists():

@@ -50,7 +50,7 @@ _XL_STYLES = (
           "sloppy, messy, blurry, noisy, highly detailed, ultra textured, photo, realistic"),
 )
 
-# Backgrounds of the shapes world (pixsigma.demo.world.BACKGROUNDS): the one "style" its captions describe.
+# Backgrounds of the shapes world (shapes.world.BACKGROUNDS): the one "style" its captions describe.
 _DEMO_STYLES = (
     Style(NO_STYLE),
     Style("White background", "{prompt} on a plain white background"),

@@ -133,8 +133,8 @@ def test_compare_handler_fills_every_panel_with_its_latency(engine):
 def test_a_models_prompt_expansion_is_shown_and_can_be_turned_off(pipe, tiny_pipeline, tmp_path):
     import shutil
 
-    from pixsigma.demo.prompts import expand_prompt
     from pixsigma.pipeline import SamplingDefaults
+    from shapes.prompts import expand_prompt
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_pipeline, folder)

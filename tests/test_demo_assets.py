@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from pixsigma.cli import main as cli
-from pixsigma.demo import DEMO_DIR
 from pixsigma.io import read_params
 from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
+from shapes import DEMO_DIR
 
 MAX_ASSETS_MB = 40
 
@@ -33,8 +33,8 @@ def test_demo_folders_sample_as_measured(name):
     """The table's sampling is the folders' own: ancestral Euler, the build's steps and guidance."""
     import json
 
-    from pixsigma.demo.build import DEMO_EXPANDER, DEMO_GUIDANCE, DEMO_STEPS
     from pixsigma.pipeline import SamplingDefaults
+    from shapes.build import DEMO_EXPANDER, DEMO_GUIDANCE, DEMO_STEPS
 
     folder = DEMO_DIR / name
     assert SamplingDefaults.read(folder) == SamplingDefaults(DEMO_STEPS, DEMO_GUIDANCE, DEMO_EXPANDER[name])
@@ -49,7 +49,7 @@ def test_demo_unknown_words_are_reported():
 
 
 def test_cli_generates_from_the_shipped_model(tmp_path, capsys):
-    from pixsigma.demo.prompts import expand_prompt
+    from shapes.prompts import expand_prompt
 
     out, typed = tmp_path / "star.png", tmp_path / "typed.png"
     args = ["generate", "a red star above a blue ring", "--model", "demo", "--seed", "1", "--steps", "4"]
@@ -68,7 +68,7 @@ def test_shipped_shapesbench_report_is_complete():
     import json
 
     report = json.loads((DEMO_DIR / "shapesbench.json").read_text())
-    assert report["command"].startswith("python -m pixsigma.demo.")
+    assert report["command"].startswith("python -m shapes.")
     rows = report["table"]
     names = {"PixArt-α (128 px)", "PixArt-Σ (256 px, KV R=2)", "PixArt-Σ without KV", "PixArt-Σ, prompts expanded",
              "real images (ceiling)", "real images through VAE-α (128 px)", "real images through VAE-Σ (256 px)"}
@@ -94,7 +94,7 @@ def test_shipped_vae_sigma_is_the_decoder_refined_one():
     """The shipped VAE-Σ went through phase 2 of its spec (decoder-only, encoder frozen) and is the better VAE."""
     import json
 
-    from pixsigma.demo.vae import VAE_SPECS
+    from shapes.vae import VAE_SPECS
 
     sigma = json.loads((DEMO_DIR / "sigma" / "vae" / "metrics.json").read_text())
     alpha = json.loads((DEMO_DIR / "alpha" / "vae" / "metrics.json").read_text())

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pixsigma.demo import shapesbench
-from pixsigma.demo.prompts import expand_prompt, expandable
-from pixsigma.demo.world import long_caption, parse_prompt, render
+from shapes import shapesbench
+from shapes.prompts import expand_prompt, expandable
+from shapes.world import long_caption, parse_prompt, render
 
 
 def _cells(text: str) -> list[tuple[str, str, str, int]]:

@@ -10,8 +10,8 @@ import torch
 from fixtures import TINY_DIT, random_dit
 
 from pixsigma.config import KVCompress
-from pixsigma.demo.report import _stage_start, plateau_step
 from pixsigma.weights import save_dit
+from shapes.report import _stage_start, plateau_step
 
 
 def test_stage_start_is_the_previous_export_in_the_next_stages_model(tmp_path):
@@ -43,7 +43,7 @@ def test_plateau_step_is_the_first_checkpoint_near_the_best():
 
 
 def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits():
-    from pixsigma.demo.build import stage_plan
+    from shapes.build import stage_plan
 
     plan = stage_plan(1000, alpha_batch_scale=4)
     assert [(st.name, st.steps, st.batch_size, st.images) for st in plan] == [
@@ -61,7 +61,7 @@ def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits
 def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache():
     import yaml
 
-    from pixsigma.demo.build import CONFIGS, stage_plan
+    from shapes.build import CONFIGS, stage_plan
 
     plan = stage_plan(1000, sigma_batch_scale=2, polish_steps=700, polish_images=900)
     assert len(plan) == 5 and plan[:4] == stage_plan(1000, sigma_batch_scale=2)
@@ -90,8 +90,8 @@ def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache(
 def test_stage_plan_complete_run_trains_on_its_own_complete_caption_data(tmp_path):
     import yaml
 
-    from pixsigma.demo.build import CONFIGS, make_data, stage_plan
-    from pixsigma.demo.world import Scene, parse_prompt
+    from shapes.build import CONFIGS, make_data, stage_plan
+    from shapes.world import Scene, parse_prompt
 
     base = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300)
     plan = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300, complete_steps=400)
@@ -113,7 +113,7 @@ def test_stage_plan_complete_run_trains_on_its_own_complete_caption_data(tmp_pat
 
 
 def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
-    from pixsigma.demo.build import assemble_pipelines
+    from shapes.build import assemble_pipelines
 
     parts, out = tmp_path / "parts", tmp_path / "demo"
     for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma"):
@@ -133,9 +133,9 @@ def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
 
 def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
     """The ceiling row: each prompt's real scene encoded and decoded (so a blurring VAE scores below 100 %)."""
-    from pixsigma.demo import shapesbench
-    from pixsigma.demo.report import vae_round_trip_fn
-    from pixsigma.demo.vae import VAESpec, build_vae, to_tensor
+    from shapes import shapesbench
+    from shapes.report import vae_round_trip_fn
+    from shapes.vae import VAESpec, build_vae, to_tensor
 
     vae = build_vae(VAESpec(block_out_channels=(8, 8, 8, 8), steps=1))  # untrained: a very lossy round trip
     vae.save_pretrained(tmp_path / "vae")
@@ -151,17 +151,17 @@ def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
 
 
 def test_table_only_rescores_the_table_and_keeps_the_builds_curves(tmp_path, monkeypatch):
-    from pixsigma.demo import report
+    from shapes import report
 
     with pytest.raises(ValueError, match="--table-only works on an existing report"):
         report.rescore_table(tmp_path, 4, "cmd")
     old = {"table": {"PixArt-α (128 px)": {"attribute": 0.1}}, "curves": {"alpha": {"bench": [[10, 0.1]]}},
-           "plateau_steps": {"alpha": 10}, "command": "python -m pixsigma.demo.build"}
+           "plateau_steps": {"alpha": 10}, "command": "python -m shapes.build"}
     (tmp_path / "shapesbench.json").write_text(json.dumps(old))
     row = {"n": 4, "attribute": 0.5, "count": 0.5, "colour": 0.5, "shape": 0.5, "position": 0.5, "size": 0.5,
            "attribute_long": 0.5, "attribute_short": 0.5, "fsd": 1.0, "per_prompt": [{"prompt": "a red star"}]}
     monkeypatch.setattr(report, "final_table", lambda out, n: {"PixArt-Σ (256 px, KV R=2)": {**row, "n": n}})
-    s = report.rescore_table(tmp_path, 4, "python -m pixsigma.demo.report --table-only")
+    s = report.rescore_table(tmp_path, 4, "python -m shapes.report --table-only")
     saved = json.loads((tmp_path / "shapesbench.json").read_text())
     assert saved == s
     assert saved["curves"] == old["curves"] and saved["plateau_steps"] == old["plateau_steps"]
@@ -195,13 +195,13 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     from types import SimpleNamespace
 
     import train.checkpoint as ckpt
-    from pixsigma.demo import report
+    from shapes import report
 
     out = tmp_path / "demo"
     out.mkdir()
     with pytest.raises(ValueError, match="works on an existing report"):
         report.extend_curves(out, "polish", [tmp_path / "r1"], "cmd")
-    old = {"table": {}, "alpha_steps": 1000, "command": "python -m pixsigma.demo.build",
+    old = {"table": {}, "alpha_steps": 1000, "command": "python -m shapes.build",
            "curves": {"alpha": {"start": 0, "steps": 1000, "loss": [[1, 0.5]], "bench": [[1000, 0.2]]},
                       "sigma_kv": {"start": 1000, "steps": 100, "loss": [[1001, 0.3]],
                                    "bench": [[1000, 0.3], [1100, 0.4]]}},
@@ -222,7 +222,7 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     monkeypatch.setattr(report, "_pipe", lambda folder: object())
     monkeypatch.setattr(report, "_curve_point", lambda pipe, net, res: net.step / 1000 if res == 256 else None)
     (tmp_path / "start").mkdir()  # what r1 loaded (scored 0.4 below)
-    report.extend_curves(out, "polish", runs, "python -m pixsigma.demo.report --extend polish r1 r2")
+    report.extend_curves(out, "polish", runs, "python -m shapes.report --extend polish r1 r2")
     saved = json.loads((out / "shapesbench.json").read_text())
     c = saved["curves"]["polish"]
     assert list(saved["curves"]) == ["alpha", "sigma_kv", "polish"] and (c["start"], c["steps"]) == (1100, 260)
@@ -246,7 +246,7 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
 
 
 def test_build_refuses_a_bad_plan_before_building_anything(tmp_path):
-    from pixsigma.demo.build import main
+    from shapes.build import main
 
     with pytest.raises(ValueError, match="polish_steps must be an integer >= 0"):
         main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "demo"), "--polish-steps", "-1"])

@@ -8,11 +8,11 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
-from pixsigma.demo import DEMO_DIR
-from pixsigma.demo.build_parts import build_parts
-from pixsigma.demo.text_encoder import build_tokenizer, encode, unknown_words
-from pixsigma.demo.vae import VAE_SPECS, VAESpec
-from pixsigma.demo.world import long_caption, sample_scene, scene_rng
+from shapes import DEMO_DIR
+from shapes.build_parts import build_parts
+from shapes.text_encoder import build_tokenizer, encode, unknown_words
+from shapes.vae import VAE_SPECS, VAESpec
+from shapes.world import long_caption, sample_scene, scene_rng
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +111,7 @@ def test_vae_latent_alignment_pulls_latents_to_the_reference():
     """align_weight > 0 adds the latent-mean MSE to a frozen reference VAE (the aligned VAE-Σ trial)."""
     from dataclasses import replace
 
-    from pixsigma.demo.vae import build_vae, heldout_images, train_vae
+    from shapes.vae import build_vae, heldout_images, train_vae
 
     spec = VAESpec(block_out_channels=(8, 8, 8, 8), steps=150, batch_size=2, sizes=((64, 64),), lr=3e-3)
     torch.manual_seed(1)
@@ -152,7 +152,7 @@ def test_decoder_refinement_keeps_the_encoder_and_learns_to_decode_noisy_latents
     latents needs no retraining) while decoding latents with DiT-like errors gets better."""
     from dataclasses import replace
 
-    from pixsigma.demo.vae import heldout_images, refine_decoder, train_vae
+    from shapes.vae import heldout_images, refine_decoder, train_vae
 
     spec = _tiny_refine_spec(decoder_steps=80, decoder_noise=0.5)
     x = heldout_images(4, size=64)
@@ -182,8 +182,8 @@ def test_decoder_refinement_keeps_the_encoder_and_learns_to_decode_noisy_latents
 def test_refine_built_decoder_swaps_the_folder_and_refuses_a_second_pass(tmp_path):
     from dataclasses import replace
 
-    from pixsigma.demo.build_parts import needs_refinement, refine_built_decoder
-    from pixsigma.demo.vae import save_vae, train_vae
+    from shapes.build_parts import needs_refinement, refine_built_decoder
+    from shapes.vae import save_vae, train_vae
 
     spec = _tiny_refine_spec(decoder_steps=3, decoder_noise=0.3)
     vae, _ = train_vae(replace(spec, decoder_steps=0), seed=0)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pixsigma.demo.world import (
+from shapes.world import (
     PALETTE,
     SHAPES,
     Background,

@@ -205,7 +205,7 @@ def test_a_folder_expands_prompts_with_its_named_expander(tiny_pipeline, pipe, t
     """The model reads the expander's rewrite (seeded per image), the result says so, and a request can opt out."""
     import shutil
 
-    from pixsigma.demo.prompts import expand_prompt
+    from shapes.prompts import expand_prompt
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_pipeline, folder)

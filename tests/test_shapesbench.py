@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixsigma.demo.shapesbench import (
+from shapes.shapesbench import (
     BENCH_SIZE,
     bench_items,
     classify_shape,
@@ -15,7 +15,7 @@ from pixsigma.demo.shapesbench import (
     oracle_generate_fn,
     score,
 )
-from pixsigma.demo.world import Scene, SceneObject, parse_prompt, render, sample_scene, scene_rng
+from shapes.world import Scene, SceneObject, parse_prompt, render, sample_scene, scene_rng
 
 
 def _truth(width=128, height=128):

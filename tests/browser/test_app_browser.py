@@ -47,8 +47,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_pipeline, tmp_path_factory):
-    from pixsigma.demo.world import make_dataset
     from pixsigma.folder_settings import SamplingDefaults
+    from shapes.world import make_dataset
 
     tmp = tmp_path_factory.mktemp("browser_app")
     make_dataset(tmp / "data", 6, sizes=((256, 256),))

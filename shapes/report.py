@@ -1,6 +1,6 @@
 """The demo's measurements: ShapesBench over checkpoints (curves) and over the final models (the table).
 
-``python -m pixsigma.demo.report --work runs/demo_build`` re-scores an existing build without retraining.
+``python -m shapes.report --work runs/demo_build`` re-scores an existing build without retraining.
 Writes into ``assets/demo``: ``shapesbench.json``, ``shapesbench.md``, ``curves_loss.png``,
 ``curves_shapesbench.png`` (the paper's Fig. 8 in miniature: each Σ stage starts near where the last ended
 and plateaus within a small share of α's steps).
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from pixsigma.config import DiTConfig, KVCompress
-from pixsigma.demo import DEMO_DIR, shapesbench
 from pixsigma.model.dit import PixArtDiT
+from shapes import DEMO_DIR, shapesbench
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 # The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
@@ -188,7 +188,7 @@ def vae_round_trip_fn(vae_folder: Path, size: int) -> Callable[[list[str], int],
     import torch
     from diffusers import AutoencoderKL
 
-    from pixsigma.demo.vae import to_images, to_tensor
+    from shapes.vae import to_images, to_tensor
 
     vae = AutoencoderKL.from_pretrained(vae_folder).float().eval()
     oracle = shapesbench.oracle_generate_fn(size, size)
@@ -220,7 +220,7 @@ def _summary_table(table: dict[str, dict]) -> dict[str, dict]:
 
 
 def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, float],
-                 command: str = "python -m pixsigma.demo.build") -> dict[str, Any]:
+                 command: str = "python -m shapes.build") -> dict[str, Any]:
     curves = stage_curves(work, out, plan)
     plot_curves(curves, out)
     table = final_table(out, n)
@@ -266,9 +266,9 @@ def _write_summary(out: Path, summary: dict, table: dict[str, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from pixsigma.demo.build import ALPHA_STEPS, BENCH_N, WORK, stage_plan
+    from shapes.build import ALPHA_STEPS, BENCH_N, WORK, stage_plan
 
-    ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.report")
+    ap = argparse.ArgumentParser(prog="python -m shapes.report")
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--out", default=str(DEMO_DIR))
     ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="append a finetune continuation of the last stage (NAME, then its run folders in order) "
                          "to the existing report's curves; the table is kept")
     args = ap.parse_args(argv)
-    command = "python -m pixsigma.demo.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m shapes.report " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out).resolve()
     if args.extend:
         if len(args.extend) < 2:

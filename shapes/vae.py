@@ -24,8 +24,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pixsigma.demo.fit import fit, warmup_cosine
-from pixsigma.demo.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
+from shapes.fit import fit, warmup_cosine
+from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
 HELDOUT_SEED = 0  # scenes from the world's "heldout" domain: never seen by any training
 EVAL_SIZE = 128  # the demo's base resolution

@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pixsigma.demo.world import (
+from shapes.world import (
     BACKGROUNDS,
     CROSS_ARM,
     PALETTE,

@@ -1,9 +1,9 @@
 """Rebuild the whole embedded demo with one command: the paper's weak-to-strong story in miniature.
 
-    python -m pixsigma.demo.build            # ≈ 1 h on a 2-core CPU; a GPU only makes it faster
+    python -m shapes.build            # ≈ 1 h on a 2-core CPU; a GPU only makes it faster
 
 1. world data (PNG + short/long captions) at many aspect ratios;
-2. the frozen text encoder and the two VAEs (``pixsigma.demo.build_parts``);
+2. the frozen text encoder and the two VAEs (``shapes.build_parts``);
 3. PixArt-α: from scratch at 128 px, VAE-α, short captions;
 4. PixArt-Σ from α: ``vae_adapt`` (VAE-Σ) -> ``res_up`` (256 px, PE interpolation) -> ``kv_compress``
    (R = 2, conv avg init, layers 4-7), on the 60/40 long/short caption mix, each stage 10% of α's steps;
@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixsigma.demo import DEMO_DIR
-from pixsigma.demo.build_parts import T5_STEPS
+from shapes import DEMO_DIR
+from shapes.build_parts import T5_STEPS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-# Defaults shared with ``pixsigma.demo.report`` (which re-scores a build): its scratch folder, α's steps, the
+# Defaults shared with ``shapes.report`` (which re-scores a build): its scratch folder, α's steps, the
 # table's prompt count.
 WORK, ALPHA_STEPS, BENCH_N = "runs/demo_build", 3000, 200
 POLISH_IMAGES = 6400  # world images the optional Σ polish run revisits (each costs ~0.1 s to encode on a CPU)
@@ -49,7 +49,7 @@ PIPELINE_INDEX = {
 # 5M-parameter model's errors, where an ODE solver carries them to the end); 40 steps gave no more. On the full
 # table (n = 200) the gain is smaller: 66.8 -> 69.9 %.
 DEMO_STEPS, DEMO_GUIDANCE = 30, 2.0
-# Σ's folder rewrites short prompts into the dense captions it learned from (pixsigma.demo.prompts); α's does
+# Σ's folder rewrites short prompts into the dense captions it learned from (shapes.prompts); α's does
 # not, as α only ever read short captions.
 DEMO_EXPANDER = {"sigma": "shapes", "alpha": None}
 
@@ -124,7 +124,7 @@ def _run(cmd: list[str], log: Path, threads: int) -> None:
 
 def make_data(work: Path, n: int, seed: int, short: str = "raw") -> Path:
     """The build's world images (the same for both caption styles; "complete" data has its own folder)."""
-    from pixsigma.demo.world import make_dataset
+    from shapes.world import make_dataset
 
     data = work / ("data" if short == "raw" else f"data_{short}")
     if not (data / "metadata.jsonl").is_file():
@@ -210,7 +210,7 @@ def export(work: Path, out: Path, plan: list[StageRun]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m pixsigma.demo.build", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m shapes.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=WORK, help="scratch folder (data, caches, runs, logs)")
     ap.add_argument("--out", default=str(DEMO_DIR), help="where the demo pipelines go (assets/demo)")
@@ -242,22 +242,22 @@ def main(argv: list[str] | None = None) -> int:
                       sigma_batch_scale=args.sigma_batch_scale, polish_steps=args.polish_steps,
                       polish_images=args.polish_images, band_steps=args.band_steps,
                       complete_steps=args.complete_steps)
-    from pixsigma.demo import report
+    from shapes import report
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     missing = [p for p in ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma") if not (work / "parts" / p).is_dir()]
     if missing:  # parts already built are kept: a re-run rebuilds only what is absent
-        _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--out", str(work / "parts"), "--parts",
+        _run([sys.executable, "-m", "shapes.build_parts", "--out", str(work / "parts"), "--parts",
               ",".join(missing), "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)],
              work / "logs" / "parts.log", args.threads)
-    from pixsigma.demo.build_parts import needs_refinement
-    from pixsigma.demo.vae import VAE_SPECS
+    from shapes.build_parts import needs_refinement
+    from shapes.vae import VAE_SPECS
 
     for name, spec in VAE_SPECS.items():  # parts built before a spec gained its decoder phase get just that
         if needs_refinement(work / "parts" / f"vae_{name}", spec):
-            _run([sys.executable, "-m", "pixsigma.demo.build_parts", "--refine-decoder",
+            _run([sys.executable, "-m", "shapes.build_parts", "--refine-decoder",
                   str(work / "parts" / f"vae_{name}"), "--spec", name, "--seed", str(args.seed)],
                  work / "logs" / "parts.log", args.threads)
     timings["parts"] = time.perf_counter() - t0
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     export(work, out, plan)
     t = time.perf_counter()
     report.write_report(work, out, plan, args.bench_n, timings,
-                        "python -m pixsigma.demo.build " + " ".join(argv if argv is not None else sys.argv[1:]))
+                        "python -m shapes.build " + " ".join(argv if argv is not None else sys.argv[1:]))
     timings["bench"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     print(json.dumps({"minutes": round(total / 60, 1), **{k: round(v / 60, 1) for k, v in timings.items()}}))

@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from pixsigma.demo.world import (
+from shapes.world import (
     CELL_WORDS,
     MAX_OBJECTS,
     NUMBER_WORDS,

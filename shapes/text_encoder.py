@@ -23,8 +23,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from pixsigma.demo.fit import fit
-from pixsigma.demo.world import (
+from shapes.fit import fit
+from shapes.world import (
     PALETTE,
     SHAPES,
     SIZES,

@@ -1,7 +1,7 @@
 """Build the demo's frozen parts: tokenizer, T5 text encoder, VAE-α and VAE-Σ.
 
-    python -m pixsigma.demo.build_parts --out assets/demo [--seed 0] [--minutes-per-part N]
-    python -m pixsigma.demo.build_parts --refine-decoder assets/demo/sigma/vae [--spec sigma]
+    python -m shapes.build_parts --out assets/demo [--seed 0] [--minutes-per-part N]
+    python -m shapes.build_parts --refine-decoder assets/demo/sigma/vae [--spec sigma]
 
 Writes ``tokenizer/``, ``text_encoder/`` (+ ``metrics.json``: probe accuracy), ``vae_alpha/`` and
 ``vae_sigma/`` (+ ``metrics.json``: PSNR, latent std, scaling factor) under ``--out``, each folder
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pixsigma.demo.text_encoder import build_tokenizer, train_text_encoder
-from pixsigma.demo.vae import (
+from pixsigma.io import new_folder
+from shapes.text_encoder import build_tokenizer, train_text_encoder
+from shapes.vae import (
     VAE_SPECS,
     VAESpec,
     finish_vae,
@@ -33,7 +34,6 @@ from pixsigma.demo.vae import (
     save_vae,
     train_vae,
 )
-from pixsigma.io import new_folder
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
 T5_STEPS = 900
