@@ -25,8 +25,8 @@ import yaml
 
 from pixsigma.io import atomic_write
 from pixsigma_ui.generate_tab import as_float, as_int
+from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
-STAGES = ("vae_adapt", "res_up", "kv_compress", "finetune")
 LIVE_STATES = ("starting", "running")  # the trainer's others: stopped, finished, error
 POLL_SECONDS = 2.0
 MAX_STEPS, MAX_BATCH = 100_000, 256
