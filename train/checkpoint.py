@@ -33,10 +33,10 @@ from pixsigma.weights import (
 )
 from train.config import TrainConfig
 from train.optim import EMA
+from train.runfiles import CHECKPOINTS, FINAL, FINAL_DIFFUSERS, step_name
 from train.stages import allowed_missing, model_config
 
-CHECKPOINTS, FINAL, FINAL_DIFFUSERS = "checkpoints", "final", "final_diffusers"
-_STEP = re.compile(r"^step_(\d+)$")
+_STEP = re.compile(r"^step_(\d+)$")  # runfiles.step_name's folders
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -112,7 +112,7 @@ def _write_meta(folder: Path, config: DiTConfig, extra: dict[str, Any]) -> None:
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, config: DiTConfig, keep_last: int) -> Path:
     """Collective: every process calls it. Returns the complete checkpoint folder."""
     root = run_dir / CHECKPOINTS
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
