@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from pixsigma.buckets import nearest_bucket
-from pixsigma.config import DiTConfig, KVCompress
+from pixsigma.config import DiTConfig, KVCompress, default_kv
 from pixsigma.pipeline import (
     SAMPLERS,
     GenerationRequest,
@@ -130,7 +130,7 @@ class ModelInfo:
         placement) with plain pooling: a conv the model never trained with would add a LayerNorm it never saw."""
         if self.kv.active:
             return self.kv
-        return KVCompress(ratio=2, layers=tuple(range(self.depth // 2, self.depth)), operator="pool")
+        return default_kv(self.depth, operator="pool")
 
 
 def layers_spec(layers: tuple[int, ...]) -> str:
@@ -272,7 +272,8 @@ class AppEngine:
             raise ValueError(f"KV compression mode must be 'model', 'off' or 'on', got {mode!r}")
         depth = self.info(model).depth
         if not layers:
-            raise ValueError(f"KV compression needs layers, e.g. '{depth // 2}-{depth - 1}' (the model has "
+            deep = default_kv(depth).layers
+            raise ValueError(f"KV compression needs layers, e.g. '{deep[0]}-{deep[-1]}' (the model has "
                              f"layers 0-{depth - 1})")
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:

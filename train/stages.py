@@ -18,9 +18,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from pixsigma.config import PRESETS, DiTConfig, KVCompress, parse_layers
-
-KV_KEYS = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
+from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv, parse_layers
+from pixsigma.weights import KV_KEYS
 
 
 @dataclass(frozen=True)
@@ -95,11 +94,6 @@ class RunSpec(Protocol):
     model_args: dict
 
 
-def default_kv(config: DiTConfig) -> KVCompress:
-    """The paper's choice: R=2 conv on the deep half of the layers (14-27 of XL's 28)."""
-    return KVCompress(ratio=2, layers=tuple(range(config.depth // 2, config.depth)), operator="conv")
-
-
 def model_config(cfg: RunSpec, loaded: DiTConfig | None) -> DiTConfig:
     """The DiTConfig this run trains: the preset (from scratch) or the loaded one, changed as the stage says."""
     stage = cfg.stage
@@ -125,7 +119,7 @@ def model_config(cfg: RunSpec, loaded: DiTConfig | None) -> DiTConfig:
         raise ValueError(f"stage {stage.name}: stage.resolution {res} differs from the loaded model's "
                          f"{loaded.resolution} px; changing resolution is the res_up stage")
     if stage.name == "kv_compress":
-        kv = stage.kv or default_kv(loaded)
+        kv = stage.kv or default_kv(loaded.depth)
         if not kv.active:
             raise ValueError(f"kv_compress needs ratio > 1 and some layers, got {kv}")
         bad = [i for i in kv.layers if i >= loaded.depth]
