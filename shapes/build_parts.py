@@ -36,7 +36,7 @@ from shapes.vae import (
 )
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
-T5_STEPS = 900
+T5_STEPS = 900  # enough for a probe to read every slot's attributes from the features (fewer cap the DiT)
 
 
 def _write_json(path: Path, data: dict) -> None:
