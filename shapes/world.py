@@ -410,8 +410,7 @@ def dataset_caption(scene: Scene, short: str = "raw") -> str:
     caption leaves objects out (3-4 object scenes), so that every caption a model trains on names every object.
 
     Raw alt-text that names two objects of a four-object scene teaches a model that "a red star and a blue
-    ring" may hold more shapes (the shipped Σ draws extras on 36 of 44 such prompts); with complete
-    captions, two named objects always mean exactly two."""
+    ring" may hold more shapes; with complete captions, two named objects always mean exactly two."""
     _check(short, SHORT_STYLES, "short caption style")
     if short == "complete" and len(main_objects(scene)) < len(scene.objects):
         return long_caption(scene)
