@@ -22,7 +22,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from pixsigma.io import atomic_write
+from pixsigma.io import atomic_write_json
 from pixsigma_ui.generate_tab import as_float, as_int
 from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
@@ -30,10 +30,6 @@ from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a mo
 POLL_SECONDS = 2.0
 MAX_STEPS, MAX_BATCH = 100_000, 256
 REPO = Path(__file__).resolve().parent.parent
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -221,7 +217,7 @@ class RunManager:
         cmd = [self.python, "-m", self.module, str(recipe.config)]
         for o in overrides:
             cmd += ["--set", o]
-        write_json_atomic(folder / LAUNCH, {"cmd": cmd, "stage": stage, "created": time.time()})
+        atomic_write_json({"cmd": cmd, "stage": stage, "created": time.time()}, folder / LAUNCH, indent=2)
         self._spawn(name, cmd)
         return name
 

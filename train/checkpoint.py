@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from pixsigma.config import DiTConfig
+from pixsigma.io import swap_in_folder
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.weights import (
     PIXSIGMA_CONFIG,
@@ -122,9 +123,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, config: 
         _write_meta(tmp, config, {"step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (a stop request on a save step)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in_folder(tmp, final)  # replaces the same step saved again (a stop request on a save step)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -159,8 +158,7 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, ema: EMA | No
                 print(f"[train] not exporting {name}: {e}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 continue
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
+            swap_in_folder(tmp, dest)
             out[name] = str(dest)
     accelerator.wait_for_everyone()
     return out

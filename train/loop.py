@@ -22,14 +22,13 @@ from accelerate.utils import gather_object, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from pixsigma.io import save_png
+from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
 from train.features import open_features
-from train.fileio import atomic_write_text
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name

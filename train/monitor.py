@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from train.fileio import atomic_write_text
+from pixsigma.io import atomic_write_json, atomic_write_text
 from train.runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD, read_status
 
 __all__ = ["STOP", "Monitor", "read_status", "write_status"]
@@ -24,7 +24,7 @@ __all__ = ["STOP", "Monitor", "read_status", "write_status"]
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     """Atomically replace ``status.json`` (a reader never sees half a file)."""
-    atomic_write_text(run_dir / STATUS, json.dumps(status, indent=1))
+    atomic_write_json(status, run_dir / STATUS)
 
 
 class Monitor:
