@@ -108,7 +108,8 @@ def default_precision() -> str:
 
 
 def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out: Path, evals: int,
-                threads: int, precision: str = "no") -> Path:
+                threads: int, precision: str) -> Path:
+    """Train one run of the plan after ``prev`` (skipped once it has ``final``; resumed from its last checkpoint)."""
     from train.checkpoint import checkpoint_dirs
 
     run_dir = work / "runs" / st.name

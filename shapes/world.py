@@ -138,8 +138,7 @@ def scene_rng(domain: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([DOMAINS[domain], int(seed), int(index)])
 
 
-def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None = None,
-                 allow_split: bool = True) -> Scene:
+def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None = None) -> Scene:
     """A random scene; objects have distinct cells and distinct (colour, shape), in reading order."""
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
@@ -155,7 +154,7 @@ def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None =
         offset = tuple(float(v) for v in np.round(rng.uniform(-0.8, 0.8, size=2), 3))
         objects.append(SceneObject(shape, colour, size, cell, offset))
     names = tuple(BACKGROUNDS)
-    split = SPLITS[int(rng.integers(len(SPLITS)))] if allow_split else "none"
+    split = SPLITS[int(rng.integers(len(SPLITS)))]
     k = 1 if split == "none" else 2
     bg = tuple(names[int(i)] for i in rng.choice(len(names), size=k, replace=False))
     return Scene(tuple(objects), Background(bg, split))
