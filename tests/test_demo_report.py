@@ -333,3 +333,26 @@ def test_build_and_report_share_the_plan_module_and_never_import_each_other():
         code = f"import sys, {module}; print({other!r} in sys.modules, 'shapes.plan' in sys.modules)"
         ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert ran.stdout.split() == ["False", "True"], module
+
+
+def test_build_records_its_plan_then_runs_the_report_on_its_work_folder(tmp_path, monkeypatch):
+    """The build hands the report its plan through the work folder's record, and runs it in its own process."""
+    from shapes import build
+
+    ran, trained = [], []
+    monkeypatch.setattr(build, "_run", lambda cmd, log, threads: ran.append(cmd[1:]))
+    monkeypatch.setattr("shapes.build_parts.needs_refinement", lambda folder, spec: False)
+    monkeypatch.setattr(build, "assemble_pipelines", lambda parts, out: None)
+    monkeypatch.setattr(build, "make_data", lambda work, n, seed, short: tmp_path / f"data_{short}")
+    monkeypatch.setattr(build, "train_stage", lambda st, prev, *a: trained.append((st.name, prev and prev.name)))
+    monkeypatch.setattr(build, "export", lambda work, out, plan: None)
+    work, out = tmp_path / "work", tmp_path / "demo"
+    args = ["--work", str(work), "--out", str(out), "--alpha-steps", "100", "--complete-steps", "40",
+            "--bench-n", "8", "--precision", "no"]
+    assert build.main(args) == 0
+    plan = stage_plan(100, complete_steps=40)
+    assert trained == [(st.name, prev.name if prev else None) for prev, st in zip([None, *plan], plan)]
+    record = read_build_record(work)
+    assert record["plan"] == plan and record["command"] == "python -m shapes.build " + " ".join(args)
+    assert set(record["build_minutes"]) == {"parts", "data", *(st.name for st in plan)}
+    assert ran[-1] == ["-m", "shapes.report", "--work", str(work), "--out", str(out), "--bench-n", "8"]
