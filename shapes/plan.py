@@ -16,7 +16,7 @@ from typing import Any
 
 from shapes.world import SHORT_STYLES
 
-# The build's defaults (``shapes.report`` re-scores with the same): scratch folder, α's steps, the table's prompts.
+# The build's defaults: its work folder, α's steps and the table's prompts (the first and last the report's too).
 WORK, ALPHA_STEPS, BENCH_N = "runs/demo_build", 3000, 200
 SIGMA_FRACTION = 0.1  # each Σ stage's share of α's steps: the paper's stages adapt in few steps
 POLISH_IMAGES = 6400  # world images the optional polish run revisits: encoding more costs CPU time up front
