@@ -119,10 +119,10 @@ BUILD_RECORD = "build.json"  # in the build's work folder: its plan, command and
 
 def write_build_record(work: Path, plan: list[StageRun], command: str, minutes: dict[str, float]) -> Path:
     """Record in ``work`` what the build trains (before it trains, so a report of a stopped build reads it too)."""
-    from pixsigma.io import atomic_write
+    from pixsigma.io import atomic_write_json
 
-    record = {"plan": plan_to_json(plan), "command": command, "build_minutes": minutes}
-    return atomic_write(work / BUILD_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    return atomic_write_json({"plan": plan_to_json(plan), "command": command, "build_minutes": minutes},
+                             work / BUILD_RECORD)
 
 
 def read_build_record(work: Path) -> dict[str, Any]:
