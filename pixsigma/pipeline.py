@@ -37,7 +37,7 @@ from pixsigma.sampling import (
     latent_preview_array,
     make_scheduler,
     resize_and_crop,
-    to_uint8,
+    to_pil,
 )
 from pixsigma.weights import LAYOUTS, load_dit
 
@@ -341,7 +341,7 @@ class PixSigmaPipeline:
             images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
             if req.binning:
                 images = resize_and_crop(images, h, w)
-            arrays = to_uint8(images).numpy()
+            pil = to_pil(images)
         finally:
             if own is not None:
                 dit.set_kv_compress(own)
@@ -356,7 +356,7 @@ class PixSigmaPipeline:
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return GenerationResult([Image.fromarray(a) for a in arrays], seed, params, warnings,
+        return GenerationResult(pil, seed, params, warnings,
                                 time.perf_counter() - start, peak, w, h)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 
 from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
 
@@ -123,6 +124,11 @@ def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
     return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """[-1, 1] (B, 3, H, W) -> PIL images."""
+    return [Image.fromarray(a) for a in to_uint8(images).numpy()]
 
 
 # Rough latent -> RGB projection for previews without the VAE (SD/SDXL-like latents; good enough to watch).

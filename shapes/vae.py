@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pixsigma.sampling import to_pil
 from shapes.fit import fit, warmup_cosine
 from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
@@ -102,8 +103,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return to_pil(x)
 
 
 def world_batch(rng: np.random.Generator, n: int, width: int, height: int) -> torch.Tensor:

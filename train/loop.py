@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
-from pixsigma.sampling import latent_rgb
+from pixsigma.sampling import latent_rgb, to_pil
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
@@ -32,7 +32,7 @@ from train.features import open_features
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
-from train.sample import generate_latents, micro_kwargs, to_images
+from train.sample import generate_latents, micro_kwargs
 from train.sampler import BucketBatchSampler
 
 Tensor = torch.Tensor
@@ -167,7 +167,7 @@ class Trainer:
             folder = cfg.run_dir / SAMPLES
             folder.mkdir(exist_ok=True)
             paths = []
-            for i, (img, prompt) in enumerate(zip(to_images(pixels), cfg.sample_prompts)):
+            for i, (img, prompt) in enumerate(zip(to_pil(pixels), cfg.sample_prompts)):
                 path = folder / sample_name(step, i)
                 save_png(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
                 paths.append(str(path))

@@ -8,10 +8,9 @@ RGB at latent resolution).
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from pixsigma.constants import DEFAULT_GUIDANCE, VAE_SCALE_FACTOR
-from pixsigma.sampling import denoise, initial_noise, make_scheduler, to_uint8
+from pixsigma.sampling import denoise, initial_noise, make_scheduler
 
 Tensor = torch.Tensor
 
@@ -54,8 +53,3 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
         return model(xx, t, cond, cmask, **micro_kwargs(model.config, xx)).float()
 
     return denoise(model_fn, sched, x, steps, guidance, gen, learn_sigma=model.config.learn_sigma)
-
-
-def to_images(pixels: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    return [Image.fromarray(a) for a in to_uint8(pixels).numpy()]
