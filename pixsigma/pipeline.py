@@ -39,6 +39,7 @@ from pixsigma.sampling import (
     resize_and_crop,
     to_pil,
 )
+from pixsigma.text import encode_text, token_lengths, unknown_words
 from pixsigma.weights import LAYOUTS, load_dit
 
 __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
@@ -205,21 +206,9 @@ class PixSigmaPipeline:
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
-    def clear_text_cache(self) -> None:
-        """Forget cached T5 features (they are kept for the last 32 distinct prompts)."""
-        self._text_cache.clear()
-
     def unknown_words(self, prompt: str) -> list[str]:
-        """Words the tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is None:
-            return []
-        out = []
-        for word in dict.fromkeys(prompt.lower().replace(",", " ").replace(".", " ").split()):
-            ids = self.tokenizer(word, add_special_tokens=False).input_ids
-            if unk in ids:
-                out.append(word)
-        return out
+        """Words this model's tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
+        return unknown_words(self.tokenizer, prompt)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -228,19 +217,15 @@ class PixSigmaPipeline:
         warnings: list[str] = []
         need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if need:
-            tok = self.tokenizer(need, padding="max_length", max_length=self.max_tokens, truncation=True,
-                                 add_special_tokens=True, return_tensors="pt")
             if self.offload_t5 and self.device.type != "cpu":
                 self.text_encoder.to(self.device)
-            enc_dev = next(self.text_encoder.parameters()).device
-            emb = self.text_encoder(tok.input_ids.to(enc_dev), attention_mask=tok.attention_mask.to(enc_dev))[0]
+            emb, mask = encode_text(self.tokenizer, self.text_encoder, need, self.max_tokens)
             if self.offload_t5 and self.device.type != "cpu":
                 self.text_encoder.to("cpu")
                 torch.cuda.empty_cache()
             for i, t in enumerate(need):
-                self._text_cache[t] = (emb[i].to(self.device), tok.attention_mask[i].to(self.device))
-        for p, t in zip(prompts, texts):
-            n = len(self.tokenizer(t, add_special_tokens=True).input_ids)
+                self._text_cache[t] = (emb[i].to(self.device), mask[i].to(self.device))
+        for p, n in zip(prompts, token_lengths(self.tokenizer, texts)):
             if n > self.max_tokens:
                 warnings.append(f"prompt {p[:40]!r}… is {n} tokens; the model reads {self.max_tokens}, "
                                 f"so the last {n - self.max_tokens} tokens were dropped")

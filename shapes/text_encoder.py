@@ -55,34 +55,12 @@ def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
                                    model_max_length=max_length)
 
 
-def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
-    """Words of ``text`` the tokenizer would map to <unk>, in order, once each (so the user can be told)."""
-    backend = tokenizer.backend_tokenizer
-    norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-    vocab = tokenizer.get_vocab()
-    out: list[str] = []
-    for word, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
-        if word not in vocab and word not in out:
-            out.append(word)
-    return out
-
-
 def text_encoder_config(vocab_size: int) -> T5Config:
     """The demo T5: d_model 128 (= PRESETS['demo'].caption_channels), 4 layers, 4 heads, gated-GELU like T5 v1.1."""
     return T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_heads=4,
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=16,
                     relative_attention_max_distance=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                     is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-
-
-def encode(tokenizer: PreTrainedTokenizerFast, model: T5EncoderModel, prompts: list[str],
-           max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption features (B, L, 128) and attention mask (B, L), padded to ``max_length`` as PixArt does."""
-    tok = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        emb = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
-    return emb.last_hidden_state, tok.attention_mask.to(device)
 
 
 class SlotProbe(nn.Module):
