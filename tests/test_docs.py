@@ -70,3 +70,30 @@ def test_link_check_sees_links_and_skips_urls_and_anchors():
 @pytest.mark.parametrize("doc", linked_docs(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_name_the_shapes_package_not_its_old_place(doc: Path):
     assert not re.search(r"pixsigma[./]demo\b", doc.read_text())
+
+
+def help_options(run, capsys) -> set[str]:
+    """The long options a command's ``--help`` lists."""
+    with pytest.raises(SystemExit):
+        run()
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}
+
+
+def test_readme_cli_synopsis_lists_exactly_the_generate_options(capsys):
+    from pixsigma.cli import main
+
+    text = README.read_text()
+    synopsis = next(b for b in FENCE.findall(text) if b.startswith('pixsigma generate "PROMPT"'))
+    generate = synopsis.split("\npixsigma convert")[0]
+    documented = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", generate))
+    assert documented == help_options(lambda: main(["generate", "--help"]), capsys)
+
+
+def test_app_doc_option_table_lists_exactly_the_app_options(capsys):
+    import app
+
+    text = (ROOT / "docs" / "app.md").read_text()
+    table = text.split("## Options and environment", 1)[1].split("\n## ", 1)[0]
+    first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `--")]
+    documented = {opt for cell in first_cells for opt in re.findall(r"--[a-z][a-z0-9-]*", cell)}
+    assert documented == help_options(lambda: app.parse_args(["--help"]), capsys)
