@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha-model", default=env("PIXSIGMA_ALPHA_MODEL", "demo-alpha"),
                    help="PixArt-α for the Compare tab; 'none' to leave it out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: bf16 on CUDA, fp32 elsewhere (as the CLI)")
     p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
     p.add_argument("--host", default=None, help="interface to serve on (0.0.0.0 for all); default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or the first free from 7860")

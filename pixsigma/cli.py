@@ -98,7 +98,7 @@ def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompre
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from pixsigma.io import numbered_paths, save_png
-    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline, resolve_device
+    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -108,8 +108,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
-    dtype = args.dtype or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32")
-    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, dtype, args.offload_t5,
+    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
                                             speed=args.speed)
     if kv_arg is not None and args.kv_layers is None and kv_arg.active:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)

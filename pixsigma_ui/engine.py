@@ -212,8 +212,9 @@ class AppEngine:
         self._locks = {str(torch.device(p.device)): threading.Lock() for p in self.pipes.values()}
 
     @classmethod
-    def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str = "fp32",
+    def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str | None = None,
              offload_t5: bool = False) -> AppEngine:
+        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere)."""
         pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, offload_t5=offload_t5)}
         names = {MAIN: model}
         if alpha_model:
