@@ -43,15 +43,14 @@ def dit_config(arch: str, resolution: int, kv: bool = False) -> DiTConfig:
 
 
 @torch.no_grad()
-def random_dit_weights(config: DiTConfig, device: torch.device, seed: int = 0, std: float = 0.02
-                       ) -> dict[str, torch.Tensor]:
+def random_dit_weights(config: DiTConfig, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """Original-layout weights of a DiT without KV, every tensor random (the default init zeroes the
     output layers, which would make every output 0 and every equality check pass trivially)."""
     with torch.device(device):
         model = PixArtDiT(config.with_kv(KVCompress()))
     gen = torch.Generator(device=device).manual_seed(seed)
     for p in model.parameters():
-        p.normal_(0.0, std, generator=gen)
+        p.normal_(0.0, 0.02, generator=gen)  # the scale of a trained DiT's weights
     return model.state_dict()
 
 

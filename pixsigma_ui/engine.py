@@ -262,8 +262,8 @@ class AppEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def kv_setting(self, mode: str, ratio: int = 2, layers: tuple[int, ...] = (), operator: str = "conv",
-                   model: str = MAIN) -> KVCompress | None:
+    def kv_setting(self, mode: str, ratio: int = 2, layers: tuple[int, ...] = (),
+                   operator: str = "conv") -> KVCompress | None:
         """'model' -> the checkpoint's own (None); 'off' -> full attention; 'on' -> R over ``layers``."""
         if mode == "model":
             return None
@@ -271,7 +271,7 @@ class AppEngine:
             return KVCompress()
         if mode != "on":
             raise ValueError(f"KV compression mode must be 'model', 'off' or 'on', got {mode!r}")
-        depth = self.info(model).depth
+        depth = self.info(MAIN).depth
         if not layers:
             deep = default_kv(depth).layers
             raise ValueError(f"KV compression needs layers, e.g. '{deep[0]}-{deep[-1]}' (the model has "
