@@ -231,10 +231,6 @@ class AppEngine:
         return len(self._locks)
 
     @property
-    def devices(self) -> list[str]:
-        return sorted(self._locks)
-
-    @property
     def device_key(self) -> str:
         """The queue's concurrency group of the main model's device (events on one device share it)."""
         return f"device:{self.device}"
