@@ -54,8 +54,8 @@ def drop_captions(y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor, p:
 
 def attention_kernels(device: torch.device, mixed_precision: str) -> AbstractContextManager:
     """SDPA kernels for training steps. On a CPU under bf16 autocast, torch's fused CPU attention kernel runs
-    its bf16 backward about 5× slower than the plain matmul path (measured: the demo model's step goes from
-    3.7 to 5.1 it/s with it, against 2.5 in fp32), so there the math kernel is used; elsewhere torch picks."""
+    its bf16 backward far slower than the plain matmul path, so there the math kernel is used; elsewhere torch
+    picks."""
     if device.type == "cpu" and mixed_precision == "bf16":
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
