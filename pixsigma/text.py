@@ -1,7 +1,9 @@
-"""Captions -> T5 features: the one encoding the pipeline, the trainer and the shapes world share, and the
-check of which words a tokenizer does not know."""
+"""Captions -> T5 features: the one encoding the pipeline, the trainer and the shapes world share, the check of
+which words a tokenizer does not know, and a word-level T5-style tokenizer for closed vocabularies."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -43,3 +45,23 @@ def unknown_words(tokenizer, text: str) -> list[str]:
         words = text.split()
     return [w for w in dict.fromkeys(filter(None, words))
             if unk in tokenizer(w, add_special_tokens=False).input_ids]
+
+
+def word_level_tokenizer(words: Iterable[str], max_length: int | None = None):
+    """A T5-style tokenizer over a closed vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), then one id
+    per word; NFKC and lower-case; splits words and punctuation runs; appends ``</s>``. The shapes demo's
+    tokenizer, and an in-memory stand-in for T5's SentencePiece model (which would come from a hub)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(("<pad>", "</s>", "<unk>"))}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation runs
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    extra = {"model_max_length": max_length} if max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   **extra)

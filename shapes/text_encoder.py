@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from pixsigma.text import word_level_tokenizer
 from shapes.fit import fit
 from shapes.world import (
     PALETTE,
@@ -36,23 +37,13 @@ from shapes.world import (
 )
 
 MAX_LENGTH = 80  # tokens the demo DiT attends to (PRESETS["demo"].max_tokens)
-SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 SLOTS = 4  # objects a caption can name
 IGNORE = -100
 
 
 def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary; lowercases, splits on spaces and punctuation, appends </s>."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for w in caption_vocabulary():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation runs
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
+    """Word-level tokenizer over the world's vocabulary (``pixsigma.text.word_level_tokenizer``)."""
+    return word_level_tokenizer(caption_vocabulary(), max_length)
 
 
 def text_encoder_config(vocab_size: int) -> T5Config:
