@@ -36,6 +36,7 @@ from pixsigma.sampling import (
     initial_noise,
     latent_preview_array,
     make_scheduler,
+    micro_conditions,
     resize_and_crop,
     to_pil,
 )
@@ -313,11 +314,7 @@ class PixSigmaPipeline:
             scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
-            extra = {}
-            if dit.config.micro_condition:
-                n = y.shape[0]
-                extra = {"resolution": torch.tensor([[gh, gw]], dtype=self.dtype, device=self.device).repeat(n, 1),
-                         "aspect_ratio": torch.full((n, 1), gh / gw, dtype=self.dtype, device=self.device)}
+            extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
             call = dit
             if req.guidance_interval is not None and guidance > 1.0:

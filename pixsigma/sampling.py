@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pixsigma.config import DiTConfig
 from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
 
 Tensor = torch.Tensor
@@ -53,6 +54,16 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
     # Ancestral: each step re-noises a little, so a small model's errors are partly washed out rather than
     # carried to the end.
     return diffusers.EulerAncestralDiscreteScheduler.from_config(base)
+
+
+def micro_conditions(config: DiTConfig, batch: int, height: int, width: int, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, Tensor]:
+    """PixArt-α 1024's size and aspect-ratio conditions for ``batch`` images of ``height × width`` px (the DiT's
+    ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1) inputs); nothing for models without them."""
+    if not config.micro_condition:
+        return {}
+    return {"resolution": torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1),
+            "aspect_ratio": torch.full((batch, 1), height / width, dtype=dtype, device=device)}
 
 
 def default_steps(sampler: str | None) -> int:

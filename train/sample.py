@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from pixsigma.config import DiTConfig
 from pixsigma.constants import DEFAULT_GUIDANCE, VAE_SCALE_FACTOR
-from pixsigma.sampling import denoise, initial_noise, make_scheduler
+from pixsigma.sampling import denoise, initial_noise, make_scheduler, micro_conditions
 
 Tensor = torch.Tensor
 
 
-def micro_kwargs(config, latents: Tensor) -> dict[str, Tensor]:
-    """PixArt-α 1024's size/aspect-ratio conditions for latents (B, C, h, w); nothing for other models."""
-    if not config.micro_condition:
-        return {}
-    b, (h, w) = latents.shape[0], latents.shape[-2:]
-    size = torch.tensor([[h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR]], dtype=torch.float32, device=latents.device)
-    return {"resolution": size.expand(b, 2), "aspect_ratio": torch.full((b, 1), h / w, device=latents.device)}
+def micro_kwargs(config: DiTConfig, latents: Tensor) -> dict[str, Tensor]:
+    """``pixsigma.sampling.micro_conditions`` (fp32) for the images of latents (B, C, h, w)."""
+    h, w = latents.shape[-2:]
+    return micro_conditions(config, latents.shape[0], h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR, torch.float32,
+                            latents.device)
 
 
 def _pad(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
