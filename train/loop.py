@@ -32,7 +32,7 @@ from train.features import open_features
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
-from train.sample import generate_latents, micro_kwargs
+from train.sample import generate_latents, micro_kwargs, pad_tokens
 from train.sampler import BucketBatchSampler
 
 Tensor = torch.Tensor
@@ -45,10 +45,9 @@ def drop_captions(y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor, p:
         return y, mask
     drop = torch.rand(y.shape[0], device=y.device) < p  # (B,)
     length = max(y.shape[1], y_null.shape[1])
-    y = torch.nn.functional.pad(y, (0, 0, 0, length - y.shape[1]))
-    mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
-    y_null = torch.nn.functional.pad(y_null, (0, 0, 0, length - y_null.shape[1])).to(y)
-    mask_null = torch.nn.functional.pad(mask_null, (0, length - mask_null.shape[1])).to(mask)
+    y, mask = pad_tokens(y, mask, length)
+    y_null, mask_null = pad_tokens(y_null, mask_null, length)
+    y_null, mask_null = y_null.to(y), mask_null.to(mask)
     return torch.where(drop[:, None, None], y_null, y), torch.where(drop[:, None], mask_null, mask)
 
 

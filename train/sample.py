@@ -23,7 +23,8 @@ def micro_kwargs(config: DiTConfig, latents: Tensor) -> dict[str, Tensor]:
                             latents.device)
 
 
-def _pad(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+def pad_tokens(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Caption features (B, L, C) and mask (B, L) zero-padded to ``length`` tokens (masked out)."""
     extra = length - y.shape[1]
     if extra <= 0:
         return y, mask
@@ -43,8 +44,8 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
     x, gen = initial_noise((b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR), seed, device,
                            torch.float32, sched.init_noise_sigma)
     length = max(y.shape[1], y_null.shape[1])
-    y, mask = _pad(y, mask, length)
-    y_null, mask_null = _pad(y_null, mask_null, length)
+    y, mask = pad_tokens(y, mask, length)
+    y_null, mask_null = pad_tokens(y_null, mask_null, length)
     cond = torch.cat([y_null.expand(b, -1, -1), y]).to(device)  # (2B, L, C_text): [uncond; cond]
     cmask = torch.cat([mask_null.expand(b, -1), mask]).to(device)
 
