@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pixsigma.constants import DTYPE_NAMES
 from pixsigma.pipeline import resolve_model
 from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import build_compare_tab
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha-model", default=env("PIXSIGMA_ALPHA_MODEL", "demo-alpha"),
                    help="PixArt-α for the Compare tab; 'none' to leave it out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="default: bf16 on CUDA, fp32 elsewhere (as the CLI)")
     p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
     p.add_argument("--host", default=None, help="interface to serve on (0.0.0.0 for all); default 127.0.0.1")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
-from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS
+from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
 
 SPEED_MODES = ("eager", "sdpa", "compile", "graphs")  # pixsigma.speed.MODES, without importing torch here
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-operator", choices=KV_OPERATORS, default="conv")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bf16 on CUDA, fp32 elsewhere")
     g.add_argument("--speed", choices=SPEED_MODES, default="eager", help="how the DiT runs, not what it computes: "
                    "sdpa picks the fastest attention kernel per shape, compile adds torch.compile per bucket, graphs "

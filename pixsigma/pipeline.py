@@ -24,7 +24,7 @@ from PIL import Image
 
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
-from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
@@ -46,7 +46,7 @@ from pixsigma.weights import LAYOUTS, load_dit
 __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
            "default_dtype", "latent_preview", "resolve_model", "OutOfMemory"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 MAX_IMAGES = 16
 TEXT_CACHE = 32  # distinct prompts whose T5 features are kept
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
