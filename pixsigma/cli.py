@@ -10,8 +10,7 @@ from pathlib import Path
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
-
-SPEED_MODES = ("eager", "sdpa", "compile", "graphs")  # pixsigma.speed.MODES, without importing torch here
+from pixsigma.speed import MODES as SPEED_MODES
 
 log = logging.getLogger("pixsigma")
 
