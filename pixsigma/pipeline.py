@@ -41,7 +41,7 @@ from pixsigma.sampling import (
     to_pil,
 )
 from pixsigma.text import encode_text, token_lengths, unknown_words
-from pixsigma.weights import LAYOUTS, load_dit
+from pixsigma.weights import LAYOUTS, MODEL_INDEX, PIXSIGMA_CONFIG, load_dit
 
 __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
            "default_dtype", "latent_preview", "resolve_model", "OutOfMemory"]
@@ -140,13 +140,13 @@ def resolve_model(model: str) -> Path:
     """A local pipeline folder, a shipped demo name, or a hub id (downloaded through huggingface_hub)."""
     if model in MODEL_ALIASES:
         path = MODEL_ALIASES[model]
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX).is_file():
             raise FileNotFoundError(f"demo model {model!r} is missing at {path}; rebuild it with "
                                     "`python -m shapes.build` (from a clone of the repository)")
         return path
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX).is_file():
             raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json). --model accepts a "
                                     "diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, "
                                     "tokenizer/, scheduler/), a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, "
@@ -352,7 +352,7 @@ class PixSigmaPipeline:
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:
     """The ``pixsigma.json`` of the DiT a pipeline loads (the --transformer, else the folder's), if it has one."""
     cand = Path(transformer) if transformer else folder / "transformer"
-    meta = cand / "pixsigma.json"
+    meta = cand / PIXSIGMA_CONFIG
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
@@ -363,5 +363,5 @@ def _token_length(folder: Path, transformer: str | None, meta: dict | None) -> i
         meta = _pixsigma_meta(folder, None)
     if meta is not None:
         return int(meta["dit"]["max_tokens"])
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / MODEL_INDEX).read_text())
     return ALPHA_TOKENS if index.get("_class_name") == "PixArtAlphaPipeline" else MAX_TOKENS

@@ -27,6 +27,7 @@ from pixsigma.model.dit import PixArtDiT
 
 Tensor = torch.Tensor
 PIXSIGMA_CONFIG = "pixsigma.json"
+MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 PIXSIGMA_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 HEAD_DIM = 72  # every released PixArt uses 72-dim heads; used only when no config says otherwise
@@ -236,7 +237,7 @@ def infer_config(sd: dict[str, Tensor], base_resolution: int | None = None, name
 def read_checkpoint(path: str | os.PathLike, base_resolution: int | None = None) -> tuple[DiTConfig, dict]:
     """(config, original-layout state dict) of any accepted layout."""
     p = Path(path)
-    if p.is_dir() and (p / "model_index.json").is_file():
+    if p.is_dir() and (p / MODEL_INDEX).is_file():
         p = p / "transformer"
     if p.is_dir() and (p / PIXSIGMA_CONFIG).is_file():
         cfg = DiTConfig.from_dict(json.loads((p / PIXSIGMA_CONFIG).read_text())["dit"])
