@@ -29,6 +29,7 @@ from pathlib import Path
 from shapes import CONFIGS, DEMO_DIR, REPO
 from shapes.build_parts import T5_STEPS
 from shapes.plan import ALPHA_STEPS, BENCH_N, POLISH_IMAGES, WORK, StageRun, stage_plan, write_build_record
+from train.runfiles import FINAL
 
 # (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
 TRAIN_SIZES = ((256, 256), (256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 368), (368, 176),
@@ -113,7 +114,7 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     from train.checkpoint import checkpoint_dirs
 
     run_dir = work / "runs" / st.name
-    if (run_dir / "final").is_dir():
+    if (run_dir / FINAL).is_dir():
         return run_dir
     every = max(1, st.steps // evals)
     sets = [f"output_dir={run_dir}", f"data.source={data}", f"data.cache={work / 'cache' / st.cache}",
@@ -140,9 +141,9 @@ def export(work: Path, out: Path, plan: list[StageRun]) -> None:
 
     from pixsigma.weights import load_dit, save_diffusers_transformer, save_dit
 
-    alpha = load_dit(work / "runs" / plan[0].name / "final")
+    alpha = load_dit(work / "runs" / plan[0].name / FINAL)
     save_diffusers_transformer(alpha, out / "alpha" / "transformer", dtype=torch.float16)
-    sigma = load_dit(work / "runs" / plan[-1].name / "final")
+    sigma = load_dit(work / "runs" / plan[-1].name / FINAL)
     save_dit(sigma, out / "sigma" / "transformer", dtype=torch.float16)
 
 

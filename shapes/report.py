@@ -21,6 +21,7 @@ from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.dit import PixArtDiT
 from shapes import DEMO_DIR, shapesbench
 from shapes.plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record
+from train.runfiles import FINAL, METRICS, read_status
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 # The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
@@ -47,7 +48,7 @@ def _pipe(folder: Path, transformer: Path | None = None):
 
 
 def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -66,9 +67,9 @@ def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
         run_dir = work / "runs" / st.name
         models = [(int(ck.name.split("_")[-1]), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
         if prev is not None and models:  # step 0: the previous stage's export in this stage's setting
-            models.insert(0, (0, _stage_start(work / "runs" / prev.name / "final", models[0][1].config)))
+            models.insert(0, (0, _stage_start(work / "runs" / prev.name / FINAL, models[0][1].config)))
         if models and st.pipeline not in pipes:
-            pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / "final")
+            pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / FINAL)
         scores = [(offset + step, _curve_point(pipes[st.pipeline], net, st.resolution)) for step, net in models]
         prev = st
         curves[st.name] = {"start": offset, "steps": st.steps, "loss": _losses(run_dir, offset), "bench": scores}
@@ -103,7 +104,7 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[
     start = last["start"] + last["steps"]
     entry: dict[str, Any] = {"start": start, "steps": 0, "loss": [], "bench": [], "runs": [str(r) for r in runs],
                              "command": command}  # each continuation keeps its own command
-    statuses = [json.loads((r / "status.json").read_text()) if (r / "status.json").is_file() else {} for r in runs]
+    statuses = [read_status(r) or {} for r in runs]
     for run, status in zip(runs, statuses):
         if status.get("stage") != "finetune" or status.get("state") != "finished":
             raise ValueError(f"{run} is not a finished finetune run (stage {status.get('stage')!r}, state "
