@@ -132,11 +132,11 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[
 
 def _stage_start(prev_final: Path, config: DiTConfig) -> PixArtDiT:
     """The previous stage's weights in this stage's model (its resolution/PE; new KV layers at avg init)."""
-    from pixsigma.weights import load_dit
+    from pixsigma.weights import KV_KEYS, load_dit
 
     net = PixArtDiT(config)
     missing, unexpected = net.load_state_dict(load_dit(prev_final).state_dict(), strict=False)
-    if unexpected or any(".attn.sr." not in k and ".attn.norm." not in k for k in missing):
+    if unexpected or any(not KV_KEYS.match(k) for k in missing):
         raise ValueError(f"{prev_final} does not fit the next stage: missing {missing}, unexpected {unexpected}")
     return net
 
