@@ -80,8 +80,9 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
 
     from pixsigma.config import PRESETS
     from pixsigma.folder_settings import SamplingDefaults
-    from pixsigma.io import new_folder
+    from pixsigma.io import atomic_write_json, new_folder
     from pixsigma.sampling import PIXART_BETAS
+    from pixsigma.weights import MODEL_INDEX
 
     for name, vae in (("alpha", "vae_alpha"), ("sigma", "vae_sigma")):
         folder = out / name
@@ -93,7 +94,7 @@ def assemble_pipelines(parts: Path, out: Path) -> None:
         EulerAncestralDiscreteScheduler(**{**PIXART_BETAS, "prediction_type": PRESETS["demo"].prediction_type}
                                         ).save_pretrained(folder / "scheduler")
         SamplingDefaults(DEMO_STEPS, DEMO_GUIDANCE, DEMO_EXPANDER[name]).write(folder)
-        (folder / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
+        atomic_write_json(PIPELINE_INDEX, folder / MODEL_INDEX, indent=2)
 
 
 def default_precision() -> str:

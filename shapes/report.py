@@ -261,11 +261,10 @@ def _vae_psnr(out: Path) -> dict[str, float]:
 
 
 def _write_summary(out: Path, summary: dict, table: dict[str, dict]) -> None:
-    from pixsigma.io import atomic_write
+    from pixsigma.io import atomic_write_json, atomic_write_text
 
-    text = {"shapesbench.json": json.dumps(summary, indent=1), "shapesbench.md": shapesbench.format_table(table) + "\n"}
-    for name, body in text.items():
-        atomic_write(out / name, lambda tmp, body=body: Path(tmp).write_text(body))
+    atomic_write_json(summary, out / "shapesbench.json")
+    atomic_write_text(out / "shapesbench.md", shapesbench.format_table(table) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

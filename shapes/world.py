@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pixsigma.io import atomic_write
+from pixsigma.io import atomic_write, atomic_write_text
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -398,10 +398,6 @@ def parse_prompt(text: str) -> ParsedPrompt:
 # ---------------------------------------------------------------- datasets
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 SHORT_STYLES = ("raw", "complete")
 
 
@@ -430,8 +426,6 @@ def make_dataset(folder: str | Path, n: int, seed: int = 0,
     _check(short, SHORT_STYLES, "short caption style")
     for w, h in sizes:
         check_image_size(w, h)
-    import io
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -439,13 +433,12 @@ def make_dataset(folder: str | Path, n: int, seed: int = 0,
         rng = scene_rng("train", seed, i)
         scene = sample_scene(rng)
         w, h = sizes[int(rng.integers(len(sizes)))]
-        buf = io.BytesIO()
-        render(scene, w, h).save(buf, format="PNG")
+        image = render(scene, w, h)
         name = f"{i:06d}.png"
-        _atomic_write(out / name, buf.getvalue())
+        atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
         caption = dataset_caption(scene, short)
-        _atomic_write(out / f"{i:06d}.txt", caption.encode())
+        atomic_write_text(out / f"{i:06d}.txt", caption)
         lines.append(json.dumps({"path": name, "caption": caption, "long_caption": long_caption(scene),
                                  "width": w, "height": h, "scene": scene.to_dict()}))
-    _atomic_write(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+    atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out
