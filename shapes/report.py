@@ -191,7 +191,8 @@ def vae_round_trip_fn(vae_folder: Path, size: int) -> Callable[[list[str], int],
     import torch
     from diffusers import AutoencoderKL
 
-    from shapes.vae import to_images, to_tensor
+    from pixsigma.sampling import to_pil
+    from shapes.vae import to_tensor
 
     vae = AutoencoderKL.from_pretrained(vae_folder).float().eval()
     oracle = shapesbench.oracle_generate_fn(size, size)
@@ -199,7 +200,7 @@ def vae_round_trip_fn(vae_folder: Path, size: int) -> Callable[[list[str], int],
     @torch.no_grad()
     def fn(prompts: list[str], seed: int) -> list:
         x = to_tensor(oracle(prompts, seed))  # (B, 3, size, size)
-        return to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample)
+        return to_pil(vae.decode(vae.encode(x).latent_dist.mode()).sample)
     return fn
 
 

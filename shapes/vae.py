@@ -24,7 +24,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pixsigma.io import atomic_write, atomic_write_text
-from pixsigma.sampling import to_pil
 from shapes.fit import fit, warmup_cosine
 from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
@@ -99,11 +98,6 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> (B, 3, H, W) in [-1, 1]."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def to_images(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    return to_pil(x)
 
 
 def world_batch(rng: np.random.Generator, n: int, width: int, height: int) -> torch.Tensor:
