@@ -31,20 +31,13 @@ SIZES = [(48, 48), (48, 48), (48, 48), (48, 48), (64, 32), (64, 32), (32, 64), (
 
 
 def make_tokenizer(folder: Path | None = None, words: tuple[str, ...] | list[str] = WORDS):
-    """The tests' word-level T5-style tokenizer (<pad> 0, </s> 1, <unk> 2; lowercases; appends </s>)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+    """The tests' word-level T5-style tokenizer (``pixsigma.text.word_level_tokenizer`` over ``words``)."""
+    from pixsigma.text import word_level_tokenizer
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok = word_level_tokenizer(words)
     if folder is not None:
-        fast.save_pretrained(folder)
-    return fast
+        tok.save_pretrained(folder)
+    return tok
 
 
 def make_t5(folder: Path, vocab: int, d_model: int = 16, seed: int = 1):
