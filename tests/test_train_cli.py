@@ -14,7 +14,7 @@ import yaml
 from fixtures import make_encoders, make_images, write_config
 from safetensors.torch import load_file
 
-from train.monitor import read_status
+from train.runfiles import read_status
 
 REPO = Path(__file__).resolve().parent.parent
 

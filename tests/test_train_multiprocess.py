@@ -17,7 +17,7 @@ from fixtures import make_encoders, make_images, write_config
 from train.cache import FeatureCache
 from train.config import load_config
 from train.extract import extract
-from train.monitor import read_status
+from train.runfiles import read_status
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from train.checkpoint import checkpoint_dirs, checkpoint_model
 from train.config import load_config
 from train.extract import extract
 from train.loop import Trainer, train
-from train.monitor import STOP, read_status
+from train.runfiles import STOP, read_status
 
 
 @pytest.fixture(scope="module")

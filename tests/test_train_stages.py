@@ -14,7 +14,7 @@ from train import encoders
 from train.config import load_config
 from train.extract import extract
 from train.loop import train
-from train.monitor import read_status
+from train.runfiles import read_status
 from train.stages import model_config
 
 

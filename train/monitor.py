@@ -17,9 +17,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pixsigma.io import atomic_write_json, atomic_write_text
-from train.runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD, read_status
+from train.runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD
 
-__all__ = ["STOP", "Monitor", "read_status", "write_status"]
+__all__ = ["Monitor", "write_status"]
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
