@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from fixtures import FlakyPipe, free_port
 from PIL import Image
 
@@ -183,6 +184,30 @@ def test_options_and_environment(monkeypatch):
     assert (o.model, o.port, o.host, o.share) == ("demo", 7999, "0.0.0.0", True)
     monkeypatch.delenv("PIXSIGMA_ENABLE_TRAINING")
     assert parse_args([]).enable_training is False
+
+
+class Built(Exception):
+    """Stops the app once its engine is loaded, before it serves."""
+
+
+def test_the_app_takes_an_unset_dtype_from_default_dtype(tiny_pipeline, monkeypatch):
+    import app
+
+    asked, engines = [], []
+
+    def spy(device):  # bf16, not the CPU's fp32: a CPU pipeline in bf16 got its dtype from here
+        asked.append(device)
+        return "bf16"
+
+    def stop(engine, **kwargs):
+        engines.append(engine)
+        raise Built
+
+    monkeypatch.setattr("pixsigma.pipeline.default_dtype", spy)
+    monkeypatch.setattr(app, "build_demo", stop)
+    with pytest.raises(Built):  # no --dtype: the app's default
+        app.main(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu"])
+    assert engines[0].pipes[MAIN].dtype == torch.bfloat16 and asked == [torch.device("cpu")]
 
 
 def test_spaces_gpu_decorator_is_used_when_importable(monkeypatch):

@@ -8,7 +8,7 @@ from PIL import Image
 from pixsigma.cli import main as cli
 from pixsigma.config import KVCompress
 from pixsigma.io import read_params
-from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline, SamplingDefaults
+from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline, SamplingDefaults, default_dtype
 from pixsigma.sampling import PIXART_BETAS
 
 PROMPT = "a red star above a blue ring"
@@ -101,6 +101,41 @@ def test_bf16_runs(tiny_pipeline):
     pipe = PixSigmaPipeline.from_pretrained(str(tiny_pipeline), dtype="bf16")
     img = pipe.generate(GenerationRequest(PROMPT, steps=2, seed=0)).images[0]
     assert img.size == (256, 256)
+
+
+def test_default_dtype_is_bf16_on_cuda_and_fp32_elsewhere():
+    # it reads only the device's type, so CUDA device objects stand in for a GPU here
+    assert default_dtype(torch.device("cuda")) == default_dtype(torch.device("cuda", 1)) == "bf16"
+    assert default_dtype(torch.device("cpu")) == default_dtype(torch.device("mps")) == "fp32"
+
+
+class Loaded(Exception):
+    """Stops a command once its pipeline is loaded."""
+
+
+def test_cli_and_from_pretrained_take_an_unset_dtype_from_default_dtype(tiny_pipeline, tmp_path, monkeypatch):
+    asked = []
+
+    def spy(device):  # bf16, not the CPU's fp32: a CPU pipeline in bf16 got its dtype from here
+        asked.append(device)
+        return "bf16"
+
+    monkeypatch.setattr("pixsigma.pipeline.default_dtype", spy)
+    assert PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu").dtype == torch.bfloat16
+    assert asked == [torch.device("cpu")]
+    assert PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu", dtype="fp32").dtype == torch.float32
+    assert len(asked) == 1  # an explicit dtype is kept
+
+    loaded, real = [], PixSigmaPipeline.from_pretrained
+
+    def load_then_stop(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        raise Loaded
+
+    monkeypatch.setattr(PixSigmaPipeline, "from_pretrained", load_then_stop)
+    with pytest.raises(Loaded):  # no --dtype: the CLI's default
+        cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert loaded[0].dtype == torch.bfloat16 and asked == [torch.device("cpu")] * 2
 
 
 def test_oom_names_options(pipe, monkeypatch):
