@@ -59,6 +59,7 @@ def test_bench_short_prompts_expand_to_scenes_that_score_perfectly_against_the_o
     "",
     "a red star above a blue ring. the blue ring is above the red star",  # no placement satisfies both
     "a red star in the centre and a blue ring in the centre",  # two objects asked for one cell
+    "a red star above 3 blue rings",  # a number the parser does not read: expanding would drop it
 ])
 def test_prompts_expansion_could_change_are_left_as_they_are(prompt):
     assert not expandable(prompt) and expand_prompt(prompt, 0) == prompt

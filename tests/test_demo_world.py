@@ -21,6 +21,7 @@ from shapes.world import (
     sample_scene,
     scene_rng,
     short_caption,
+    tokenize,
 )
 
 
@@ -103,6 +104,20 @@ def test_parse_free_prompts():
     assert p.relations == ((2, "left of", 3),)
     assert parse_prompt("an orange cross in the top right").objects == (ObjectSpec("cross", "orange", None, 2),)
     assert parse_prompt("a dog on a sofa").objects == ()
+
+
+def test_tokenize_keeps_what_the_parser_does_not_read_as_tokens_of_their_own():
+    assert tokenize("A red star above 3 blue rings") == ["a", "red", "star", "above", "3", "blue", "rings"]
+    assert tokenize("a ring-shaped café & a star!") == ["a", "ring", "-", "shaped", "caf", "é", "&", "a", "star", "!"]
+    text = "Two rings, 2 stars; a 50% grey (ish) cross?"
+    assert "".join(tokenize(text)) == "".join(text.lower().split())  # no character is dropped
+
+
+def test_shapesbench_prompts_are_only_words_and_punctuation_the_parser_reads():
+    from shapes.shapesbench import BENCH_SIZE, bench_items
+
+    tokens = {t for item in bench_items(BENCH_SIZE) for t in tokenize(item.prompt)}
+    assert tokens and all(t.isalpha() and t.isascii() or t in ".,;!?" for t in tokens)
 
 
 def test_make_dataset_writes_png_txt_and_metadata(tmp_path):
