@@ -57,7 +57,7 @@ def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
 
 def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
     """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
-    from train.checkpoint import checkpoint_dirs, checkpoint_model
+    from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
 
     curves: dict[str, Any] = {}
     offset = 0
@@ -65,7 +65,7 @@ def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
     prev = None
     for st in plan:
         run_dir = work / "runs" / st.name
-        models = [(int(ck.name.split("_")[-1]), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
+        models = [(checkpoint_step(ck), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
         if prev is not None and models:  # step 0: the previous stage's export in this stage's setting
             models.insert(0, (0, _stage_start(work / "runs" / prev.name / FINAL, models[0][1].config)))
         if models and st.pipeline not in pipes:
@@ -92,7 +92,7 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[
     pipeline (a refined decoder, say), not copied from the last stage's curve. Plateaus and the PNGs are redone;
     the table is left as it was (``--table-only`` re-scores it)."""
     from pixsigma.weights import load_dit
-    from train.checkpoint import checkpoint_dirs, checkpoint_model
+    from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
 
     summary = _read_summary(out, "--extend")
     curves = summary["curves"]
@@ -119,8 +119,7 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[
         offset = start + entry["steps"]
         for ck in checkpoint_dirs(run):
             net = checkpoint_model(ck)
-            step = int(ck.name.split("_")[-1])
-            entry["bench"].append((offset + step, _curve_point(pipe, net, net.config.resolution)))
+            entry["bench"].append((offset + checkpoint_step(ck), _curve_point(pipe, net, net.config.resolution)))
         entry["loss"] += _losses(run, offset)
         entry["steps"] += int(status["total_steps"])
     curves[name] = entry

@@ -10,7 +10,7 @@ import torch
 from fixtures import make_encoders, make_images, write_config
 from safetensors.torch import load_file
 
-from train.checkpoint import checkpoint_dirs, checkpoint_model
+from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
 from train.config import load_config
 from train.extract import extract
 from train.loop import Trainer, train
@@ -137,6 +137,9 @@ def test_checkpoints_are_atomic_and_only_the_last_k_kept(tmp_path, cache, monkey
     assert sorted(p.name for p in ckdir.iterdir()) == ["step_00000003", "step_00000004"]
     for p in checkpoint_dirs(cfg.run_dir):
         assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "pixsigma.json"} <= set(os.listdir(p))
+    assert [checkpoint_step(p) for p in checkpoint_dirs(cfg.run_dir)] == [3, 4]
+    with pytest.raises(ValueError, match=r"\.tmp-step_00000003 is not a checkpoint folder"):
+        checkpoint_step(ckdir / ".tmp-step_00000003")
 
 
 def test_steps_are_logged_a_window_at_a_time_each_with_its_own_row(tmp_path, cache, monkeypatch):

@@ -40,11 +40,19 @@ from train.stages import allowed_missing, model_config
 _STEP = re.compile(r"^step_(\d+)$")  # runfiles.step_name's folders
 
 
+def checkpoint_step(ckpt: str | Path) -> int:
+    """The optimizer step a checkpoint folder (``step_NNNNNNNN``) was saved at."""
+    m = _STEP.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt} is not a checkpoint folder: its name must be step_NNNNNNNN")
+    return int(m.group(1))
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     found = [p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
