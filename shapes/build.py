@@ -28,7 +28,16 @@ from pathlib import Path
 
 from shapes import CONFIGS, DEMO_DIR, REPO
 from shapes.build_parts import T5_STEPS
-from shapes.plan import ALPHA_STEPS, BENCH_N, POLISH_IMAGES, WORK, StageRun, stage_plan, write_build_record
+from shapes.plan import (
+    ALPHA_STEPS,
+    BENCH_N,
+    POLISH_IMAGES,
+    WORK,
+    StageRun,
+    run_folder,
+    stage_plan,
+    write_build_record,
+)
 from train.runfiles import FINAL
 
 # (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
@@ -114,7 +123,7 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     """Train one run of the plan after ``prev`` (skipped once it has ``final``; resumed from its last checkpoint)."""
     from train.checkpoint import checkpoint_dirs
 
-    run_dir = work / "runs" / st.name
+    run_dir = run_folder(work, st.name)
     if (run_dir / FINAL).is_dir():
         return run_dir
     every = max(1, st.steps // evals)
@@ -126,7 +135,7 @@ def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out
     if st.images is not None:
         sets.append(f"data.max_images={st.images}")
     if prev is not None:
-        sets.append(f"stage.load_from={work / 'runs' / prev.name}")
+        sets.append(f"stage.load_from={run_folder(work, prev.name)}")
     args = [x for s in sets for x in ("--set", s)]
     log = work / "logs" / f"{st.name}.log"
     if not (work / "cache" / st.cache / "index.json").is_file():
@@ -142,9 +151,9 @@ def export(work: Path, out: Path, plan: list[StageRun]) -> None:
 
     from pixsigma.weights import load_dit, save_diffusers_transformer, save_dit
 
-    alpha = load_dit(work / "runs" / plan[0].name / FINAL)
+    alpha = load_dit(run_folder(work, plan[0].name) / FINAL)
     save_diffusers_transformer(alpha, out / "alpha" / "transformer", dtype=torch.float16)
-    sigma = load_dit(work / "runs" / plan[-1].name / FINAL)
+    sigma = load_dit(run_folder(work, plan[-1].name) / FINAL)
     save_dit(sigma, out / "sigma" / "transformer", dtype=torch.float16)
 
 

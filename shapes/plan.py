@@ -117,6 +117,11 @@ def plan_from_json(rows: Any, where: str = "the plan") -> list[StageRun]:
 BUILD_RECORD = "build.json"  # in the build's work folder: its plan, command and stage times, for the report
 
 
+def run_folder(work: Path, name: str) -> Path:
+    """Where the build trains run ``name`` of its plan, and where the report finds it."""
+    return work / "runs" / name
+
+
 def write_build_record(work: Path, plan: list[StageRun], command: str, minutes: dict[str, float]) -> Path:
     """Record in ``work`` what the build trains (before it trains, so a report of a stopped build reads it too)."""
     from pixsigma.io import atomic_write_json

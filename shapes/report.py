@@ -20,7 +20,7 @@ import numpy as np
 from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.dit import PixArtDiT
 from shapes import DEMO_DIR, shapesbench
-from shapes.plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record
+from shapes.plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record, run_folder
 from train.runfiles import FINAL, METRICS, read_status
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
@@ -64,10 +64,10 @@ def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
     pipes: dict[str, Any] = {}  # one pipeline per VAE (T5 and its prompt cache shared); checkpoints swap the DiT
     prev = None
     for st in plan:
-        run_dir = work / "runs" / st.name
+        run_dir = run_folder(work, st.name)
         models = [(checkpoint_step(ck), checkpoint_model(ck)) for ck in checkpoint_dirs(run_dir)]
         if prev is not None and models:  # step 0: the previous stage's export in this stage's setting
-            models.insert(0, (0, _stage_start(work / "runs" / prev.name / FINAL, models[0][1].config)))
+            models.insert(0, (0, _stage_start(run_folder(work, prev.name) / FINAL, models[0][1].config)))
         if models and st.pipeline not in pipes:
             pipes[st.pipeline] = _pipe(out / st.pipeline, run_dir / FINAL)
         scores = [(offset + step, _curve_point(pipes[st.pipeline], net, st.resolution)) for step, net in models]
