@@ -9,6 +9,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -140,6 +141,12 @@ def to_uint8(images: Tensor) -> Tensor:
 def to_pil(images: Tensor) -> list[Image.Image]:
     """[-1, 1] (B, 3, H, W) -> PIL images."""
     return [Image.fromarray(a) for a in to_uint8(images).numpy()]
+
+
+def from_pil(images: list[Image.Image]) -> Tensor:
+    """PIL images of one size -> [-1, 1] float32 (B, 3, H, W): ``to_pil``'s inverse (the VAE's pixel range)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 # Rough latent -> RGB projection for previews without the VAE (SD/SDXL-like latents; good enough to watch).

@@ -190,15 +190,14 @@ def vae_round_trip_fn(vae_folder: Path, size: int) -> Callable[[list[str], int],
     import torch
     from diffusers import AutoencoderKL
 
-    from pixsigma.sampling import to_pil
-    from shapes.vae import to_tensor
+    from pixsigma.sampling import from_pil, to_pil
 
     vae = AutoencoderKL.from_pretrained(vae_folder).float().eval()
     oracle = shapesbench.oracle_generate_fn(size, size)
 
     @torch.no_grad()
     def fn(prompts: list[str], seed: int) -> list:
-        x = to_tensor(oracle(prompts, seed))  # (B, 3, size, size)
+        x = from_pil(oracle(prompts, seed))  # (B, 3, size, size)
         return to_pil(vae.decode(vae.encode(x).latent_dist.mode()).sample)
     return fn
 

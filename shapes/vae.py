@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pixsigma.io import atomic_write, atomic_write_text
+from pixsigma.sampling import from_pil
 from shapes.fit import fit, warmup_cosine
 from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
@@ -94,15 +94,9 @@ def build_vae(spec: VAESpec) -> AutoencoderKL:
                          sample_size=EVAL_SIZE, mid_block_add_attention=False)
 
 
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images of one size -> (B, 3, H, W) in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 def world_batch(rng: np.random.Generator, n: int, width: int, height: int) -> torch.Tensor:
     """(n, 3, height, width) freshly sampled training scenes in [-1, 1]."""
-    return to_tensor([render(sample_scene(rng), width, height) for _ in range(n)])
+    return from_pil([render(sample_scene(rng), width, height) for _ in range(n)])
 
 
 def _pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
@@ -114,7 +108,7 @@ def _pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
 
 def heldout_images(n: int = 64, size: int = EVAL_SIZE, seed: int = HELDOUT_SEED) -> torch.Tensor:
     """(n, 3, size, size) held-out world images in [-1, 1]."""
-    return to_tensor([render(sample_scene(scene_rng("heldout", seed, i)), size, size) for i in range(n)])
+    return from_pil([render(sample_scene(scene_rng("heldout", seed, i)), size, size) for i in range(n)])
 
 
 def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:

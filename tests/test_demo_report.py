@@ -132,9 +132,10 @@ def test_assemble_pipelines_replaces_stale_parts_with_the_builds(tmp_path):
 
 def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
     """The ceiling row: each prompt's real scene encoded and decoded (so a blurring VAE scores below 100 %)."""
+    from pixsigma.sampling import from_pil
     from shapes import shapesbench
     from shapes.report import vae_round_trip_fn
-    from shapes.vae import VAESpec, build_vae, to_tensor
+    from shapes.vae import VAESpec, build_vae
 
     vae = build_vae(VAESpec(block_out_channels=(8, 8, 8, 8), steps=1))  # untrained: a very lossy round trip
     vae.save_pretrained(tmp_path / "vae")
@@ -143,10 +144,10 @@ def test_vae_round_trip_is_the_oracle_through_the_vae(tmp_path):
     real = shapesbench.oracle_generate_fn(64, 64)(prompts, 0)
     assert [im.size for im in images] == [(64, 64)] * 2
     with torch.no_grad():
-        want = vae.decode(vae.encode(to_tensor(real)).latent_dist.mode()).sample
-    got = to_tensor(images)
+        want = vae.decode(vae.encode(from_pil(real)).latent_dist.mode()).sample
+    got = from_pil(images)
     assert (got - want.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6  # the VAE's output, 8-bit rounded
-    assert (got - to_tensor(real)).abs().mean() > 0.05  # and not the oracle's scene itself
+    assert (got - from_pil(real)).abs().mean() > 0.05  # and not the oracle's scene itself
 
 
 def test_table_only_rescores_the_table_and_keeps_the_builds_curves(tmp_path, monkeypatch):

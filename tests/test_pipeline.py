@@ -9,7 +9,7 @@ from pixsigma.cli import main as cli
 from pixsigma.config import KVCompress
 from pixsigma.io import read_params
 from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline, SamplingDefaults, default_dtype
-from pixsigma.sampling import PIXART_BETAS
+from pixsigma.sampling import PIXART_BETAS, from_pil, to_pil
 
 PROMPT = "a red star above a blue ring"
 
@@ -107,6 +107,16 @@ def test_default_dtype_is_bf16_on_cuda_and_fp32_elsewhere():
     # it reads only the device's type, so CUDA device objects stand in for a GPU here
     assert default_dtype(torch.device("cuda")) == default_dtype(torch.device("cuda", 1)) == "bf16"
     assert default_dtype(torch.device("cpu")) == default_dtype(torch.device("mps")) == "fp32"
+
+
+def test_from_pil_is_the_inverse_of_to_pil():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    x = from_pil(images)
+    assert x.shape == (2, 3, 24, 40) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    for back, im in zip(to_pil(x), images):
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(im))
+    assert from_pil([Image.new("L", (4, 4), 255)]).eq(1.0).all()  # grey images become RGB
 
 
 class Loaded(Exception):

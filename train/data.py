@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from pixsigma.buckets import nearest_bucket
+from pixsigma.sampling import from_pil
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -117,9 +117,7 @@ def load_crop(path: Path, size: tuple[int, int]) -> torch.Tensor:
         rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
         im = im.resize((rw, rh), Image.BICUBIC)
         left, top = (rw - w) // 2, (rh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        arr = np.asarray(im, dtype=np.float32)  # (h, w, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+        return from_pil([im.crop((left, top, left + w, top + h))])[0]
 
 
 class ImageCaptionDataset(Dataset):
