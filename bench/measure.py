@@ -60,12 +60,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
-    """Median latency of ``fn()``: CUDA events per repeat on a GPU, ``perf_counter`` on a CPU."""
+def _warm_up(fn: Callable[[], object], warmup: int, repeats: int) -> None:
+    """Check the counts before any work, then run ``fn`` ``warmup`` times untimed."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
         fn()
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> Timing:
+    """Median latency of ``fn()``: CUDA events per repeat on a GPU, ``perf_counter`` on a CPU."""
+    _warm_up(fn, warmup, repeats)
     synchronize(device)
     times: list[float] = []
     if device.type == "cuda":
@@ -87,10 +92,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, 
 
 def time_wall(fn: Callable[[], object], device: torch.device, warmup: int = 0, repeats: int = 1) -> Timing:
     """Wall-clock latency of a host-driven job (a whole image): perf_counter around ``fn()`` + device sync."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for _ in range(warmup):
-        fn()
+    _warm_up(fn, warmup, repeats)
     times = []
     for _ in range(repeats):
         synchronize(device)

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.__main__ import main
 from bench.flops import dit_step_flops, token_grid
-from bench.measure import NotMeasured, check_device, time_calls
+from bench.measure import NotMeasured, check_device, time_calls, time_wall
 from bench.models import (
     build_peer,
     build_pixsigma,
@@ -93,11 +93,16 @@ def test_flops_reject_size_off_the_grid():
 # -- measurement helpers -----------------------------------------------------------------------------------
 
 
-def test_time_calls_runs_warmup_and_repeats():
+@pytest.mark.parametrize("timer", [time_calls, time_wall])
+def test_timers_run_warmup_and_repeats_and_refuse_bad_counts_before_any_call(timer):
     calls = []
-    timing = time_calls(lambda: calls.append(1), CPU, warmup=2, repeats=3)
+    timing = timer(lambda: calls.append(1), CPU, warmup=2, repeats=3)
     assert len(calls) == 5 and (timing.warmup, timing.repeats) == (2, 3)
     assert timing.min_s <= timing.median_s <= timing.max_s
+    for warmup, repeats in ((1, 0), (-1, 2)):
+        with pytest.raises(ValueError, match=f"got repeats={repeats}, warmup={warmup}"):
+            timer(lambda: calls.append(1), CPU, warmup=warmup, repeats=repeats)
+    assert len(calls) == 5
 
 
 def test_check_device_refuses_unusable_devices(monkeypatch):
