@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from pixsigma.io import atomic_write
-from pixsigma_ui.generate_tab import as_float, as_int
+from pixsigma_ui.inputs import as_float, as_int
 
 STAGES = ("vae_adapt", "res_up", "kv_compress", "finetune")
 LIVE_STATES = ("starting", "running")  # the trainer's others: stopped, finished, error
