@@ -10,18 +10,14 @@ pixsigma runs; a KV-compressed pixsigma model adds only the compression layers, 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from pixsigma.config import PRESETS, DiTConfig, KVCompress
+from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv
 from pixsigma.model.dit import PixArtDiT
-from pixsigma.weights import diffusers_config, to_diffusers_state_dict
+from pixsigma.weights import KV_KEYS, diffusers_config, to_diffusers_state_dict
 
 ARCHS = ("xl", "demo", "tiny")
 _BASE = {"xl": "XL_2_1024", "demo": "demo", "tiny": "tiny"}
-KV_RATIO = 2
-_KV_KEY = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
 
 # T5 v1.1 XXL (the PixArt text encoder): 4.76 B parameters, 9.5 GB in bf16.
 T5_XXL = dict(vocab_size=32128, d_model=4096, num_layers=24, num_heads=64, d_ff=10240, d_kv=64,
@@ -38,17 +34,12 @@ VOCAB = ("a an the of on in with and red blue green yellow orange purple white b
          "triangle small large above below left right photo lighthouse cat mountain lake sunset").split()
 
 
-def deep_half_kv(depth: int) -> KVCompress:
-    """The paper's setting: R = 2 on the deeper half of the blocks (14–27 of XL's 28)."""
-    return KVCompress(ratio=KV_RATIO, layers=tuple(range(depth // 2, depth)), operator="conv")
-
-
 def dit_config(arch: str, resolution: int, kv: bool = False) -> DiTConfig:
     """The ``arch`` DiT configured for base ``resolution`` (its PE interpolation), with or without KV."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCHS)}")
     cfg = PRESETS[_BASE[arch]].at_resolution(resolution)
-    return cfg.with_kv(deep_half_kv(cfg.depth)) if kv else cfg
+    return cfg.with_kv(default_kv(cfg.depth)) if kv else cfg
 
 
 @torch.no_grad()
@@ -71,7 +62,7 @@ def build_pixsigma(config: DiTConfig, weights: dict[str, torch.Tensor], device: 
     with torch.device(device):
         model = PixArtDiT(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    bad = [k for k in missing if not _KV_KEY.match(k)] + list(unexpected)
+    bad = [k for k in missing if not KV_KEYS.match(k)] + list(unexpected)
     if bad:
         raise RuntimeError(f"weights do not fit the {config.depth}-block DiT: {bad[:3]}")
     return model.to(dtype).eval()

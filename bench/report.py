@@ -9,30 +9,16 @@ was measured with. Rows that could not be measured say so ("not measured: reason
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from bench.flops import format_flops
+from pixsigma.io import atomic_write_text
 
 JSON_NAME, MD_NAME = "results.json", "results.md"
 # The peer's numbers quoted in issue 6 (diffusers DiT per step, one H100, torch 2.11, bf16, batch 2).
 ISSUE_PEER_MS = {1024: 38.7, 2048: 292.0, 4096: 3480.0}
 GIB = 1024**3
 NOISY = 0.25  # (max − min) / median above which a latency is flagged
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(run: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -46,8 +32,8 @@ def save(run: dict, out_dir: Path) -> tuple[Path, Path]:
             runs = {}  # a corrupt file is replaced, not merged
     runs[run["key"]] = run
     runs = dict(sorted(runs.items()))
-    write_atomic(json_path, json.dumps({"runs": runs}, indent=2) + "\n")
-    write_atomic(md_path, render(runs))
+    atomic_write_text(json_path, json.dumps({"runs": runs}, indent=2) + "\n")
+    atomic_write_text(md_path, render(runs))
     return json_path, md_path
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pixsigma.config import KV_OPERATORS, KVCompress, parse_layers
+from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
 
@@ -91,8 +91,9 @@ def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompre
         raise ValueError(f"--kv-compress must be >= 1 (1 = off, 2 or 3 compress), got {args.kv_compress}")
     if args.kv_compress == 1:
         return KVCompress()
-    layers = parse_layers(args.kv_layers) if args.kv_layers else tuple(range((depth or 28) // 2, depth or 28))
-    return KVCompress(ratio=args.kv_compress, layers=layers, operator=args.kv_operator)
+    if not args.kv_layers:  # before the model is loaded its depth is unknown: XL's stands in
+        return default_kv(depth or DiTConfig.depth, args.kv_compress, args.kv_operator)
+    return KVCompress(ratio=args.kv_compress, layers=parse_layers(args.kv_layers), operator=args.kv_operator)
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:

@@ -181,8 +181,14 @@ def pe_interpolation_for(resolution: int) -> float:
     return resolution / 512
 
 
+def default_kv(depth: int, ratio: int = 2, operator: str = "conv") -> KVCompress:
+    """The paper's KV setting for a ``depth``-block model: R = 2 conv on the deep half of the blocks (14-27 of
+    XL's 28); ``ratio``/``operator`` keep that placement with another R or operator."""
+    return KVCompress(ratio=ratio, layers=tuple(range(depth // 2, depth)), operator=operator)
+
+
 _XL = dict(depth=28, hidden_size=1152, num_heads=16)
-_DEEP_HALF_XL = KVCompress(ratio=2, layers=tuple(range(14, 28)), operator="conv")
+_DEEP_HALF_XL = default_kv(_XL["depth"])
 
 PRESETS: dict[str, DiTConfig] = {
     # The released PixArt-Σ / α models (PixArtMS XL/2).

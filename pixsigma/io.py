@@ -1,4 +1,4 @@
-"""Atomic output files: PNGs carrying their generation parameters in a text chunk."""
+"""Atomic output files (text, JSON, folders, PNGs carrying their generation parameters in a text chunk)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 1) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
 def swap_in_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -35,6 +35,8 @@ LAYOUTS = ("an original PixArt checkpoint (.pth/.pt/.bin/.safetensors)",
            f"a pixsigma folder ({PIXSIGMA_CONFIG} + {PIXSIGMA_WEIGHTS})",
            "a diffusers pipeline folder (model_index.json with transformer/)")
 # Keys the original checkpoints carry that are not model weights here.
+# The KV compression's own parameters (its conv and LayerNorm): absent from a model without it.
+KV_KEYS = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
 _IGNORED = re.compile(r"^(pos_embed|y_embedder\.y_embedding)$")
 
 # original-name pattern -> diffusers-name pattern; {i} is a block index.
@@ -94,7 +96,7 @@ def to_diffusers_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in sd.items():
         if _IGNORED.match(key):
             continue
-        if re.match(r"^blocks\.\d+\.attn\.(sr|norm)\.", key):
+        if KV_KEYS.match(key):
             raise CheckpointError(f"{key}: a KV-compressed model cannot run in diffusers (PixArtTransformer2DModel "
                                   "has no KV compression); keep it in the original layout and run it with pixsigma")
         for src, names in _SPLITS:
@@ -277,9 +279,6 @@ def load_weights(model: PixArtDiT, sd: dict[str, Tensor], source: str = "checkpo
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
-_KV_KEYS = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
-
-
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              kv: KVCompress | None = None, base_resolution: int | None = None) -> PixArtDiT:
     """Build a PixArtDiT from any accepted layout. ``kv`` overrides the checkpoint's KV compression:
@@ -288,8 +287,8 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     if kv is not None:
         config = config.with_kv(kv)
     model = PixArtDiT(config)
-    load_weights(model, sd, str(path), allow_missing=_KV_KEYS if kv is not None else None,
-                 allow_unexpected=_KV_KEYS if kv is not None else None)
+    load_weights(model, sd, str(path), allow_missing=KV_KEYS if kv is not None else None,
+                 allow_unexpected=KV_KEYS if kv is not None else None)
     return model.to(device=device, dtype=dtype).eval()
 
 

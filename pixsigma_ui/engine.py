@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from pixsigma.buckets import nearest_bucket
-from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress
+from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv
 from pixsigma.pipeline import (
     SAMPLERS,
     GenerationRequest,
@@ -132,7 +132,7 @@ class ModelInfo:
         placement) with plain pooling: a conv the model never trained with would add a LayerNorm it never saw."""
         if self.kv.active:
             return self.kv
-        return KVCompress(ratio=2, layers=tuple(range(self.depth // 2, self.depth)), operator="pool")
+        return default_kv(self.depth, operator="pool")
 
 
 def layers_spec(layers: tuple[int, ...]) -> str:
@@ -274,7 +274,8 @@ class AppEngine:
             raise ValueError(f"kv_mode must be 'model', 'off' or 'on', got {reprlib.repr(mode)}")
         depth = self.info(model).depth
         if not layers:
-            raise ValueError(f"KV compression needs layers, e.g. '{depth // 2}-{depth - 1}' (the model has "
+            deep = default_kv(depth).layers
+            raise ValueError(f"KV compression needs layers, e.g. '{deep[0]}-{deep[-1]}' (the model has "
                              f"layers 0-{depth - 1})")
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:

@@ -1,11 +1,10 @@
 """The Train tab: start, stop and resume a training run in its own process, and watch it.
 
-The UI and the trainer (``python -m train CONFIG``) share only files in the run folder:
-the trainer writes ``status.json`` ``{state, step, total_steps, last_loss, samples, error,
-pid, updated}``, ``metrics.jsonl`` (``{step, loss, ...}`` per line) and ``log.txt``; the UI
-writes ``launch.json`` (how it started the run, so Resume repeats it with ``--resume``) and
-``STOP`` (asks the trainer to checkpoint and stop). The trainer runs detached, so the page
-never blocks, and a reload (or an app restart) finds every run under the runs folder again.
+The UI and the trainer (``python -m train CONFIG``) share only files in the run folder (``train.runfiles``):
+the trainer writes ``status.json``, ``metrics.jsonl`` and ``log.txt``; the UI writes ``launch.json`` (how it
+started the run, so Resume repeats it with ``--resume``) and ``STOP`` (asks the trainer to checkpoint and
+stop). The trainer runs detached, so the page never blocks, and a reload (or an app restart) finds every run
+under the runs folder again.
 """
 
 from __future__ import annotations
@@ -23,19 +22,14 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from pixsigma.io import atomic_write
+from pixsigma.io import atomic_write_json
 from pixsigma_ui.inputs import as_float, as_int
+from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
+from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
-STAGES = ("vae_adapt", "res_up", "kv_compress", "finetune")
-LIVE_STATES = ("starting", "running")  # the trainer's others: stopped, finished, error
 POLL_SECONDS = 2.0
 MAX_STEPS, MAX_BATCH = 100_000, 256
-LAUNCH, STATUS, METRICS, LOG, STOP = "launch.json", "status.json", "metrics.jsonl", "log.txt", "STOP"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -70,7 +64,7 @@ def metrics_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
 
 
 def log_tail(folder: Path, lines: int = 40) -> str:
-    for name in (LOG, "stdout.txt"):  # stdout.txt holds what the trainer printed before it opened its log
+    for name in (LOG, STDOUT):  # stdout.txt holds what the trainer printed before it opened its log
         try:
             with open(folder / name, "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))
@@ -223,7 +217,7 @@ class RunManager:
         cmd = [self.python, "-m", self.module, str(recipe.config)]
         for o in overrides:
             cmd += ["--set", o]
-        write_json_atomic(folder / LAUNCH, {"cmd": cmd, "stage": stage, "created": time.time()})
+        atomic_write_json({"cmd": cmd, "stage": stage, "created": time.time()}, folder / LAUNCH, indent=2)
         self._spawn(name, cmd)
         return name
 
@@ -265,7 +259,7 @@ class RunManager:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         folder = self.runs_dir / name
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        with open(folder / "stdout.txt", "ab") as out:
+        with open(folder / STDOUT, "ab") as out:
             # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
             self._children[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# setuptools >= 77 reads pyproject's SPDX license; a new venv of Python 3.11 comes with 65.
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" >/dev/null
 .venv/bin/python -m pip install -q -r requirements.txt
 # The project itself, editable: the `pixsigma` command and the prompt-expander entry points.
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

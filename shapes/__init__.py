@@ -10,5 +10,7 @@ from pixsigma.registry import DEMO_DIR, MODEL_ALIASES
 
 DEMO_SIGMA = MODEL_ALIASES["demo"]  # the PixArt-Σ-style demo pipeline folder
 DEMO_ALPHA = MODEL_ALIASES["demo-alpha"]  # the PixArt-α-style baseline
+REPO = DEMO_DIR.parents[1]  # the checkout holding assets/demo: the build runs its steps from here
+CONFIGS = REPO / "configs"  # the training recipes a build's stages name
 
-__all__ = ["DEMO_ALPHA", "DEMO_DIR", "DEMO_SIGMA"]
+__all__ = ["CONFIGS", "DEMO_ALPHA", "DEMO_DIR", "DEMO_SIGMA", "REPO"]

@@ -36,7 +36,7 @@ from shapes.vae import (
 )
 
 PARTS = ("tokenizer", "text_encoder", "vae_alpha", "vae_sigma")
-T5_STEPS = 900
+T5_STEPS = 900  # enough for a probe to read every slot's attributes from the features (fewer cap the DiT)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: fastest on a shared CPU, where spinning OpenMP threads "
-                         "slow each other 10x or more, and the same numbers on any machine)")
+                         "slow each other down, and the same numbers on any machine)")
     ap.add_argument("--t5-steps", type=int, default=T5_STEPS)
     ap.add_argument("--vae-alpha-steps", type=int, default=VAE_SPECS["alpha"].steps)
     ap.add_argument("--vae-sigma-steps", type=int, default=VAE_SPECS["sigma"].steps)

@@ -1,7 +1,8 @@
 """The demo's measurements: ShapesBench over checkpoints (curves) and over the final models (the table).
 
-``python -m shapes.report --work runs/demo_build`` re-scores an existing build without retraining.
-Writes into ``assets/demo``: ``shapesbench.json``, ``shapesbench.md``, ``curves_loss.png``,
+``python -m shapes.report --work runs/demo_build`` scores a build without retraining: the runs its work
+folder's record names (``shapes.plan``), not a plan re-derived from flags. The build runs it as its last step.
+Writes into ``assets/demo``: ``shapesbench.json`` (with the plan), ``shapesbench.md``, ``curves_loss.png``,
 ``curves_shapesbench.png`` (the paper's Fig. 8 in miniature: each Σ stage starts near where the last ended
 and plateaus within a small share of α's steps).
 """
@@ -19,6 +20,7 @@ import numpy as np
 from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.dit import PixArtDiT
 from shapes import DEMO_DIR, shapesbench
+from shapes.plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 # The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
@@ -52,7 +54,7 @@ def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
     return [(offset + int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
 
 
-def stage_curves(work: Path, out: Path, plan: list) -> dict[str, Any]:
+def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
     """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
     from train.checkpoint import checkpoint_dirs, checkpoint_model
 
@@ -82,7 +84,7 @@ def _curve_point(pipe, net: PixArtDiT, resolution: int) -> float:
     return r["attribute"]
 
 
-def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline: str = "sigma") -> dict[str, Any]:
+def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[str, Any]:
     """Append to the report's curves a ``finetune`` continuation of its last stage: ``runs`` are the
     consecutive runs it took (each loading the one before), each checkpoint scored as the build's stages are.
     Its step 0 is the weights the first run loaded (``status.json``'s load report), scored now: with today's
@@ -109,7 +111,7 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
     source = Path(statuses[0].get("load_report", {}).get("source") or "")
     if not source.is_dir():
         raise ValueError(f"the weights {runs[0]} started from ({source}) are gone: step 0 of the curve needs them")
-    pipe = _pipe(out / pipeline)
+    pipe = _pipe(out / "sigma")
     first_net = load_dit(source)
     entry["bench"].append((start, _curve_point(pipe, first_net, first_net.config.resolution)))
     for run, status in zip(runs, statuses):
@@ -122,7 +124,6 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str, pipeline
         entry["steps"] += int(status["total_steps"])
     curves[name] = entry
     summary.update(_plateaus(curves, summary["alpha_steps"]))
-    summary.pop("extend_command", None)  # the single slot of older reports: now each entry's "command"
     plot_curves(curves, out)
     _write_summary(out, summary, summary["table"])
     return summary
@@ -175,7 +176,8 @@ def plot_curves(curves: dict[str, Any], out: Path) -> None:
             ax.axvline(c["start"], color="grey", lw=0.5, ls=":")
         ax.set_xlabel("training step (α, then each Σ stage)")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a report of runs without checkpoints has no bench points
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name)
@@ -219,15 +221,17 @@ def _summary_table(table: dict[str, dict]) -> dict[str, dict]:
     return {k: {m: v for m, v in r.items() if m != "per_prompt"} for k, r in table.items()}
 
 
-def write_report(work: Path, out: Path, plan: list, n: int, timings: dict[str, float],
-                 command: str = "python -m shapes.build") -> dict[str, Any]:
+def write_report(work: Path, out: Path, n: int) -> dict[str, Any]:
+    """Score the build in ``work`` (the plan, command and stage times its record holds) into ``out``: a new
+    report, so continuations that ``--extend`` added to an older one are not carried over."""
+    build = read_build_record(work)
+    plan = build["plan"]
     curves = stage_curves(work, out, plan)
     plot_curves(curves, out)
     table = final_table(out, n)
     summary = {"table": _summary_table(table), **_plateaus(curves, plan[0].steps), "alpha_steps": plan[0].steps,
-               "vae_psnr": _vae_psnr(out), "build_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
-               "curves": curves,
-               "command": command}
+               "vae_psnr": _vae_psnr(out), "build_minutes": build["build_minutes"], "curves": curves,
+               "command": build["command"], "plan": plan_to_json(plan)}
     _write_summary(out, summary, table)
     return summary
 
@@ -266,15 +270,11 @@ def _write_summary(out: Path, summary: dict, table: dict[str, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from shapes.build import ALPHA_STEPS, BENCH_N, WORK, stage_plan
-
-    ap = argparse.ArgumentParser(prog="python -m shapes.report")
-    ap.add_argument("--work", default=WORK)
-    ap.add_argument("--out", default=str(DEMO_DIR))
-    ap.add_argument("--alpha-steps", type=int, default=ALPHA_STEPS)
-    ap.add_argument("--polish-steps", type=int, default=0, help="the build's --polish-steps")
-    ap.add_argument("--band-steps", type=int, default=0, help="the build's --band-steps")
-    ap.add_argument("--bench-n", type=int, default=BENCH_N)
+    ap = argparse.ArgumentParser(prog="python -m shapes.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=WORK, help="the build's work folder (its record, runs and checkpoints)")
+    ap.add_argument("--out", default=str(DEMO_DIR), help="the demo pipelines scored, where the report goes")
+    ap.add_argument("--bench-n", type=int, default=BENCH_N, help="ShapesBench prompts in the final table")
     ap.add_argument("--table-only", action="store_true",
                     help="re-score only the final table of the existing shapesbench.json (no checkpoints needed)")
     ap.add_argument("--extend", nargs="+", metavar="NAME RUN",
@@ -290,11 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.table_only:
         s = rescore_table(out, args.bench_n, command)
     else:
-        plan = stage_plan(args.alpha_steps, polish_steps=args.polish_steps, band_steps=args.band_steps)
-        s = write_report(Path(args.work).resolve(), out, plan, args.bench_n, {}, command)
+        s = write_report(Path(args.work).resolve(), out, args.bench_n)
     print(json.dumps(s["table"], indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

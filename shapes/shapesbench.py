@@ -292,8 +292,7 @@ def oracle_generate_fn(width: int = 128, height: int = 128) -> Callable[[list[st
 
 
 def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int = 200, width: int = 128,
-             height: int = 128, batch_size: int = 8, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             height: int = 128, batch_size: int = 8, seed: int = 0) -> dict:
     """Run ``generate_fn`` on the first ``n`` bench prompts (batch ``b`` gets seed ``seed + b``) and score.
 
     Returns the mean of each metric over prompts (``METRICS``, fractions in [0, 1]), ``attribute``
@@ -315,8 +314,6 @@ def evaluate(generate_fn: Callable[[list[str], int], list[Image.Image]], n: int 
                          "found": len(dets), **score(dets, parsed)})
             gen_feats.append(features(img, dets))
             real_feats.append(features(render(it.scene, width, height)))
-        if progress is not None:
-            progress(min(start + batch_size, n), n)
     out: dict = {"n": n}
     for m in METRICS:
         vals = [r[m] for r in rows if r[m] is not None]

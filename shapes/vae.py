@@ -80,13 +80,8 @@ class VAESpec:
 
 VAE_SPECS: dict[str, VAESpec] = {
     "alpha": VAESpec(block_out_channels=(16, 32, 32, 32), steps=700),
-    # align_weight: VAE-Σ keeps its latents near VAE-α's, so the VAE-swap stage starts from a loss of 0.26
-    # rather than 1.26 (measured; PSNR also rose 24.7 -> 25.5 dB): a 5M DiT cannot relearn a far latent space
-    # in the few hundred steps the paper's swap takes.
-    # decoder_steps: phase 2 lifts the score of real scenes decoded through VAE-Σ (ShapesBench's ceiling for Σ)
-    # from 83 % to ~100 % (256 px, n = 200) and Σ's own from 41.7 % to 48.1 % at noise 0.3 (PSNR 25.7 -> 27.9
-    # dB), 49.6 % at 0.8 (PSNR 26.6 dB; shape 27.5 -> 33.1 %, FSD 19.0 -> 16.7): the noisier the latents it
-    # learns from, the more it draws clean shapes from a DiT's inexact ones, at some PSNR on exact ones.
+    # align_weight: a tiny DiT cannot relearn a far latent space in the few hundred steps of the paper's VAE swap.
+    # decoder_noise: the noisier the latents phase 2 learns from, the cleaner the shapes it draws from a DiT's.
     "sigma": VAESpec(block_out_channels=(32, 48, 64, 64), steps=1200, align_weight=1.0, decoder_steps=1500,
                      decoder_noise=0.8),
 }

@@ -138,8 +138,7 @@ def scene_rng(domain: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([DOMAINS[domain], int(seed), int(index)])
 
 
-def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None = None,
-                 allow_split: bool = True) -> Scene:
+def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None = None) -> Scene:
     """A random scene; objects have distinct cells and distinct (colour, shape), in reading order."""
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
@@ -155,7 +154,7 @@ def sample_scene(rng_or_seed: np.random.Generator | int, n_objects: int | None =
         offset = tuple(float(v) for v in np.round(rng.uniform(-0.8, 0.8, size=2), 3))
         objects.append(SceneObject(shape, colour, size, cell, offset))
     names = tuple(BACKGROUNDS)
-    split = SPLITS[int(rng.integers(len(SPLITS)))] if allow_split else "none"
+    split = SPLITS[int(rng.integers(len(SPLITS)))]
     k = 1 if split == "none" else 2
     bg = tuple(names[int(i)] for i in rng.choice(len(names), size=k, replace=False))
     return Scene(tuple(objects), Background(bg, split))
@@ -410,8 +409,7 @@ def dataset_caption(scene: Scene, short: str = "raw") -> str:
     caption leaves objects out (3-4 object scenes), so that every caption a model trains on names every object.
 
     Raw alt-text that names two objects of a four-object scene teaches a model that "a red star and a blue
-    ring" may hold more shapes (the shipped Σ draws extras on 36 of 44 such prompts); with complete
-    captions, two named objects always mean exactly two."""
+    ring" may hold more shapes; with complete captions, two named objects always mean exactly two."""
     _check(short, SHORT_STYLES, "short caption style")
     if short == "complete" and len(main_objects(scene)) < len(scene.objects):
         return long_caption(scene)

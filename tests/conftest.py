@@ -28,3 +28,11 @@ def tiny_kv_pipeline(tmp_path_factory):
     from pixsigma.config import KVCompress
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_kv_pipeline"), kv=KVCompress(2, (1,)), layout="pixsigma")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline):
+    """``tiny_pipeline`` loaded on the CPU, once per test module (a module may switch its KV setting)."""
+    from pixsigma.pipeline import PixSigmaPipeline
+
+    return PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")

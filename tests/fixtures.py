@@ -1,24 +1,37 @@
-"""Tiny random PixArt pipelines saved in the real on-disk formats (no network, seconds on a CPU)."""
+"""The tests' one set of builders: tiny random models saved in the real on-disk formats (no network, seconds on a
+CPU), tiny image folders and run configs for the trainer, and a pipeline stand-in that runs out of memory.
+
+Test modules import from here (``from fixtures import …``) and never from one another; pytest fixtures built on
+these live in ``conftest.py``.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import PIXART_BETAS
 from pixsigma.weights import save_diffusers_transformer, save_dit
 
-WORDS = ("a red blue green star circle square ring triangle above below left right of the on small large big "
-         "cat dog photo an in with and").split()
+# The words the tests' prompts and make_images' captions use; the app tests rely on others (a style's "plain mint
+# background", "zebra") being unknown.
+WORDS = ("a red blue green yellow star circle square ring triangle above below left right of the on small large "
+         "big cat dog photo an in with and white middle picture tall wide shape").split()
 TINY_DIT = DiTConfig(depth=2, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=300, sample_size=32,
                      pe_interpolation=0.5)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+# (height, width): three aspect-ratio buckets at 64 px
+SIZES = [(48, 48), (48, 48), (48, 48), (48, 48), (64, 32), (64, 32), (32, 64), (32, 64)]
 
 
-def make_tokenizer(folder: Path, words=WORDS):
+def make_tokenizer(folder: Path | None = None, words: tuple[str, ...] | list[str] = WORDS):
+    """The tests' word-level T5-style tokenizer (<pad> 0, </s> 1, <unk> 2; lowercases; appends </s>)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -29,28 +42,40 @@ def make_tokenizer(folder: Path, words=WORDS):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(folder)
+    if folder is not None:
+        fast.save_pretrained(folder)
     return fast
 
 
-def make_t5(folder: Path, vocab: int, d_model: int = 16):
+def make_t5(folder: Path, vocab: int, d_model: int = 16, seed: int = 1):
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     t5.save_pretrained(folder, safe_serialization=True)
     return t5
 
 
-def make_vae(folder: Path):
+def make_vae(folder: Path, seed: int = 2, scaling: float | None = None):
+    """A 4-channel, 8x-downsampling VAE; ``scaling`` sets its scaling_factor (default: diffusers')."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, norm_num_groups=4, sample_size=64)
+                        layers_per_block=1, norm_num_groups=4, sample_size=64,
+                        **({} if scaling is None else {"scaling_factor": scaling}))
     vae.save_pretrained(folder, safe_serialization=True)
     return vae
+
+
+def make_encoders(folder: Path, seed: int = 0, scaling: float = 0.5) -> Path:
+    """A diffusers-style folder with ``tokenizer/``, ``text_encoder/`` (d_model 16) and ``vae/`` (the trainer's)."""
+    folder = Path(folder)
+    tok = make_tokenizer(folder / "tokenizer")
+    make_t5(folder / "text_encoder", len(tok), seed=seed)
+    make_vae(folder / "vae", seed=seed + 1, scaling=scaling)
+    return folder
 
 
 def random_dit(config: DiTConfig = TINY_DIT, seed: int = 0, scale: float = 0.05) -> PixArtDiT:
@@ -86,3 +111,68 @@ def make_tiny_pipeline(folder: str | Path, kv: KVCompress | None = None, layout:
              "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def make_images(folder: Path, sizes: list[tuple[int, int]] = SIZES, long: bool = True) -> Path:
+    """Coloured squares on white with ``x.txt`` (short) and ``x.long.txt`` (long) captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for i, (h, w) in enumerate(sizes):
+        colour = names[i % len(names)]
+        im = Image.new("RGB", (w, h), "white")
+        s = min(h, w) // 2
+        im.paste(COLOURS[colour], (w // 4, h // 4, w // 4 + s, h // 4 + s))
+        im.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {colour} square")
+        if long:
+            (folder / f"img{i}.long.txt").write_text(f"a small {colour} square in the middle of a white "
+                                                      f"picture with a {'tall' if h > w else 'wide'} shape")
+    return folder
+
+
+def write_config(path: Path, **cfg) -> Path:
+    """A tiny training run's YAML: the base below with ``cfg`` merged in (dict values merge one level deep)."""
+    import yaml
+
+    base = {"model": "tiny", "steps": 2, "batch_size": 2, "mixed_precision": "no", "save_every": 100,
+            "log_every": 1, "seed": 0, "optim": {"warmup_steps": 0, "lr": 1e-3}}
+    for key, value in cfg.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    base.setdefault("data", {})["num_workers"] = base.get("data", {}).get("num_workers", 0)
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+class FlakyPipe:
+    """The real pipeline behind a device that runs out of memory ``fail`` times, and counts callbacks."""
+
+    def __init__(self, pipe, fail: int = 0, error: Exception | None = None):
+        self.pipe, self.fail, self.runs = pipe, fail, []  # runs: the steps each generate call reached
+        self.error = error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.transformer, self.device, self.sampling = pipe.transformer, pipe.device, pipe.sampling
+
+    def generate(self, request, callback=None):
+        if self.fail:
+            self.fail -= 1
+            raise self.error
+
+        self.runs.append([])
+
+        def counting(step, total, latents):
+            self.runs[-1].append(step)
+            if callback:
+                callback(step, total, latents)
+
+        return self.pipe.generate(request, counting)
+
+    def unknown_words(self, prompt):
+        return self.pipe.unknown_words(prompt)
+
+    def resolve_sampling(self, request):
+        return self.pipe.resolve_sampling(request)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import tracemalloc
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from fixtures import FlakyPipe, free_port
 
 from app import build_demo, parse_args, queue_full_message
 from pixsigma.config import parse_layers
@@ -34,21 +34,14 @@ GOOD = dict(prompt="a red circle", negative_prompt="", style="(none)", aspect_ra
             kv_layers="1", kv_operator="pool", expand_prompt=True)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")
-
-
-class GatedPipe:
-    """The real pipeline, holding each run at its first step until ``gate`` is set; counts runs per instance."""
+class GatedPipe(FlakyPipe):
+    """The real pipeline, each run held at its first step until ``gate`` is set / all ``barrier`` runs are there."""
 
     def __init__(self, pipe, gate: threading.Event | None = None, barrier: threading.Barrier | None = None):
-        self.pipe, self.gate, self.barrier, self.runs = pipe, gate, barrier, 0
-        self.transformer, self.device, self.sampling = pipe.transformer, pipe.device, pipe.sampling
+        super().__init__(pipe)
+        self.gate, self.barrier = gate, barrier
 
     def generate(self, request, callback=None):
-        self.runs += 1
-
         def hold(step, total, latents):
             if step == 1 and self.barrier is not None:
                 self.barrier.wait(60)  # every run of the pool is in flight at once, or this breaks
@@ -57,24 +50,7 @@ class GatedPipe:
             if callback:
                 callback(step, total, latents)
 
-        return self.pipe.generate(request, hold)
-
-    def unknown_words(self, prompt):
-        return self.pipe.unknown_words(prompt)
-
-    def resolve_sampling(self, request):
-        return self.pipe.resolve_sampling(request)
-
-
-class BrokenPipe(GatedPipe):
-    def generate(self, request, callback=None):
-        raise KeyError("a bug in the server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return super().generate(request, hold)
 
 
 class Served:
@@ -223,7 +199,8 @@ def test_raw_http_wrong_types_get_a_message_naming_the_parameter(served, inputs,
 def test_a_refusal_is_one_log_line_and_a_server_fault_keeps_its_traceback(pipe, tmp_path, caplog, capfd):
     from gradio_client.exceptions import AppError
 
-    served = Served(AppEngine({MAIN: BrokenPipe(pipe)}, {MAIN: "tiny"}), tmp_path)
+    served = Served(AppEngine({MAIN: FlakyPipe(pipe, fail=9, error=KeyError("a bug in the server"))}, {MAIN: "tiny"}),
+                    tmp_path)
     try:
         capfd.readouterr()
         with caplog.at_level(logging.INFO, logger="pixsigma.app"):
@@ -274,7 +251,7 @@ def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path):
         running = served.client.submit(**GOOD, api_name="/generate")
         waiting = served.client.submit(**GOOD, api_name="/generate")
         for _ in range(2400):  # until one runs (held at its first step) and one waits
-            if len(served.demo._queue) == 1 and pipe_.runs == 1:
+            if len(served.demo._queue) == 1 and len(pipe_.runs) == 1:
                 break
             time.sleep(0.05)
         assert len(served.demo._queue) == 1, (pipe_.runs, running.status(), waiting.status())
@@ -369,7 +346,7 @@ def test_two_engines_serve_two_requests_at_once(tiny_pipeline, tmp_path):
         with ThreadPoolExecutor(2) as ex:  # the barrier breaks unless both run at the same time
             seeds = list(ex.map(lambda s: served.client.predict(**{**GOOD, "seed": s}, api_name="/generate")[3],
                                 (3, 4)))
-        assert seeds == [3, 4] and [p.runs for p in pipes] == [1, 1]
+        assert seeds == [3, 4] and [len(p.runs) for p in pipes] == [1, 1]
     finally:
         served.close()
 

@@ -146,11 +146,16 @@ def test_bad_values_are_refused(manager, kwargs, message):
     assert manager.runs() == []
 
 
-def test_runs_started_in_the_same_second_get_their_own_folders(manager):
+def test_runs_started_in_the_same_second_get_their_own_folders(manager, monkeypatch):
+    import pixsigma_ui.train_tab
+
+    monkeypatch.setattr(pixsigma_ui.train_tab.time, "strftime", lambda fmt, *t: "20260101-120000")  # one second
     first = manager.start("finetune", steps=1)
     wait_for(manager, first, lambda s: not s["alive"] and s["state"] == "finished")
     second = manager.start("finetune", steps=1)
-    assert second != first and set(manager.runs()) == {first, second}
+    assert (first, second) == ("finetune-20260101-120000", "finetune-20260101-120000-2")
+    assert set(manager.runs()) == {first, second}
+    wait_for(manager, second, lambda s: not s["alive"] and s["state"] == "finished")
 
 
 def test_missing_stage_config_is_named(tmp_path):

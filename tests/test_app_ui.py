@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -10,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import gradio as gr
 import numpy as np
 import pytest
+from fixtures import FlakyPipe, free_port
 from PIL import Image
-from test_app_engine import FlakyPipe
 
 from app import QUEUE_SIZE, build_demo, parse_args
 from pixsigma.io import read_params
@@ -24,19 +23,8 @@ from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline):
-    return PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def engine(pipe):
     return AppEngine({MAIN: pipe, ALPHA: pipe}, {MAIN: "tiny-sigma", ALPHA: "tiny-alpha"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

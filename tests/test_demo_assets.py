@@ -64,7 +64,7 @@ def test_cli_generates_from_the_shipped_model(tmp_path, capsys):
 
 
 def test_shipped_shapesbench_report_is_complete():
-    """The README's table comes from assets/demo/shapesbench.json, written by the build's report step."""
+    """The model card's table comes from assets/demo/shapesbench.json, written by the build's report step."""
     import json
 
     report = json.loads((DEMO_DIR / "shapesbench.json").read_text())
@@ -87,7 +87,7 @@ def test_shipped_shapesbench_report_is_complete():
     for png in ("curves_loss.png", "curves_shapesbench.png"):
         assert Image.open(DEMO_DIR / png).size[0] > 400
     table = (DEMO_DIR / "shapesbench.md").read_text()
-    assert "PixArt-Σ (256 px, KV R=2)" in table and table in (DEMO_DIR.parents[1] / "README.md").read_text()
+    assert "PixArt-Σ (256 px, KV R=2)" in table and table in (DEMO_DIR / "README.md").read_text()  # the model card
 
 
 def test_shipped_vae_sigma_is_the_decoder_refined_one():

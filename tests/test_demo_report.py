@@ -1,4 +1,5 @@
-"""The build: its stage plan, its pipeline folders, each Σ curve's step-0 model and the plateau measure."""
+"""The build: its stage plan and its record, its pipeline folders, the report that reads the record, each Σ
+curve's step-0 model and the plateau measure."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from fixtures import TINY_DIT, random_dit
 
 from pixsigma.config import KVCompress
 from pixsigma.weights import save_dit
+from shapes import CONFIGS, DEMO_DIR
+from shapes.plan import plan_from_json, plan_to_json, read_build_record, stage_plan, write_build_record
 from shapes.report import _stage_start, plateau_step
 
 
@@ -43,8 +46,6 @@ def test_plateau_step_is_the_first_checkpoint_near_the_best():
 
 
 def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits():
-    from shapes.build import stage_plan
-
     plan = stage_plan(1000, alpha_batch_scale=4)
     assert [(st.name, st.steps, st.batch_size, st.images) for st in plan] == [
         ("alpha", 1000, 128, None), ("sigma_vae", 100, 32, 3200), ("sigma_resup", 100, 16, 1600),
@@ -60,8 +61,6 @@ def test_stage_plan_scales_batches_and_each_sigma_cache_to_what_its_stage_visits
 
 def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache():
     import yaml
-
-    from shapes.build import CONFIGS, stage_plan
 
     plan = stage_plan(1000, sigma_batch_scale=2, polish_steps=700, polish_images=900)
     assert len(plan) == 5 and plan[:4] == stage_plan(1000, sigma_batch_scale=2)
@@ -90,7 +89,7 @@ def test_stage_plan_polish_is_a_finetune_of_the_finished_sigma_on_its_own_cache(
 def test_stage_plan_complete_run_trains_on_its_own_complete_caption_data(tmp_path):
     import yaml
 
-    from shapes.build import CONFIGS, make_data, stage_plan
+    from shapes.build import make_data
     from shapes.world import Scene, parse_prompt
 
     base = stage_plan(1000, polish_steps=700, polish_images=900, band_steps=300)
@@ -232,7 +231,6 @@ def test_extend_appends_a_finetune_continuation_after_the_last_stage(tmp_path, m
     assert saved["plateau_steps"] == {"alpha": 1000, "sigma_kv": 100, "polish": 0}  # recomputed for all
     assert saved["plateau_fraction_of_alpha"] == {"sigma_kv": 0.1, "polish": 0.0}
     assert saved["curves"]["sigma_kv"] == old["curves"]["sigma_kv"] and c["command"].endswith("--extend polish r1 r2")
-    assert "extend_command" not in saved
     assert (out / "curves_shapesbench.png").is_file() and (out / "curves_loss.png").is_file()
     with pytest.raises(ValueError, match="already has a stage 'polish'"):
         report.extend_curves(out, "polish", runs, "cmd")
@@ -251,3 +249,110 @@ def test_build_refuses_a_bad_plan_before_building_anything(tmp_path):
     with pytest.raises(ValueError, match="polish_steps must be an integer >= 0"):
         main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "demo"), "--polish-steps", "-1"])
     assert not (tmp_path / "work").exists() and not (tmp_path / "demo").exists()  # no parts, data or folders
+
+
+def test_build_record_round_trips_the_plan_and_refuses_what_is_not_one(tmp_path):
+    plan = stage_plan(1000, sigma_batch_scale=2, polish_steps=700, polish_images=900, complete_steps=400)
+    write_build_record(tmp_path, plan, "python -m shapes.build --complete-steps 400", {"alpha": 1.5})
+    record = read_build_record(tmp_path)
+    assert record["plan"] == plan and record["command"].endswith("--complete-steps 400")
+    assert record["build_minutes"] == {"alpha": 1.5}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically
+    with pytest.raises(ValueError, match="is not the work folder of a build"):
+        read_build_record(tmp_path / "elsewhere")
+    rows = plan_to_json(plan)
+    with pytest.raises(ValueError, match="run 1 must be an object with the keys"):
+        plan_from_json([rows[0], {**rows[1], "lr": 1e-4}])
+    with pytest.raises(ValueError, match="run names must be distinct"):
+        plan_from_json([rows[0], rows[1], rows[1]])
+    with pytest.raises(ValueError, match="α must be the first run"):
+        plan_from_json(rows[1:])
+    with pytest.raises(ValueError, match="stage 'sigma_vae': steps must be an integer >= 1, got 0"):
+        plan_from_json([rows[0], {**rows[1], "steps": 0}])
+    with pytest.raises(ValueError, match="short must be one of raw, complete, got 'full'"):
+        plan_from_json([rows[0], {**rows[1], "short": "full"}])
+
+
+def test_report_rescores_the_plan_the_build_recorded_not_one_derived_from_flags(tmp_path, monkeypatch):
+    """A build with a complete-caption run: the report (which has no flag for it) scores all its runs."""
+    from shapes import report
+
+    work, out = tmp_path / "work", tmp_path / "demo"
+    out.mkdir()
+    plan = stage_plan(100, polish_steps=30, band_steps=20, complete_steps=40)
+    for st in plan:  # each run's losses; no checkpoints, so no model is loaded
+        (work / "runs" / st.name).mkdir(parents=True)
+        (work / "runs" / st.name / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    write_build_record(work, plan, "python -m shapes.build --alpha-steps 100 --complete-steps 40", {"alpha": 2.0})
+    row = {"n": 4, "attribute": 0.5, "count": 0.5, "colour": 0.5, "shape": 0.5, "position": 0.5, "size": 0.5,
+           "attribute_long": 0.5, "attribute_short": 0.5, "fsd": 1.0, "per_prompt": []}
+    monkeypatch.setattr(report, "final_table", lambda out, n: {"PixArt-Σ (256 px, KV R=2)": {**row, "n": n}})
+    assert report.main(["--work", str(work), "--out", str(out), "--bench-n", "4"]) == 0
+    saved = json.loads((out / "shapesbench.json").read_text())
+    assert plan_from_json(saved["plan"]) == plan and plan[-1].name == "sigma_complete"
+    assert list(saved["curves"]) == [st.name for st in plan]
+    assert [(c["start"], c["steps"]) for c in saved["curves"].values()] == [
+        (0, 100), (100, 10), (110, 10), (120, 10), (130, 30), (160, 20), (180, 40)]
+    assert saved["curves"]["sigma_complete"]["loss"] == [[181, 0.5]]
+    assert saved["command"].endswith("--complete-steps 40") and saved["build_minutes"] == {"alpha": 2.0}
+    assert saved["table"]["PixArt-Σ (256 px, KV R=2)"]["n"] == 4
+    # --table-only keeps the stored plan
+    report.main(["--out", str(out), "--bench-n", "4", "--table-only"])
+    assert json.loads((out / "shapesbench.json").read_text())["plan"] == saved["plan"]
+    with pytest.raises(ValueError, match="is not the work folder of a build"):
+        report.main(["--work", str(tmp_path / "nowhere"), "--out", str(out)])
+
+
+def test_shipped_report_stores_the_plan_its_build_command_makes():
+    """The plan key of assets/demo/shapesbench.json is the plan of its recorded build command."""
+    import shlex
+
+    shipped = json.loads((DEMO_DIR / "shapesbench.json").read_text())
+    plan = plan_from_json(shipped["plan"])
+    args = shlex.split(shipped["command"])
+    flag = {a: int(b) for a, b in zip(args, args[1:]) if a in ("--alpha-steps", "--alpha-batch-scale")}
+    assert plan == stage_plan(flag["--alpha-steps"], alpha_batch_scale=flag["--alpha-batch-scale"])
+    assert [(st.name, st.steps) for st in plan] == [(k, c["steps"]) for k, c in list(shipped["curves"].items())[:4]]
+
+
+def test_build_and_report_share_the_plan_module_and_never_import_each_other():
+    import ast
+    import subprocess
+    import sys
+
+    def imported(module: str) -> set[str]:  # every import in the file, at module or function level
+        tree = ast.parse((CONFIGS.parent / (module.replace(".", "/") + ".py")).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  for a in n.names}
+        return names
+
+    for module, other in (("shapes.build", "shapes.report"), ("shapes.report", "shapes.build")):
+        assert "shapes.plan" in imported(module) and other not in imported(module), module
+        code = f"import sys, {module}; print({other!r} in sys.modules, 'shapes.plan' in sys.modules)"
+        ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert ran.stdout.split() == ["False", "True"], module
+
+
+def test_build_records_its_plan_then_runs_the_report_on_its_work_folder(tmp_path, monkeypatch):
+    """The build hands the report its plan through the work folder's record, and runs it in its own process."""
+    from shapes import build
+
+    ran, trained = [], []
+    monkeypatch.setattr(build, "_run", lambda cmd, log, threads: ran.append(cmd[1:]))
+    monkeypatch.setattr("shapes.build_parts.needs_refinement", lambda folder, spec: False)
+    monkeypatch.setattr(build, "assemble_pipelines", lambda parts, out: None)
+    monkeypatch.setattr(build, "make_data", lambda work, n, seed, short: tmp_path / f"data_{short}")
+    monkeypatch.setattr(build, "train_stage", lambda st, prev, *a: trained.append((st.name, prev and prev.name)))
+    monkeypatch.setattr(build, "export", lambda work, out, plan: None)
+    work, out = tmp_path / "work", tmp_path / "demo"
+    args = ["--work", str(work), "--out", str(out), "--alpha-steps", "100", "--complete-steps", "40",
+            "--bench-n", "8", "--precision", "no"]
+    assert build.main(args) == 0
+    plan = stage_plan(100, complete_steps=40)
+    assert trained == [(st.name, prev.name if prev else None) for prev, st in zip([None, *plan], plan)]
+    record = read_build_record(work)
+    assert record["plan"] == plan and record["command"] == "python -m shapes.build " + " ".join(args)
+    assert set(record["build_minutes"]) == {"parts", "data", *(st.name for st in plan)}
+    assert ran[-1] == ["-m", "shapes.report", "--work", str(work), "--out", str(out), "--bench-n", "8"]

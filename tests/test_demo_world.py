@@ -34,9 +34,11 @@ def test_same_seed_same_scene_pixels_and_captions():
 
 
 def test_seed_domains_are_disjoint():
-    train = [sample_scene(scene_rng("train", 0, i)) for i in range(5)]
-    bench = [sample_scene(scene_rng("bench", 0, i)) for i in range(5)]
-    assert train != bench
+    """No scene of one domain (same stream seed, same indices) appears in another: the bench never saw training."""
+    scenes = {d: {repr(sample_scene(scene_rng(d, 0, i))) for i in range(200)} for d in ("train", "bench", "heldout")}
+    assert [len(s) for s in scenes.values()] == [200, 200, 200]
+    assert not (scenes["train"] & scenes["bench"] or scenes["train"] & scenes["heldout"]
+                or scenes["bench"] & scenes["heldout"])
 
 
 @pytest.mark.parametrize("size", [(63, 128), (128, 513), (64, 257), (300, 64), (128.0, 128)])

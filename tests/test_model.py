@@ -1,5 +1,7 @@
 """The DiT: parity with diffusers' PixArtTransformer2DModel, KV compression, PE interpolation."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from fixtures import random_dit
@@ -124,13 +126,26 @@ def test_discard_keeps_window_corners():
     assert out.flatten().tolist() == [0, 2, 4, 12, 14, 16]
 
 
-def test_kv_model_runs_and_differs_only_in_compressed_layers():
-    cfg = PRESETS["tiny"].with_kv(KVCompress(2, (1,), "conv"))
-    model = PixArtDiT(cfg)
-    assert "blocks.1.attn.sr.weight" in model.state_dict() and "blocks.0.attn.sr.weight" not in model.state_dict()
-    assert model.blocks[1].attn.sr.weight.eq(0.25).all()  # 1/R²
-    out = model(torch.randn(1, 4, 16, 24), torch.tensor([5]), torch.randn(1, 3, 16))
-    assert out.shape == (1, 8, 16, 24)
+def test_kv_model_differs_only_in_compressed_layers():
+    """Same weights with layer 1 compressed: given the same input, every other block computes exactly what it
+    did; block 1 (Conv Avg Init: sr = 1/R², bias 0) computes something else, and so does the whole model."""
+    cfg = replace(SMALL, depth=3)
+    full = random_dit(cfg)
+    kv = PixArtDiT(cfg.with_kv(KVCompress(2, (1,), "conv"))).eval()
+    missing, unexpected = kv.load_state_dict(full.state_dict(), strict=False)
+    assert sorted(missing) == ["blocks.1.attn.norm.bias", "blocks.1.attn.norm.weight", "blocks.1.attn.sr.bias",
+                               "blocks.1.attn.sr.weight"] and not unexpected
+    assert kv.blocks[1].attn.sr.weight.eq(0.25).all() and kv.blocks[1].attn.sr.bias.eq(0).all()
+    inputs = []  # each block's arguments in the uncompressed model's forward pass
+    hooks = [b.register_forward_pre_hook(lambda _, args: inputs.append(args)) for b in full.blocks]
+    x, t, y, mask = _inputs()
+    with torch.no_grad():
+        out_full, out_kv = full(x, t, y, mask), kv(x, t, y, mask)
+        for h in hooks:
+            h.remove()
+        same = [torch.equal(full.blocks[i](*args), kv.blocks[i](*args)) for i, args in enumerate(inputs)]
+    assert same == [True, False, True]
+    assert out_kv.shape == out_full.shape == (2, 8, 12, 20) and not torch.allclose(out_kv, out_full)
 
 
 def test_set_kv_compress_round_trip():

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_train_fixtures import make_encoders, make_images, write_config
+from fixtures import make_encoders, make_images, write_config
 
 from train import encoders
 from train.cache import FeatureCache, collate_cached

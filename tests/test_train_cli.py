@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from fixtures import make_encoders, make_images, write_config
 from safetensors.torch import load_file
-from test_train_fixtures import make_encoders, make_images, write_config
 
 from train.monitor import read_status
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures import make_images
 from PIL import Image
-from test_train_fixtures import make_images
 
 from train.data import (
     DataStats,

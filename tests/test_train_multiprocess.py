@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train_fixtures import make_encoders, make_images, write_config
+from fixtures import make_encoders, make_images, write_config
 
 from train.cache import FeatureCache
 from train.config import load_config

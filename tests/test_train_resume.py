@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
+from fixtures import make_encoders, make_images, write_config
 from safetensors.torch import load_file
-from test_train_fixtures import make_encoders, make_images, write_config
 
 from train.checkpoint import checkpoint_dirs, checkpoint_model
 from train.config import load_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_train_fixtures import make_encoders, make_images, write_config
+from fixtures import make_encoders, make_images, write_config
 
 from pixsigma.config import PRESETS
 from pixsigma.weights import load_dit

@@ -140,7 +140,7 @@ def test_convert_cli(tmp_path, capsys):
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["_class_name"] == "PixArtTransformer2DModel" and cfg["sample_size"] == 32
     assert cfg["interpolation_scale"] == 0.5
-    assert (tmp_path / "d" / "diffusion_pytorch_model.safetensors").is_file()
+    assert _same(load_dit(tmp_path / "d").state_dict(), model.state_dict())  # the weights, converted whole
     kv = random_dit(CFG.with_kv(KVCompress(2, (2,))))
     torch.save(kv.state_dict(), tmp_path / "kv.pth")
     assert cli(["convert", str(tmp_path / "kv.pth"), "--out", str(tmp_path / "k")]) == 2

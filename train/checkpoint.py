@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from pixsigma.config import DiTConfig
+from pixsigma.io import swap_in_folder
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.weights import (
     PIXSIGMA_CONFIG,
@@ -33,10 +34,10 @@ from pixsigma.weights import (
 )
 from train.config import TrainConfig
 from train.optim import EMA
+from train.runfiles import CHECKPOINTS, FINAL, FINAL_DIFFUSERS, step_name
 from train.stages import allowed_missing, model_config
 
-CHECKPOINTS, FINAL, FINAL_DIFFUSERS = "checkpoints", "final", "final_diffusers"
-_STEP = re.compile(r"^step_(\d+)$")
+_STEP = re.compile(r"^step_(\d+)$")  # runfiles.step_name's folders
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -112,7 +113,7 @@ def _write_meta(folder: Path, config: DiTConfig, extra: dict[str, Any]) -> None:
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, config: DiTConfig, keep_last: int) -> Path:
     """Collective: every process calls it. Returns the complete checkpoint folder."""
     root = run_dir / CHECKPOINTS
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -122,9 +123,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, config: 
         _write_meta(tmp, config, {"step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (a stop request on a save step)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in_folder(tmp, final)  # replaces the same step saved again (a stop request on a save step)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -159,8 +158,7 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, ema: EMA | No
                 print(f"[train] not exporting {name}: {e}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 continue
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
+            swap_in_folder(tmp, dest)
             out[name] = str(dest)
     accelerator.wait_for_everyone()
     return out

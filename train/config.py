@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from pixsigma.config import PRESETS, KVCompress, parse_layers
+from pixsigma.config import PRESETS
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
+from train.stages import STAGE_NAMES, Stage, stage_overrides
 
-STAGE_NAMES = ("from_scratch", "vae_adapt", "res_up", "kv_compress", "finetune")
 OPTIMIZERS = ("came", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -62,41 +62,6 @@ def check_timestep_band(band: Any, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> 
     if not (numbers and 0 <= low <= high < num_timesteps and 0 < share <= 1):
         raise ValueError(msg)
     return low, high, float(share)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Which of the weak-to-strong stages this run is and where it starts from.
-
-    ``load_from``: a run folder (its ``final/``, else its latest checkpoint), a checkpoint folder, or any
-    layout ``pixsigma.weights.load_dit`` reads. ``resolution``: base resolution in px (None = the model's).
-    ``kv``: the KV compression to add in ``kv_compress`` (None = R=2 on the deep half of the layers).
-    """
-
-    name: str = "finetune"
-    load_from: str | None = None
-    resolution: int | None = None
-    kv: KVCompress | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in STAGE_NAMES:
-            raise ValueError(f"stage.name must be one of {STAGE_NAMES}, got {self.name!r}")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution % 16
-                                            or not 64 <= self.resolution <= 4096):
-            raise ValueError(f"stage.resolution must be a multiple of 16 in [64, 4096] px, got {self.resolution!r}")
-        if isinstance(self.kv, dict):
-            kv = dict(self.kv)
-            if isinstance(kv.get("layers"), str):
-                kv["layers"] = parse_layers(kv["layers"])
-            object.__setattr__(self, "kv", KVCompress(**kv))
-        if self.kv is not None and self.name != "kv_compress":
-            raise ValueError(f"stage.kv is only used by the kv_compress stage, not {self.name!r}")
-        if self.name == "from_scratch" and self.load_from:
-            raise ValueError("stage from_scratch starts from random weights: remove stage.load_from "
-                             "(or use stage finetune)")
-        if self.name != "from_scratch" and not self.load_from:
-            raise ValueError(f"stage {self.name} starts from another stage's weights: set stage.load_from to a run "
-                             "folder, a checkpoint folder or a weights file")
 
 
 @dataclass(frozen=True)
@@ -327,8 +292,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
     """Defaults < stage overrides < ``raw`` < ``overrides``."""
-    from train.stages import stage_overrides
-
     raw = merge(_stage_as_mapping(raw), parse_overrides(overrides or []))
     stage = (raw.get("stage") or {}).get("name", Stage.name)
     if stage not in STAGE_NAMES:

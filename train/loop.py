@@ -22,16 +22,16 @@ from accelerate.utils import gather_object, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from pixsigma.io import save_png
+from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
 from train.features import open_features
-from train.fileio import atomic_write_text
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
+from train.runfiles import CONFIG, SAMPLES, sample_name
 from train.sample import generate_latents, micro_kwargs, to_images
 from train.sampler import BucketBatchSampler
 
@@ -74,7 +74,7 @@ class Trainer:
         if acc.is_main_process:
             clean_partial(run_dir)
             resolved = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists for YAML
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_text(run_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
         set_seed(cfg.seed)  # the same initial weights on every process
         model, report = build_model(cfg)
         self.dit = model.config
@@ -164,11 +164,11 @@ class Trainer:
             with acc.autocast():
                 lat = generate_latents(net, *self.prompts, *self.null, (res, res), cfg.sample_steps, cfg.seed)
             pixels = self.features.decode(lat) if self.features.decode else latent_rgb(lat)
-            folder = cfg.run_dir / "samples"
+            folder = cfg.run_dir / SAMPLES
             folder.mkdir(exist_ok=True)
             paths = []
             for i, (img, prompt) in enumerate(zip(to_images(pixels), cfg.sample_prompts)):
-                path = folder / f"step_{step:08d}_{i}.png"
+                path = folder / sample_name(step, i)
                 save_png(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
                 paths.append(str(path))
             net.train()

@@ -1,13 +1,9 @@
 """What a run shows and answers while it trains: progress bar, metrics log, status file, stop requests.
 
-Files in the run folder (main process only):
-- ``metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad norm, steps/s, data indices).
-- ``log.txt``: the run's messages and a line every ``log_every`` steps (the app shows its tail).
-- ``status.json``, rewritten atomically, for other processes (the app's Train tab) to poll:
-  ``{state: starting|running|stopped|finished|error, step, total_steps, last_loss, samples, error, pid,
-  updated, ...}``.
-- ``STOP``: created by anyone to ask the run to checkpoint and exit cleanly (removed when honoured).
-- ``tensorboard/`` when the ``tensorboard`` package is installed.
+The main process writes the run folder's files (``train.runfiles`` names them and says what each holds):
+a ``metrics.jsonl`` row per optimizer step, a ``log.txt`` line every ``log_every`` steps, ``status.json``
+for other processes (the app's Train tab) to poll, and ``tensorboard/`` when that package is installed; a
+``STOP`` file asks the run to checkpoint and exit cleanly.
 """
 
 from __future__ import annotations
@@ -20,25 +16,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from train.fileio import atomic_write_text
+from pixsigma.io import atomic_write_json, atomic_write_text
+from train.runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD, read_status
 
-STATUS, METRICS, LOG, STOP = "status.json", "metrics.jsonl", "log.txt", "STOP"
-STATES = ("starting", "running", "stopped", "finished", "error")
+__all__ = ["STOP", "Monitor", "read_status", "write_status"]
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     """Atomically replace ``status.json`` (a reader never sees half a file)."""
-    atomic_write_text(run_dir / STATUS, json.dumps(status, indent=1))
-
-
-def read_status(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / STATUS
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def request_stop(run_dir: str | Path) -> None:
-    """Ask a running run to checkpoint and exit (what the app's Stop button does)."""
-    (Path(run_dir) / STOP).touch()
+    atomic_write_json(status, run_dir / STATUS)
 
 
 class Monitor:
@@ -76,7 +62,7 @@ class Monitor:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.run_dir / TENSORBOARD))
         except ImportError:  # tensorboard is optional
             self.tb = None
         self.update(state="running", step=step)

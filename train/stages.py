@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
-from pixsigma.config import PRESETS, DiTConfig, KVCompress
-from train.config import TrainConfig
-
-KV_KEYS = re.compile(r"^blocks\.\d+\.attn\.(sr|norm)\.")
+from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv, parse_layers
+from pixsigma.weights import KV_KEYS
 
 
 @dataclass(frozen=True)
@@ -43,16 +41,60 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
+STAGE_NAMES = tuple(STAGES)
+# The stages that start from another run's weights (all but from_scratch): the ones the app can start.
+CONTINUING_STAGES = tuple(s for s in STAGES if s != "from_scratch")
+
+
 def stage_overrides(name: str) -> dict[str, Any]:
     return {"stage": {"name": name}, **STAGES[name].overrides}
 
 
-def default_kv(config: DiTConfig) -> KVCompress:
-    """The paper's choice: R=2 conv on the deep half of the layers (14-27 of XL's 28)."""
-    return KVCompress(ratio=2, layers=tuple(range(config.depth // 2, config.depth)), operator="conv")
+@dataclass(frozen=True)
+class Stage:
+    """Which of the weak-to-strong stages this run is and where it starts from.
+
+    ``load_from``: a run folder (its ``final/``, else its latest checkpoint), a checkpoint folder, or any
+    layout ``pixsigma.weights.load_dit`` reads. ``resolution``: base resolution in px (None = the model's).
+    ``kv``: the KV compression to add in ``kv_compress`` (None = R=2 on the deep half of the layers).
+    """
+
+    name: str = "finetune"
+    load_from: str | None = None
+    resolution: int | None = None
+    kv: KVCompress | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGE_NAMES:
+            raise ValueError(f"stage.name must be one of {STAGE_NAMES}, got {self.name!r}")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution % 16
+                                            or not 64 <= self.resolution <= 4096):
+            raise ValueError(f"stage.resolution must be a multiple of 16 in [64, 4096] px, got {self.resolution!r}")
+        if isinstance(self.kv, dict):
+            kv = dict(self.kv)
+            if isinstance(kv.get("layers"), str):
+                kv["layers"] = parse_layers(kv["layers"])
+            object.__setattr__(self, "kv", KVCompress(**kv))
+        if self.kv is not None and self.name != "kv_compress":
+            raise ValueError(f"stage.kv is only used by the kv_compress stage, not {self.name!r}")
+        if self.name == "from_scratch" and self.load_from:
+            raise ValueError("stage from_scratch starts from random weights: remove stage.load_from "
+                             "(or use stage finetune)")
+        if self.name != "from_scratch" and not self.load_from:
+            raise ValueError(f"stage {self.name} starts from another stage's weights: set stage.load_from to a run "
+                             "folder, a checkpoint folder or a weights file")
 
 
-def model_config(cfg: TrainConfig, loaded: DiTConfig | None) -> DiTConfig:
+class RunSpec(Protocol):
+    """What ``model_config`` reads of a run (a ``train.config.TrainConfig``; named here so this module, which
+    ``train.config`` imports, does not import it back)."""
+
+    stage: Stage
+    model: str
+    model_args: dict
+
+
+def model_config(cfg: RunSpec, loaded: DiTConfig | None) -> DiTConfig:
     """The DiTConfig this run trains: the preset (from scratch) or the loaded one, changed as the stage says."""
     stage = cfg.stage
     if stage.name == "from_scratch":
@@ -77,7 +119,7 @@ def model_config(cfg: TrainConfig, loaded: DiTConfig | None) -> DiTConfig:
         raise ValueError(f"stage {stage.name}: stage.resolution {res} differs from the loaded model's "
                          f"{loaded.resolution} px; changing resolution is the res_up stage")
     if stage.name == "kv_compress":
-        kv = stage.kv or default_kv(loaded)
+        kv = stage.kv or default_kv(loaded.depth)
         if not kv.active:
             raise ValueError(f"kv_compress needs ratio > 1 and some layers, got {kv}")
         bad = [i for i in kv.layers if i >= loaded.depth]
