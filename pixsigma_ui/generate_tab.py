@@ -21,7 +21,7 @@ from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
-from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, guarded, resolve_seed, show
+from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed, show
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -114,7 +114,8 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"))
         unknown = engine.unknown_words(styled)
         if unknown:
-            gr.Warning(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {', '.join(unknown)}")
+            words = ", ".join(unknown)
+            gr.Warning(cap(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {words}"))
         every = max(1, request.steps // PREVIEWS_PER_RUN)
         done = None
         for event in engine.stream(request, preview_every=every):
@@ -127,7 +128,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             elif isinstance(event, Done):
                 done = event
         for warning in done.result.warnings:
-            gr.Warning(warning)
+            gr.Warning(cap(warning))
         paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt})
         if keep is not None:
             prune(outputs, keep)

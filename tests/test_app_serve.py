@@ -140,6 +140,17 @@ def test_every_refusal_is_capped(served):
     assert "sampler 'xxxx" in str(e.value) and len(str(e.value)) <= MAX_MESSAGE_CHARS
 
 
+def test_warnings_are_capped_too(pipe, tmp_path):
+    from pixsigma_ui.generate_tab import make_generate_fn
+
+    generate = make_generate_fn(AppEngine({MAIN: pipe}, {MAIN: "tiny"}), tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        list(generate(**{**GOOD, "prompt": " ".join(f"zebra{i}" for i in range(300))}))
+    messages = [str(w.message) for w in warned]
+    assert any(m.startswith("300 word(s) unknown to tiny") for m in messages)
+    assert all(len(m) <= MAX_MESSAGE_CHARS for m in messages)
+
+
 # -- 2. refusals name the parameter, the value and what is accepted (gradio_client) ----------------------------------
 
 
