@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import build_generate_tab
 from pixsigma_ui.inputs import log
 from pixsigma_ui.pool import EnginePool
+from pixsigma_ui.queue_full import explain_queue_full
 from pixsigma_ui.retention import (
     DEFAULT_KEEP_HOURS,
     DEFAULT_KEEP_MB,
@@ -38,7 +38,6 @@ from pixsigma_ui.retention import (
 from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
-UNTIMED_REQUEST_S = 30.0  # a request's duration for the retry estimate before the queue has timed one
 CACHE_SWEEP_EVERY_S = 3600  # gradio's own age-based sweep of its cache
 CSS = "#stats { min-height: 1.5em; } footer { display: none !important; }"
 
@@ -73,29 +72,6 @@ def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: Ru
     explain_queue_full(demo, engine.concurrency)
     demo.sweeper = Sweeper([lambda: prune(outputs, keep), lambda: prune_gradio_cache(demo, keep)]).start()
     return demo
-
-
-def queue_full_message(limit: int, retry_s: float) -> str:
-    return (f"the queue is full: {limit} requests are already waiting, the most this server accepts; "
-            f"retry in about {math.ceil(retry_s)} s")
-
-
-def explain_queue_full(demo: gr.Blocks, concurrency: int) -> None:
-    """gradio's queue-full refusal, told with its limit and a retry time: the queue emptied at the mean
-    request duration seen so far. Raw HTTP callers read it (503, ``detail``); gradio_client shows its own text."""
-    queue = demo._queue
-    push = queue.push
-
-    async def push_or_explain(*args, **kwargs):  # noqa: ANN202 - gradio's Queue.push signature
-        ok, detail, state = await push(*args, **kwargs)
-        if state == "queue_full":
-            times = [t.avg_time for t in queue.process_time_per_fn.values() if t.count]
-            mean = sum(times) / len(times) if times else UNTIMED_REQUEST_S
-            detail = queue_full_message(queue.max_size, queue.max_size * mean / max(concurrency, 1))
-            log.info("refused: %s", detail)
-        return ok, detail, state
-
-    queue.push = push_or_explain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from fixtures import FlakyPipe, free_port
 
-from app import build_demo, parse_args, queue_full_message
+from app import build_demo, parse_args
 from pixsigma.config import parse_layers
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import KV_RATIOS, MAIN, MAX_SEED, AppEngine
 from pixsigma_ui.inputs import MAX_MESSAGE_CHARS
 from pixsigma_ui.pool import EnginePool
+from pixsigma_ui.queue_full import queue_full_message
 from pixsigma_ui.retention import GRACE_S, Retention, prune, prune_files, prune_gradio_cache
 
 # The generate endpoint's inputs in order (what a raw HTTP call sends as "data").
@@ -254,7 +255,7 @@ def test_the_apps_kv_ratio_range_is_the_engines(served, pipe):
 # -- 7. the queue-full refusal ---------------------------------------------------------------------------------------
 
 
-def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path):
+def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path, monkeypatch):
     gate = threading.Event()
     pipe_ = GatedPipe(pipe, gate)
     served = Served(AppEngine({MAIN: pipe_}, {MAIN: "tiny"}), tmp_path, queue_size=1)
@@ -266,12 +267,22 @@ def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path):
                 break
             time.sleep(0.05)
         assert len(served.demo._queue) == 1, (pipe_.runs, running.status(), waiting.status())
+        from gradio_client.exceptions import AppError
+
+        expected = "the queue is full: 1 requests are already waiting, the most this server accepts; retry in about "
+        with pytest.raises(AppError, match=expected):  # gradio_client shows our words, not its own fixed text
+            served.client.predict(**GOOD, api_name="/generate")
+        event, data = served.call()  # a raw HTTP call reads them in its event stream
+        assert event == "error" and data["error"].startswith(expected)
+
+        async def moved(*args):
+            raise AttributeError("gradio's internals moved")
+
+        monkeypatch.setattr("pixsigma_ui.queue_full._complete_with_error", moved)
         fn_index = next(i for i, f in served.demo.fns.items() if f.api_name == "generate")
         status, reply = served.post("/gradio_api/queue/join", {"data": list(GOOD.values()), "fn_index": fn_index,
                                                                 "session_hash": "abuser"})
-        assert status == 503
-        assert reply["detail"].startswith("the queue is full: 1 requests are already waiting, the most this server "
-                                          "accepts; retry in about ")
+        assert status == 503 and reply["detail"].startswith(expected)  # the fallback: gradio's 503, our words
         gate.set()
         assert running.result(timeout=60)[3] == waiting.result(timeout=60)[3] == 1  # and it keeps serving
     finally:
