@@ -9,6 +9,7 @@ in the log and the user is told it was the server's.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import random
@@ -85,24 +86,36 @@ def refuse(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def guarded(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    """A generator handler whose ValueErrors and out-of-memory errors become short refusals, and whose other
-    failures are logged with their traceback and reported as the server's fault. gradio reads the wrapped
-    signature (API parameter names, the injected ``gr.Progress``)."""
+def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """A handler (a function or a generator function) whose ValueErrors and out-of-memory errors become short
+    refusals, and whose other failures are logged with their traceback and reported as the server's fault.
+    gradio reads the wrapped signature (API parameter names, the injected ``gr.Progress``)."""
+
+    def translate(e: Exception) -> gr.Error:
+        if isinstance(e, gr.Error):
+            # raised by gradio or a library: still a refusal, kept to one line
+            return refuse(e.message) if e.print_exception else e
+        if isinstance(e, ValueError | OutOfMemory):
+            return refuse(str(e))
+        log.exception("server fault in %s", handler.__name__)
+        return gr.Error("the server failed on this request (it is logged); please try again later",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from handler(*args, **kwargs)
+            except Exception as e:
+                raise translate(e) from None
+
+        return stream
 
     @functools.wraps(handler)
-    def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            yield from handler(*args, **kwargs)
-        except gr.Error as e:
-            if e.print_exception:  # raised by gradio or a library: still a refusal, kept to one line
-                raise refuse(e.message) from None
-            raise
-        except (ValueError, OutOfMemory) as e:
-            raise refuse(str(e)) from None
-        except Exception:
-            log.exception("server fault in %s", handler.__name__)
-            raise gr.Error("the server failed on this request (it is logged); please try again later",
-                           print_exception=False) from None
+            return handler(*args, **kwargs)
+        except Exception as e:
+            raise translate(e) from None
 
-    return run
+    return call

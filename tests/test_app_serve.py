@@ -376,3 +376,24 @@ def test_two_engines_serve_two_requests_at_once(tiny_pipeline, tmp_path):
 def test_a_pool_needs_the_same_models_everywhere(pipe):
     with pytest.raises(ValueError, match="the same models"):
         EnginePool([AppEngine({MAIN: pipe}, {MAIN: "a"}), AppEngine({MAIN: pipe}, {MAIN: "b"})])
+
+
+# -- the Train tab's events follow the same rules --------------------------------------------------------------------
+
+
+def test_train_start_checks_its_inputs_by_name(pipe, tmp_path, caplog):
+    import gradio as gr
+
+    from pixsigma_ui.train_tab import RunManager
+
+    demo = build_demo(AppEngine({MAIN: pipe}), outputs=tmp_path / "out", runs=RunManager(tmp_path / "runs", {}))
+    demo.sweeper.stop()
+    start = next(f for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_start")
+    assert start.preprocess is False  # gradio's unnamed "Value 0 is less than minimum value 1." never answers
+    with caplog.at_level(logging.INFO, logger="pixsigma.app"):
+        with pytest.raises(gr.Error, match="steps must be a whole number, got '10' \\(text\\)") as e:
+            start.fn("finetune", None, "", "10", 1e-4, 4)
+        assert e.value.print_exception is False
+        with pytest.raises(gr.Error, match="no config for stage 'finetune'"):
+            start.fn("finetune", None, "", 10, 1e-4, 4)
+    assert [r.getMessage()[:9] for r in caplog.records if r.name == "pixsigma.app"] == ["refused: "] * 2
