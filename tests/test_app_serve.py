@@ -397,3 +397,14 @@ def test_train_start_checks_its_inputs_by_name(pipe, tmp_path, caplog):
         with pytest.raises(gr.Error, match="no config for stage 'finetune'"):
             start.fn("finetune", None, "", 10, 1e-4, 4)
     assert [r.getMessage()[:9] for r in caplog.records if r.name == "pixsigma.app"] == ["refused: "] * 2
+
+
+def test_the_devices_option_loads_the_models_once_per_device(tiny_pipeline):
+    from app import load_engine
+
+    pool = load_engine(parse_args(["--model", str(tiny_pipeline), "--devices", "cpu, cpu"]), None)
+    assert isinstance(pool, EnginePool) and pool.devices == ["cpu", "cpu"] and pool.concurrency == 2
+    first, second = (e.pipes[MAIN] for e in pool.engines)
+    assert first is not second and first.transformer is not second.transformer
+    single = load_engine(parse_args(["--model", str(tiny_pipeline), "--device", "cpu"]), None)
+    assert not isinstance(single, EnginePool) and single.concurrency == 1
