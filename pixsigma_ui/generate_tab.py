@@ -8,6 +8,7 @@ problems ``gr.Warning`` (tokens dropped, unknown words).
 
 from __future__ import annotations
 
+import reprlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
-from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed, show
+from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -37,7 +38,7 @@ def parse_aspect(text: str) -> float:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"aspect_ratio {show(text)} must be 'width:height' with positive numbers, e.g. "
+        raise ValueError(f"aspect_ratio {reprlib.repr(text)} must be 'width:height' with positive numbers, e.g. "
                          f"{', '.join(ASPECTS)}") from None
     return h / w
 

@@ -24,6 +24,7 @@ from pixsigma_ui.engine import MAX_SEED
 
 log = logging.getLogger("pixsigma.app")
 MAX_MESSAGE_CHARS = 300  # a refusal is read by a person; a longer one only echoes abuse back
+# Values are quoted in messages with reprlib.repr: shortened, so a 10 MB string never comes back.
 RANDOM_SEED = -1  # "any seed": the API's way to ask for randomize_seed
 
 
@@ -33,16 +34,11 @@ def cap(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
-def show(value: Any) -> str:
-    """A user's value as quoted in a message: repr, shortened (a 10 MB string must not come back)."""
-    return reprlib.repr(value)
-
-
 def as_int(value: Any, name: str) -> int:
     """A whole number: sliders send floats such as 3.0; text, booleans, NaN and fractions are refused."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value != int(value):
         kind = " (text)" if isinstance(value, str) else ""
-        raise ValueError(f"{name} must be a whole number, got {show(value)}{kind}")
+        raise ValueError(f"{name} must be a whole number, got {reprlib.repr(value)}{kind}")
     return int(value)
 
 
@@ -50,7 +46,7 @@ def as_float(value: Any, name: str) -> float:
     """A finite number; text, booleans, NaN and infinities are refused."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         kind = " (text)" if isinstance(value, str) else ""
-        raise ValueError(f"{name} must be a number, got {show(value)}{kind}")
+        raise ValueError(f"{name} must be a number, got {reprlib.repr(value)}{kind}")
     return float(value)
 
 
@@ -59,13 +55,13 @@ def as_text(value: Any, name: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{name} must be text, got {show(value)}")
+        raise ValueError(f"{name} must be text, got {reprlib.repr(value)}")
     return value
 
 
 def as_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {show(value)}")
+        raise ValueError(f"{name} must be true or false, got {reprlib.repr(value)}")
     return value
 
 

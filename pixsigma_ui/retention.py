@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger("pixsigma.app")
 DEFAULT_KEEP_HOURS = 24.0  # a user's images outlive their session by a day
-DEFAULT_KEEP_MB = 1000.0  # each of the two folders; a Space's free disk is a few tens of GB
+DEFAULT_KEEP_MB = 1000.0  # each of the two folders: small beside a Space's disk
 PRUNE_EVERY_S = 300.0  # the background sweep (the outputs folder is also pruned after each save)
 GRACE_S = 60.0  # the size bound never removes a file this young: it may be being written or sent
 
