@@ -146,7 +146,9 @@ def run(args: argparse.Namespace) -> dict:
     from gradio_client import Client
 
     from bench.measure import environment
+    from pixsigma.io import read_params
 
+    load_start = os.getloadavg()[0]
     server = Server(args.model, max(16, args.users), args.threads, shlex.split(args.app_args or ""))
     try:
         startup_s = server.wait_ready()
@@ -155,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.steps:
             kwargs["steps"] = args.steps
         t0 = time.monotonic()
-        alone = pixels(client.predict(**kwargs)[2][0])  # also warms the server up
+        alone_file = client.predict(**kwargs)[2][0]  # also warms the server up
+        alone, steps = pixels(alone_file), read_params(alone_file).get("steps")
         alone_s = time.monotonic() - t0
         rss_before = rss_bytes(server.proc.pid)
         load = drive(server.url, args.users, args.requests, args.steps)
@@ -171,9 +174,9 @@ def run(args: argparse.Namespace) -> dict:
         "command": shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]]),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "environment": environment(torch.device("cpu")),
-        "load_average_1min_end": os.getloadavg()[0],
+        "load_average_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],  # at start, at end
         "settings": {"model": args.model, "users": args.users, "requests_per_user": args.requests,
-                     "steps": args.steps or "the model's own", "server_threads": args.threads,
+                     "steps": steps, "server_threads": args.threads,
                      "app_args": args.app_args or ""},
         "startup_s": round(startup_s, 2),
         "alone_latency_s": round(alone_s, 3),
@@ -209,7 +212,7 @@ def render(r: dict, note: str) -> str:
         f"| {env['device_type']} | {env.get('device_name', '')} | {env['cpu_count']} | {env['torch']} | "
         f"{env['diffusers']} | {env['transformers']} | {env['python']} |", "",
         f"Model `{s['model']}` on the CPU ({s['server_threads']} thread(s) in the server), {s['users']} concurrent "
-        f"gradio_client users × {s['requests_per_user']} requests, steps: {s['steps']}; one request runs at a "
+        f"gradio_client users × {s['requests_per_user']} requests, {s['steps']} steps each; one request runs at a "
         f"time per device, the rest wait in the queue.", "",
         "| measure | value |", "|---|---|",
         f"| requests served / refused / errors | {r['served']} / {r['refused']} / {r['errors']} of {r['requests']} |",
@@ -221,7 +224,9 @@ def render(r: dict, note: str) -> str:
         f"| same seed alone and under load: identical pixels | {r['deterministic_under_load']} "
         f"({r['determinism_probes']} probes) |",
         f"| tracebacks in the server log | {r['server_tracebacks']} |",
-        f"| app start-up (to first HTTP answer) | {r['startup_s']} s |", "",
+        f"| app start-up (to first HTTP answer) | {r['startup_s']} s |",
+        f"| CPU load average (1 min) at start / end | {r['load_average_1min'][0]} / {r['load_average_1min'][1]} "
+        f"on {env['cpu_count']} cores |", "",
     ]
     if note:
         lines += [f"Note: {note}", ""]
