@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pixsigma.constants import DTYPE_NAMES
 from pixsigma.pipeline import resolve_model
 from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import build_compare_tab
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--devices", default=None,
                    help="several devices, e.g. cuda:0,cuda:1: the models loaded on each, requests spread over them")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="default: bf16 on CUDA, fp32 elsewhere (as the CLI)")
     p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
     p.add_argument("--host", default=None, help="interface to serve on (0.0.0.0 for all); default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or the first free from 7860")

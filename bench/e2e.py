@@ -33,9 +33,9 @@ PROMPT = "a small red star above a large blue ring in the photo of a lake at sun
 DEMO_PROMPT = "a red star above a blue circle"
 
 
-def make_dit(p: Profile, size: int, device: torch.device, seed: int, kv: bool = True):
-    """The benchmark DiT (same random weights as the DiT section) configured for base ``size``."""
-    cfg = dit_config(p.arch, size, kv)
+def make_dit(p: Profile, size: int, device: torch.device, seed: int):
+    """The benchmark DiT (same random weights as the DiT section) configured for base ``size``, with KV."""
+    cfg = dit_config(p.arch, size, kv=True)
     weights = random_dit_weights(cfg, device, seed)
     model = build_pixsigma(cfg, weights, device, p.dtype)
     del weights

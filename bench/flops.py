@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pixsigma.config import DiTConfig
+from pixsigma.constants import VAE_SCALE_FACTOR
 
 FREQ_DIM = 256  # sinusoid width fed to the timestep MLP (pixsigma.model.embeddings.FREQ_DIM)
 PARTS = ("patch_embed", "adaln", "caption_embed", "self_attn_proj", "kv_compress", "self_attn_matmul",
@@ -51,27 +52,26 @@ class StepFlops:
         return {"total": self.total, "tokens": self.tokens, "batch": self.batch, "parts": dict(self.parts)}
 
 
-def token_grid(config: DiTConfig, height_px: int, width_px: int, vae_factor: int = 8) -> tuple[int, int]:
+def token_grid(config: DiTConfig, height_px: int, width_px: int) -> tuple[int, int]:
     """(h, w) token grid of an image size: pixels / VAE factor / patch size."""
-    step = vae_factor * config.patch_size
+    step = VAE_SCALE_FACTOR * config.patch_size
     if height_px % step or width_px % step:
         raise ValueError(f"image size {height_px}x{width_px} is not a multiple of {step} px "
-                         f"(VAE factor {vae_factor} × patch {config.patch_size})")
+                         f"(VAE factor {VAE_SCALE_FACTOR} × patch {config.patch_size})")
     return height_px // step, width_px // step
 
 
-def dit_step_flops(config: DiTConfig, height_px: int, width_px: int, batch: int = 2,
-                   text_tokens: int | None = None) -> StepFlops:
+def dit_step_flops(config: DiTConfig, height_px: int, width_px: int, batch: int = 2) -> StepFlops:
     """FLOPs of one forward of ``config`` on a batch of ``batch`` latents of an image ``height_px × width_px``.
 
-    ``batch`` is 2 for one image with classifier-free guidance; ``text_tokens`` defaults to the model's
-    ``max_tokens`` (the pipeline always pads to it). KV compression is read from ``config.kv_compress``.
+    ``batch`` is 2 for one image with classifier-free guidance; text is the model's ``max_tokens`` (the
+    pipeline always pads to it). KV compression is read from ``config.kv_compress``.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     h, w = token_grid(config, height_px, width_px)
     n, d, p = h * w, config.hidden_size, config.patch_size
-    lt = config.max_tokens if text_tokens is None else text_tokens
+    lt = config.max_tokens
     hidden = int(d * config.mlp_ratio)  # as PixArtBlock builds its Mlp
     parts: Counter[str] = Counter()
     parts["patch_embed"] = 2 * n * config.in_channels * p * p * d

@@ -115,13 +115,12 @@ def peak_memory(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10,
-                warmup: int = 3) -> dict:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192) -> dict:
     """Achieved FLOP/s of square ``n³`` matmuls in ``dtype``: the ceiling the DiT numbers are compared to."""
     gen = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
-    timing = time_calls(partial(torch.mm, a, b, out=out), device, warmup, repeats)
+    timing = time_calls(partial(torch.mm, a, b, out=out), device, warmup=3, repeats=10)
     flops = 2 * n**3
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops": flops,
             "tflops": flops / timing.median_s / 1e12, "timing": timing.to_dict()}

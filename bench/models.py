@@ -14,6 +14,7 @@ import torch
 
 from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv
 from pixsigma.model.dit import PixArtDiT
+from pixsigma.text import word_level_tokenizer
 from pixsigma.weights import KV_KEYS, diffusers_config, to_diffusers_state_dict
 
 ARCHS = ("xl", "demo", "tiny")
@@ -43,15 +44,14 @@ def dit_config(arch: str, resolution: int, kv: bool = False) -> DiTConfig:
 
 
 @torch.no_grad()
-def random_dit_weights(config: DiTConfig, device: torch.device, seed: int = 0, std: float = 0.02
-                       ) -> dict[str, torch.Tensor]:
+def random_dit_weights(config: DiTConfig, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """Original-layout weights of a DiT without KV, every tensor random (the default init zeroes the
     output layers, which would make every output 0 and every equality check pass trivially)."""
     with torch.device(device):
         model = PixArtDiT(config.with_kv(KVCompress()))
     gen = torch.Generator(device=device).manual_seed(seed)
     for p in model.parameters():
-        p.normal_(0.0, std, generator=gen)
+        p.normal_(0.0, 0.02, generator=gen)  # the scale of a trained DiT's weights
     return model.state_dict()
 
 
@@ -108,16 +108,7 @@ def run_peer(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def build_tokenizer():
     """An in-memory word-level tokenizer (T5's SentencePiece model would need the hub); T5 compute does not
     depend on which ids it sees, only on the padded length."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(VOCAB))}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return word_level_tokenizer(VOCAB)
 
 
 @torch.no_grad()

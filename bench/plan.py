@@ -139,8 +139,3 @@ class Recorder:
 
 def failed_row(row: dict, reason: str) -> dict:
     return {**row, "status": "not measured", "reason": reason}
-
-
-def raise_if(cond: bool, reason: str) -> None:
-    if cond:
-        raise NotMeasured(reason)

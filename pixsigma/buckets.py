@@ -64,8 +64,9 @@ def nearest_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
     return table[ratio]
 
 
-def check_size(height: int, width: int, max_side: int = 2 * MAX_RESOLUTION) -> None:
+def check_size(height: int, width: int) -> None:
     """Refuse sizes the model cannot take when binning is off (multiples of 16, within range)."""
+    max_side = 2 * MAX_RESOLUTION
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v < SIZE_MULTIPLE or v > max_side or v % SIZE_MULTIPLE:
             raise ValueError(f"{name} {v!r} is not accepted without binning: use a multiple of {SIZE_MULTIPLE} "

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
-from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS
+from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
-
-SPEED_MODES = ("eager", "sdpa", "compile", "graphs")  # pixsigma.speed.MODES, without importing torch here
+from pixsigma.speed import MODES as SPEED_MODES
 
 log = logging.getLogger("pixsigma")
 
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-operator", choices=KV_OPERATORS, default="conv")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bf16 on CUDA, fp32 elsewhere")
     g.add_argument("--speed", choices=SPEED_MODES, default="eager", help="how the DiT runs, not what it computes: "
                    "sdpa picks the fastest attention kernel per shape, compile adds torch.compile per bucket, graphs "
@@ -98,7 +97,7 @@ def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompre
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from pixsigma.io import numbered_paths, save_png
-    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline, resolve_device
+    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -108,8 +107,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
-    dtype = args.dtype or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32")
-    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, dtype, args.offload_t5,
+    pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
                                             speed=args.speed)
     if kv_arg is not None and args.kv_layers is None and kv_arg.active:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
-from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
@@ -36,15 +36,17 @@ from pixsigma.sampling import (
     initial_noise,
     latent_preview_array,
     make_scheduler,
+    micro_conditions,
     resize_and_crop,
-    to_uint8,
+    to_pil,
 )
-from pixsigma.weights import LAYOUTS, load_dit
+from pixsigma.text import encode_text, token_lengths, unknown_words
+from pixsigma.weights import LAYOUTS, MODEL_INDEX, PIXSIGMA_CONFIG, load_dit
 
 __all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
-           "latent_preview", "resolve_model", "OutOfMemory"]
+           "default_dtype", "latent_preview", "resolve_model", "OutOfMemory"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 MAX_IMAGES = 16
 TEXT_CACHE = 32  # distinct prompts whose T5 features are kept
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
@@ -128,17 +130,23 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
 
 
+def default_dtype(device: torch.device) -> str:
+    """The dtype a model runs in when none is asked (the CLI, the app, ``from_pretrained``): bf16 on CUDA (half
+    the memory of fp32, without fp16's T5 overflow), fp32 elsewhere (CPUs and MPS are slow or unsupported in bf16)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def resolve_model(model: str) -> Path:
     """A local pipeline folder, a shipped demo name, or a hub id (downloaded through huggingface_hub)."""
     if model in MODEL_ALIASES:
         path = MODEL_ALIASES[model]
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX).is_file():
             raise FileNotFoundError(f"demo model {model!r} is missing at {path}; rebuild it with "
                                     "`python -m shapes.build` (from a clone of the repository)")
         return path
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX).is_file():
             raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json). --model accepts a "
                                     "diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, "
                                     "tokenizer/, scheduler/), a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, "
@@ -173,16 +181,17 @@ class PixSigmaPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
-                        dtype: str = "fp32", offload_t5: bool = False, kv: KVCompress | None = None,
+                        dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
                         speed: str = "eager") -> PixSigmaPipeline:
-        """``speed``: how the DiT runs (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what
-        it computes."""
+        """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
+        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
-        if dtype not in DTYPES:
+        if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
-        dev, torch_dtype = resolve_device(device), DTYPES[dtype]
+        dev = resolve_device(device)
+        torch_dtype = DTYPES[dtype or default_dtype(dev)]
         folder = resolve_model(model)
         dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv)
         if speed != "eager":
@@ -205,21 +214,9 @@ class PixSigmaPipeline:
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
-    def clear_text_cache(self) -> None:
-        """Forget cached T5 features (they are kept for the last 32 distinct prompts)."""
-        self._text_cache.clear()
-
     def unknown_words(self, prompt: str) -> list[str]:
-        """Words the tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is None:
-            return []
-        out = []
-        for word in dict.fromkeys(prompt.lower().replace(",", " ").replace(".", " ").split()):
-            ids = self.tokenizer(word, add_special_tokens=False).input_ids
-            if unk in ids:
-                out.append(word)
-        return out
+        """Words this model's tokenizer can only map to its unknown token (the demo's closed vocabulary)."""
+        return unknown_words(self.tokenizer, prompt)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -228,19 +225,15 @@ class PixSigmaPipeline:
         warnings: list[str] = []
         need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if need:
-            tok = self.tokenizer(need, padding="max_length", max_length=self.max_tokens, truncation=True,
-                                 add_special_tokens=True, return_tensors="pt")
             if self.offload_t5 and self.device.type != "cpu":
                 self.text_encoder.to(self.device)
-            enc_dev = next(self.text_encoder.parameters()).device
-            emb = self.text_encoder(tok.input_ids.to(enc_dev), attention_mask=tok.attention_mask.to(enc_dev))[0]
+            emb, mask = encode_text(self.tokenizer, self.text_encoder, need, self.max_tokens)
             if self.offload_t5 and self.device.type != "cpu":
                 self.text_encoder.to("cpu")
                 torch.cuda.empty_cache()
             for i, t in enumerate(need):
-                self._text_cache[t] = (emb[i].to(self.device), tok.attention_mask[i].to(self.device))
-        for p, t in zip(prompts, texts):
-            n = len(self.tokenizer(t, add_special_tokens=True).input_ids)
+                self._text_cache[t] = (emb[i].to(self.device), mask[i].to(self.device))
+        for p, n in zip(prompts, token_lengths(self.tokenizer, texts)):
             if n > self.max_tokens:
                 warnings.append(f"prompt {p[:40]!r}… is {n} tokens; the model reads {self.max_tokens}, "
                                 f"so the last {n - self.max_tokens} tokens were dropped")
@@ -321,11 +314,7 @@ class PixSigmaPipeline:
             scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
-            extra = {}
-            if dit.config.micro_condition:
-                n = y.shape[0]
-                extra = {"resolution": torch.tensor([[gh, gw]], dtype=self.dtype, device=self.device).repeat(n, 1),
-                         "aspect_ratio": torch.full((n, 1), gh / gw, dtype=self.dtype, device=self.device)}
+            extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
             call = dit
             if req.guidance_interval is not None and guidance > 1.0:
@@ -341,7 +330,7 @@ class PixSigmaPipeline:
             images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
             if req.binning:
                 images = resize_and_crop(images, h, w)
-            arrays = to_uint8(images).numpy()
+            pil = to_pil(images)
         finally:
             if own is not None:
                 dit.set_kv_compress(own)
@@ -356,14 +345,14 @@ class PixSigmaPipeline:
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return GenerationResult([Image.fromarray(a) for a in arrays], seed, params, warnings,
+        return GenerationResult(pil, seed, params, warnings,
                                 time.perf_counter() - start, peak, w, h)
 
 
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:
     """The ``pixsigma.json`` of the DiT a pipeline loads (the --transformer, else the folder's), if it has one."""
     cand = Path(transformer) if transformer else folder / "transformer"
-    meta = cand / "pixsigma.json"
+    meta = cand / PIXSIGMA_CONFIG
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
@@ -374,5 +363,5 @@ def _token_length(folder: Path, transformer: str | None, meta: dict | None) -> i
         meta = _pixsigma_meta(folder, None)
     if meta is not None:
         return int(meta["dit"]["max_tokens"])
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / MODEL_INDEX).read_text())
     return ALPHA_TOKENS if index.get("_class_name") == "PixArtAlphaPipeline" else MAX_TOKENS

@@ -133,7 +133,7 @@ def _backend_for(model: PixArtDiT, state: _SpeedState, x: Tensor, y: Tensor) -> 
 
 @torch.no_grad()
 def choose_sdpa_backend(batch: int, heads: int, head_dim: int, queries: int, key_lengths: dict[int, int],
-                        dtype: torch.dtype, device: torch.device, repeats: int = 3) -> SDPBackend | None:
+                        dtype: torch.dtype, device: torch.device) -> SDPBackend | None:
     """The backend with the least total time over the self-attentions of one forward: ``key_lengths`` maps
     a key count M to how many layers attend over it. None when no candidate runs (keep torch's default)."""
     candidates = SDPA_CANDIDATES.get(device.type, ())
@@ -148,20 +148,20 @@ def choose_sdpa_backend(batch: int, heads: int, head_dim: int, queries: int, key
         k, v = heads_view(m), heads_view(m)
         for backend in candidates:
             if cost[backend] != float("inf"):
-                t = _time_sdpa(backend, q, k, v, repeats)
+                t = _time_sdpa(backend, q, k, v)
                 cost[backend] = float("inf") if t is None else cost[backend] + count * t
     runnable = {b: c for b, c in cost.items() if c != float("inf")}
     return min(runnable, key=runnable.get) if runnable else None
 
 
-def _time_sdpa(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor, repeats: int) -> float | None:
-    """Median seconds of one SDPA call on ``backend``; None when it cannot run these shapes."""
+def _time_sdpa(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> float | None:
+    """Median seconds of three SDPA calls on ``backend``; None when it cannot run these shapes."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     try:
         with sdpa_kernel(backend):
             sdpa(q, k, v)  # warm-up (and the "no kernel for these inputs" check)
             times = []
-            for _ in range(repeats):
+            for _ in range(3):
                 if q.device.type == "cuda":
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()

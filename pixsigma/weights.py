@@ -27,6 +27,7 @@ from pixsigma.model.dit import PixArtDiT
 
 Tensor = torch.Tensor
 PIXSIGMA_CONFIG = "pixsigma.json"
+MODEL_INDEX = "model_index.json"  # marks a diffusers pipeline folder
 PIXSIGMA_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 HEAD_DIM = 72  # every released PixArt uses 72-dim heads; used only when no config says otherwise
@@ -157,19 +158,18 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     }
 
 
-def config_from_diffusers(cfg: dict[str, Any], max_tokens: int | None = None) -> DiTConfig:
+def config_from_diffusers(cfg: dict[str, Any]) -> DiTConfig:
     """DiTConfig of a diffusers transformer ``config.json`` (same defaults diffusers applies)."""
     sample = int(cfg.get("sample_size", 128))
     interp = cfg.get("interpolation_scale")
     micro = cfg.get("use_additional_conditions")
     heads, head_dim = int(cfg.get("num_attention_heads", 16)), int(cfg.get("attention_head_dim", 72))
-    extra = {"max_tokens": max_tokens} if max_tokens else {}
     return DiTConfig(depth=int(cfg.get("num_layers", 28)), hidden_size=heads * head_dim, num_heads=heads,
                      patch_size=int(cfg.get("patch_size", 2)), in_channels=int(cfg.get("in_channels", 4)),
                      out_channels=int(cfg.get("out_channels") or cfg.get("in_channels", 4)),
                      caption_channels=int(cfg.get("caption_channels") or 4096), sample_size=sample,
                      pe_interpolation=float(interp) if interp is not None else float(max(sample // 64, 1)),
-                     micro_condition=bool(micro) if micro is not None else sample == 128, **extra)
+                     micro_condition=bool(micro) if micro is not None else sample == 128)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -237,7 +237,7 @@ def infer_config(sd: dict[str, Tensor], base_resolution: int | None = None, name
 def read_checkpoint(path: str | os.PathLike, base_resolution: int | None = None) -> tuple[DiTConfig, dict]:
     """(config, original-layout state dict) of any accepted layout."""
     p = Path(path)
-    if p.is_dir() and (p / "model_index.json").is_file():
+    if p.is_dir() and (p / MODEL_INDEX).is_file():
         p = p / "transformer"
     if p.is_dir() and (p / PIXSIGMA_CONFIG).is_file():
         cfg = DiTConfig.from_dict(json.loads((p / PIXSIGMA_CONFIG).read_text())["dit"])
@@ -308,10 +308,10 @@ def save_dit(model: PixArtDiT, folder: str | os.PathLike, dtype: torch.dtype | N
     return folder
 
 
-def save_original(model: PixArtDiT, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_original(model: PixArtDiT, path: str | os.PathLike) -> Path:
     """One original-layout file (``.safetensors``, or ``.pth`` as ``{'state_dict': …}``)."""
     path = Path(path)
-    sd = _tensors(model, dtype)
+    sd = _tensors(model, None)
     if path.suffix == ".safetensors":
         atomic_write(path, lambda t: save_file(sd, t, metadata={"pixsigma": json.dumps(model.config.to_dict())}))
     else:

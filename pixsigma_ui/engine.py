@@ -214,8 +214,9 @@ class AppEngine:
         self._locks = {str(torch.device(p.device)): threading.Lock() for p in self.pipes.values()}
 
     @classmethod
-    def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str = "fp32",
+    def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str | None = None,
              offload_t5: bool = False) -> AppEngine:
+        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere)."""
         pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, offload_t5=offload_t5)}
         names = {MAIN: model}
         if alpha_model:
@@ -233,6 +234,7 @@ class AppEngine:
 
     @property
     def devices(self) -> list[str]:
+        """The devices the models are on, one entry per device (the header shows them; a pool lists its engines')."""
         return sorted(self._locks)
 
     @property
@@ -263,8 +265,8 @@ class AppEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def kv_setting(self, mode: str, ratio: int = 2, layers: tuple[int, ...] = (), operator: str = "conv",
-                   model: str = MAIN) -> KVCompress | None:
+    def kv_setting(self, mode: str, ratio: int = 2, layers: tuple[int, ...] = (),
+                   operator: str = "conv") -> KVCompress | None:
         """'model' -> the checkpoint's own (None); 'off' -> full attention; 'on' -> R over ``layers``."""
         if mode == "model":
             return None
@@ -272,7 +274,7 @@ class AppEngine:
             return KVCompress()
         if mode != "on":
             raise ValueError(f"kv_mode must be 'model', 'off' or 'on', got {reprlib.repr(mode)}")
-        depth = self.info(model).depth
+        depth = self.info(MAIN).depth
         if not layers:
             deep = default_kv(depth).layers
             raise ValueError(f"KV compression needs layers, e.g. '{deep[0]}-{deep[-1]}' (the model has "

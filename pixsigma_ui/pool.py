@@ -39,7 +39,7 @@ class EnginePool(AppEngine):
         self._pick_lock = threading.Lock()
 
     @classmethod
-    def load_on(cls, devices: list[str], model: str, alpha_model: str | None = None, dtype: str = "fp32",
+    def load_on(cls, devices: list[str], model: str, alpha_model: str | None = None, dtype: str | None = None,
                 offload_t5: bool = False) -> EnginePool:
         """The models loaded once per device (``devices`` may repeat one, e.g. two CPU engines in tests)."""
         return cls([AppEngine.load(model, alpha_model, device=d, dtype=dtype, offload_t5=offload_t5)

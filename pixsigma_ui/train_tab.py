@@ -28,6 +28,7 @@ from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, ST
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
 POLL_SECONDS = 2.0
+PLOT_ROWS = 5000  # the loss plot's last steps: enough to see a run's trend, few enough to redraw every poll
 MAX_STEPS, MAX_BATCH = 100_000, 256
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,11 +42,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def read_metrics(folder: Path, last: int = 5000) -> pd.DataFrame:
-    """step/loss of the last ``last`` lines of metrics.jsonl (a half-written last line is skipped)."""
+def read_metrics(folder: Path) -> pd.DataFrame:
+    """step/loss of the last ``PLOT_ROWS`` lines of metrics.jsonl (a half-written last line is skipped)."""
     rows = []
     try:
-        lines = (folder / METRICS).read_text().splitlines()[-last:]
+        lines = (folder / METRICS).read_text().splitlines()[-PLOT_ROWS:]
     except OSError:
         lines = []
     for line in lines:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from pixsigma.text import word_level_tokenizer
 from shapes.fit import fit
 from shapes.world import (
     PALETTE,
@@ -36,35 +37,13 @@ from shapes.world import (
 )
 
 MAX_LENGTH = 80  # tokens the demo DiT attends to (PRESETS["demo"].max_tokens)
-SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 SLOTS = 4  # objects a caption can name
 IGNORE = -100
 
 
 def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary; lowercases, splits on spaces and punctuation, appends </s>."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for w in caption_vocabulary():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation runs
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
-
-
-def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
-    """Words of ``text`` the tokenizer would map to <unk>, in order, once each (so the user can be told)."""
-    backend = tokenizer.backend_tokenizer
-    norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-    vocab = tokenizer.get_vocab()
-    out: list[str] = []
-    for word, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
-        if word not in vocab and word not in out:
-            out.append(word)
-    return out
+    """Word-level tokenizer over the world's vocabulary (``pixsigma.text.word_level_tokenizer``)."""
+    return word_level_tokenizer(caption_vocabulary(), max_length)
 
 
 def text_encoder_config(vocab_size: int) -> T5Config:
@@ -73,16 +52,6 @@ def text_encoder_config(vocab_size: int) -> T5Config:
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=16,
                     relative_attention_max_distance=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                     is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-
-
-def encode(tokenizer: PreTrainedTokenizerFast, model: T5EncoderModel, prompts: list[str],
-           max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption features (B, L, 128) and attention mask (B, L), padded to ``max_length`` as PixArt does."""
-    tok = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        emb = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
-    return emb.last_hidden_state, tok.attention_mask.to(device)
 
 
 class SlotProbe(nn.Module):

@@ -12,7 +12,6 @@ shipped demo small.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pixsigma.io import atomic_write, atomic_write_text
+from pixsigma.sampling import to_pil
 from shapes.fit import fit, warmup_cosine
 from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
@@ -102,8 +103,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return to_pil(x)
 
 
 def world_batch(rng: np.random.Generator, n: int, width: int, height: int) -> torch.Tensor:
@@ -245,8 +245,5 @@ def save_vae(vae: AutoencoderKL, folder: str | Path, metrics: dict) -> None:
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = folder / "diffusion_pytorch_model.safetensors"
     half = {k: v.to(torch.float16) for k, v in load_file(weights).items()}  # halves the shipped size
-    save_file(half, folder / ".weights.tmp", metadata={"format": "pt"})
-    os.replace(folder / ".weights.tmp", weights)
-    tmp = folder / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, folder / "metrics.json")
+    atomic_write(weights, lambda tmp: save_file(half, tmp, metadata={"format": "pt"}))
+    atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -77,6 +77,13 @@ def test_requirements_txt_pins_exactly_what_pyproject_declares():
     assert requirement_names([ln for ln in lines if ln.strip()]) == declared
 
 
+def test_ci_runs_the_readmes_commands_and_set_up_installs_the_project():
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert "bash scripts/setup.sh" in ci and ci[-1] == "bash scripts/test.sh"  # the README's test command
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "pip install -q -r requirements.txt" in setup and "-e ." in setup.split("requirements.txt", 1)[1]
+
+
 def test_generate_is_byte_identical_to_before_the_layout(tmp_path):
     out = tmp_path / "OUT.png"
     run([sys.executable, "-m", "pixsigma", "generate", PROMPT, "--model", "demo", "--seed", "7", "--out", str(out)],

@@ -54,6 +54,10 @@ def test_a_bucket_smaller_than_the_world_is_padded_not_dropped():
     seen = {i for batches in per_rank for b in batches for i in b}
     assert seen == set(range(5))
     assert all(len(b) >= 1 for batches in per_rank for b in batches)
+    # the lone sample is repeated so both ranks get it, alone in its batch, at the same step
+    assert [[b for b in batches if 4 in b] for batches in per_rank] == [[[4]], [[4]]]
+    step = [batches.index([4]) for batches in per_rank]
+    assert step[0] == step[1]
 
 
 def test_deterministic_per_epoch_and_seed():

@@ -16,8 +16,7 @@ near-clean timesteps stop dominating the gradient. The VLB is left unweighted; `
 
 ``timestep_band`` (off by default: PixArt draws t uniformly) = (low, high, share) draws ``share`` of each
 batch's timesteps uniformly from [low, high] and the rest from the whole range: more of a small model's
-training where its samples go wrong. (On the shapes demo that is the mid-noise range where shapes form:
-real images noised to t = 400 and denoised come back right far more often than from t = 600.)
+training where its samples go wrong.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pixsigma.text import encode_text, token_lengths
+
 Tensor = torch.Tensor
 
 
@@ -30,16 +32,10 @@ class TextEncoder:
         self.tokenizer, self.model, self.max_tokens = tokenizer, model.eval().requires_grad_(False), max_tokens
         self.channels = int(model.config.d_model)
 
-    @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor, int]:
         """-> features (B, L, C) fp32, mask (B, L) int64, number of captions cut at ``max_tokens``."""
-        lengths = [len(ids) for ids in self.tokenizer(captions).input_ids]
-        truncated = sum(n > self.max_tokens for n in lengths)
-        tok = self.tokenizer(captions, max_length=self.max_tokens, padding="longest", truncation=True,
-                             return_tensors="pt")
-        device = next(self.model.parameters()).device
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        y = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, C)
+        truncated = sum(n > self.max_tokens for n in token_lengths(self.tokenizer, captions))
+        y, mask = encode_text(self.tokenizer, self.model, captions, self.max_tokens, pad_to_max=False)
         return y.float(), mask.long(), truncated
 
 

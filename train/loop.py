@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
-from pixsigma.sampling import latent_rgb
+from pixsigma.sampling import latent_rgb, to_pil
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
@@ -32,7 +32,7 @@ from train.features import open_features
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
-from train.sample import generate_latents, micro_kwargs, to_images
+from train.sample import generate_latents, micro_kwargs, pad_tokens
 from train.sampler import BucketBatchSampler
 
 Tensor = torch.Tensor
@@ -45,17 +45,16 @@ def drop_captions(y: Tensor, mask: Tensor, y_null: Tensor, mask_null: Tensor, p:
         return y, mask
     drop = torch.rand(y.shape[0], device=y.device) < p  # (B,)
     length = max(y.shape[1], y_null.shape[1])
-    y = torch.nn.functional.pad(y, (0, 0, 0, length - y.shape[1]))
-    mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
-    y_null = torch.nn.functional.pad(y_null, (0, 0, 0, length - y_null.shape[1])).to(y)
-    mask_null = torch.nn.functional.pad(mask_null, (0, length - mask_null.shape[1])).to(mask)
+    y, mask = pad_tokens(y, mask, length)
+    y_null, mask_null = pad_tokens(y_null, mask_null, length)
+    y_null, mask_null = y_null.to(y), mask_null.to(mask)
     return torch.where(drop[:, None, None], y_null, y), torch.where(drop[:, None], mask_null, mask)
 
 
 def attention_kernels(device: torch.device, mixed_precision: str) -> AbstractContextManager:
     """SDPA kernels for training steps. On a CPU under bf16 autocast, torch's fused CPU attention kernel runs
-    its bf16 backward about 5× slower than the plain matmul path (measured: the demo model's step goes from
-    3.7 to 5.1 it/s with it, against 2.5 in fp32), so there the math kernel is used; elsewhere torch picks."""
+    its bf16 backward far slower than the plain matmul path, so there the math kernel is used; elsewhere torch
+    picks."""
     if device.type == "cpu" and mixed_precision == "bf16":
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
@@ -167,7 +166,7 @@ class Trainer:
             folder = cfg.run_dir / SAMPLES
             folder.mkdir(exist_ok=True)
             paths = []
-            for i, (img, prompt) in enumerate(zip(to_images(pixels), cfg.sample_prompts)):
+            for i, (img, prompt) in enumerate(zip(to_pil(pixels), cfg.sample_prompts)):
                 path = folder / sample_name(step, i)
                 save_png(img, path, {"prompt": prompt, "step": step, "seed": cfg.seed, "stage": cfg.stage.name})
                 paths.append(str(path))

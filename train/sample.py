@@ -8,24 +8,23 @@ RGB at latent resolution).
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
+from pixsigma.config import DiTConfig
 from pixsigma.constants import DEFAULT_GUIDANCE, VAE_SCALE_FACTOR
-from pixsigma.sampling import denoise, initial_noise, make_scheduler, to_uint8
+from pixsigma.sampling import denoise, initial_noise, make_scheduler, micro_conditions
 
 Tensor = torch.Tensor
 
 
-def micro_kwargs(config, latents: Tensor) -> dict[str, Tensor]:
-    """PixArt-α 1024's size/aspect-ratio conditions for latents (B, C, h, w); nothing for other models."""
-    if not config.micro_condition:
-        return {}
-    b, (h, w) = latents.shape[0], latents.shape[-2:]
-    size = torch.tensor([[h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR]], dtype=torch.float32, device=latents.device)
-    return {"resolution": size.expand(b, 2), "aspect_ratio": torch.full((b, 1), h / w, device=latents.device)}
+def micro_kwargs(config: DiTConfig, latents: Tensor) -> dict[str, Tensor]:
+    """``pixsigma.sampling.micro_conditions`` (fp32) for the images of latents (B, C, h, w)."""
+    h, w = latents.shape[-2:]
+    return micro_conditions(config, latents.shape[0], h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR, torch.float32,
+                            latents.device)
 
 
-def _pad(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+def pad_tokens(y: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Caption features (B, L, C) and mask (B, L) zero-padded to ``length`` tokens (masked out)."""
     extra = length - y.shape[1]
     if extra <= 0:
         return y, mask
@@ -45,8 +44,8 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
     x, gen = initial_noise((b, c, size[0] // VAE_SCALE_FACTOR, size[1] // VAE_SCALE_FACTOR), seed, device,
                            torch.float32, sched.init_noise_sigma)
     length = max(y.shape[1], y_null.shape[1])
-    y, mask = _pad(y, mask, length)
-    y_null, mask_null = _pad(y_null, mask_null, length)
+    y, mask = pad_tokens(y, mask, length)
+    y_null, mask_null = pad_tokens(y_null, mask_null, length)
     cond = torch.cat([y_null.expand(b, -1, -1), y]).to(device)  # (2B, L, C_text): [uncond; cond]
     cmask = torch.cat([mask_null.expand(b, -1), mask]).to(device)
 
@@ -54,8 +53,3 @@ def generate_latents(model: torch.nn.Module, y: Tensor, mask: Tensor, y_null: Te
         return model(xx, t, cond, cmask, **micro_kwargs(model.config, xx)).float()
 
     return denoise(model_fn, sched, x, steps, guidance, gen, learn_sigma=model.config.learn_sigma)
-
-
-def to_images(pixels: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    return [Image.fromarray(a) for a in to_uint8(pixels).numpy()]

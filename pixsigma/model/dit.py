@@ -25,8 +25,8 @@ from pixsigma.model.embeddings import (
 
 Tensor = torch.Tensor
 # PixArt initialises the timestep, adaLN and caption MLPs with N(0, 0.02), a gain (std * sqrt(fan_in)) set for
-# XL: T5-XXL's 4096 channels into width 1152. Other widths keep that gain rather than that std: at the demo's
-# 128 -> 192 a plain 0.02 makes captions ~5x quieter and the model learns to ignore them for thousands of steps.
+# XL: T5-XXL's 4096 channels into width 1152. Other widths keep that gain rather than that std: with fewer caption
+# channels a plain 0.02 makes captions quieter than at XL, and a small model then learns to ignore them.
 CAPTION_CHANNELS_XL, HIDDEN_XL = 4096, 1152
 
 

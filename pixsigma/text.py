@@ -1,0 +1,67 @@
+"""Captions -> T5 features: the one encoding the pipeline, the trainer and the shapes world share, the check of
+which words a tokenizer does not know, and a word-level T5-style tokenizer for closed vocabularies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def encode_text(tokenizer, encoder: torch.nn.Module, texts: list[str], max_length: int,
+                pad_to_max: bool = True) -> tuple[Tensor, Tensor]:
+    """T5 features (B, L, C) and attention mask (B, L) of ``texts``, both on the encoder's device, cut at
+    ``max_length`` tokens and padded to ``max_length`` (PixArt's sampling and training) or, with
+    ``pad_to_max=False``, only to the longest text (a feature cache stores no padding)."""
+    tok = tokenizer(texts, padding="max_length" if pad_to_max else "longest", max_length=max_length,
+                    truncation=True, add_special_tokens=True, return_tensors="pt")
+    device = next(encoder.parameters()).device
+    mask = tok.attention_mask.to(device)
+    return encoder(input_ids=tok.input_ids.to(device), attention_mask=mask).last_hidden_state, mask
+
+
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens each text has before any cut (end-of-text token included): above the model's length, it is cut."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True).input_ids]
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of ``text`` the tokenizer can only map to its unknown token, in order, once each (a closed
+    vocabulary such as the demo's would otherwise drop them silently). Words are what the tokenizer's own
+    pre-tokenizer splits (words and punctuation runs), else the whitespace-separated parts; lower-cased, as the
+    pipeline encodes prompts."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    text = text.lower()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.pre_tokenizer is not None:
+        norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        words = [norm[a:b].strip() for _, (a, b) in backend.pre_tokenizer.pre_tokenize_str(norm)]
+    else:
+        words = text.split()
+    return [w for w in dict.fromkeys(filter(None, words))
+            if unk in tokenizer(w, add_special_tokens=False).input_ids]
+
+
+def word_level_tokenizer(words: Iterable[str], max_length: int | None = None):
+    """A T5-style tokenizer over a closed vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), then one id
+    per word; NFKC and lower-case; splits words and punctuation runs; appends ``</s>``. The shapes demo's
+    tokenizer, and an in-memory stand-in for T5's SentencePiece model (which would come from a hub)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(("<pad>", "</s>", "<unk>"))}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation runs
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    extra = {"model_max_length": max_length} if max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   **extra)
