@@ -68,8 +68,8 @@ async def _complete_with_error(queue: Any, body: Any, request: Any, username: st
     async with queue.pending_message_lock:
         queue.pending_messages_per_session.setdefault(body.session_hash, AsyncQueue())
         queue.pending_event_ids_session.setdefault(body.session_hash, set())
-    queue.pending_event_ids_session[body.session_hash].add(event._id)
-    queue.event_ids_to_events[event._id] = event
+    queue.pending_event_ids_session[body.session_hash].add(event._id)  # the stream closes once it is completed
+    # Not in queue.event_ids_to_events: nothing would remove it there (every lookup of it tolerates its absence).
     content = error_payload(gr.Error(message, title="Queue full", print_exception=False), True)
     queue.send_message(event, ProcessCompletedMessage(output=content, title="Queue full", success=False))
     return event._id
