@@ -71,9 +71,8 @@ class Served:
         self.demo.sweeper.stop()
         self.demo.close()
 
-    def post(self, path: str, body: dict | str) -> tuple[int, dict]:
-        data = body if isinstance(body, str) else json.dumps(body)
-        req = urllib.request.Request(self.url + path, data=data.encode(), method="POST",
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
