@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pixsigma.constants import DEFAULT_GUIDANCE
-from pixsigma.io import atomic_write
+from pixsigma.io import atomic_write_text
 from pixsigma.registry import check_expander
 
 SAMPLING_FILE = "sampling.json"  # a folder's steps, guidance and prompt expander (pixsigma's; diffusers ignores it)
@@ -67,5 +67,5 @@ class SamplingDefaults:
 
     def write(self, folder: Path) -> None:
         body = json.dumps(asdict(self), indent=1)
-        atomic_write(folder / SAMPLING_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
+        atomic_write_text(folder / SAMPLING_FILE, body + "\n")
 

@@ -1,5 +1,5 @@
-"""Captions -> T5 features: the one encoding the pipeline, the trainer and the shapes world share, the check of
-which words a tokenizer does not know, and a word-level T5-style tokenizer for closed vocabularies."""
+"""Captions -> T5 features: the one encoding that sampling and training share, the check of which words a
+tokenizer does not know, and a word-level T5-style tokenizer for closed vocabularies."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def unknown_words(tokenizer, text: str) -> list[str]:
 
 def word_level_tokenizer(words: Iterable[str], max_length: int | None = None):
     """A T5-style tokenizer over a closed vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), then one id
-    per word; NFKC and lower-case; splits words and punctuation runs; appends ``</s>``. The shapes demo's
-    tokenizer, and an in-memory stand-in for T5's SentencePiece model (which would come from a hub)."""
+    per word; NFKC and lower-case; splits words and punctuation runs; appends ``</s>``. A small demo world's
+    tokenizer, or an in-memory stand-in for T5's SentencePiece model (which would come from a hub)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

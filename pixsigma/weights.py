@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixsigma.config import DiTConfig, KVCompress
-from pixsigma.io import atomic_write
+from pixsigma.io import atomic_write, atomic_write_json
 from pixsigma.model.dit import PixArtDiT
 
 Tensor = torch.Tensor
@@ -304,7 +304,7 @@ def save_dit(model: PixArtDiT, folder: str | os.PathLike, dtype: torch.dtype | N
     folder = Path(folder)
     meta = {"dit": model.config.to_dict(), **(extra or {})}
     atomic_write(folder / PIXSIGMA_WEIGHTS, lambda t: save_file(_tensors(model, dtype), t))
-    atomic_write(folder / PIXSIGMA_CONFIG, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
+    atomic_write_json(meta, folder / PIXSIGMA_CONFIG, indent=2)
     return folder
 
 
@@ -327,5 +327,5 @@ def save_diffusers_transformer(model: PixArtDiT, folder: str | os.PathLike, dtyp
     cfg = {**diffusers_config(model.config), "_diffusers_version": diffusers.__version__}
     sd = to_diffusers_state_dict(_tensors(model, dtype))
     atomic_write(folder / DIFFUSERS_WEIGHTS, lambda t: save_file(sd, t, metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda t: Path(t).write_text(json.dumps(cfg, indent=2)))
+    atomic_write_json(cfg, folder / "config.json", indent=2)
     return folder

@@ -336,8 +336,9 @@ def _cell_from(words: list[str]) -> int | None:
 
 
 def tokenize(text: str) -> list[str]:
-    """A prompt's lower-cased words and punctuation marks, as ``parse_prompt`` reads them."""
-    return re.findall(r"[a-z]+|[.,;!?]", text.lower())
+    """A prompt's lower-cased words and punctuation marks, as ``parse_prompt`` reads them; any other run of
+    characters ("3", "&", "é") is a token of its own, so a check of the tokens sees what the parser passes over."""
+    return re.findall(r"[a-z]+|[.,;!?]|[^a-z\s.,;!?]+", text.lower())
 
 
 def parse_prompt(text: str) -> ParsedPrompt:
