@@ -1,7 +1,8 @@
 """The pixsigma web app: Generate, Compare (PixArt-α vs Σ, KV compression on/off) and, optionally, Train.
 
     python app.py [--model demo|FOLDER|HUB_ID] [--alpha-model demo-alpha|...|none] [--enable-training]
-                  [--host 0.0.0.0] [--port 7860] [--share]
+                  [--host 0.0.0.0] [--port 7860] [--share] [--devices cuda:0,cuda:1]
+                  [--keep-outputs-hours 24] [--keep-outputs-mb 1000]
 
 Environment: PIXSIGMA_MODEL, PIXSIGMA_ALPHA_MODEL, PIXSIGMA_ENABLE_TRAINING=1 (same as the flags);
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: README.md, "The app".
@@ -10,9 +11,9 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: README.md, "
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -23,9 +24,22 @@ from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import build_compare_tab
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import build_generate_tab
+from pixsigma_ui.inputs import log
+from pixsigma_ui.pool import EnginePool
+from pixsigma_ui.queue_full import explain_queue_full
+from pixsigma_ui.retention import (
+    DEFAULT_KEEP_HOURS,
+    DEFAULT_KEEP_MB,
+    Retention,
+    Sweeper,
+    prune,
+    prune_gradio_cache,
+    temp_outputs_folder,
+)
 from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
+CACHE_SWEEP_EVERY_S = 3600  # gradio's own age-based sweep of its cache
 CSS = "#stats { min-height: 1.5em; } footer { display: none !important; }"
 
 
@@ -33,26 +47,32 @@ def header(engine: AppEngine) -> str:
     main, lim = engine.info(MAIN), engine.limits
     alpha = f" · PixArt-α: `{engine.info(ALPHA).name}`" if engine.has(ALPHA) else ""
     return (f"## pixsigma · PixArt-Σ\nPixArt-Σ: `{main.name}` ({main.resolution} px base, {main.depth} layers){alpha} "
-            f"· device `{engine.device}` · per request: ≤ {lim.max_steps} steps, ≤ {lim.max_images} images, "
-            f"≤ {lim.max_resolution} px base resolution")
+            f"· device `{', '.join(engine.devices)}` · per request: ≤ {lim.max_steps} steps, "
+            f"≤ {lim.max_images} images, ≤ {lim.max_resolution} px base resolution")
 
 
 def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: RunManager | None = None,
-               queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+               queue_size: int = QUEUE_SIZE, keep: Retention | None = None) -> gr.Blocks:
     """The app's Blocks with its queue set: one request at a time per device, at most ``queue_size`` waiting.
-    ``outputs``: where PNGs are written (default: a fresh temp folder); ``runs``: enables the Train tab."""
-    outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="pixsigma-outputs-"))
+    ``outputs``: where PNGs are written (default: a temp folder removed at exit); ``runs``: enables the Train tab;
+    ``keep``: how long and how much of the PNGs and gradio's cache are kept (swept in the background from now
+    on: ``demo.sweeper``)."""
+    keep = keep or Retention()
+    outputs = Path(outputs) if outputs else temp_outputs_folder()
     gpu = gpu_decorator()
-    with gr.Blocks(title="pixsigma · PixArt-Σ", delete_cache=(3600, 6 * 3600)) as demo:
+    with gr.Blocks(title="pixsigma · PixArt-Σ", delete_cache=(CACHE_SWEEP_EVERY_S, int(keep.max_age_s))) as demo:
         gr.Markdown(header(engine))
         with gr.Tab("Generate"):
-            build_generate_tab(engine, outputs, gpu)
+            build_generate_tab(engine, outputs, gpu, keep)
         with gr.Tab("Compare"):
             build_compare_tab(engine, gpu)
         if runs is not None:
             with gr.Tab("Train"):
                 build_train_tab(demo, runs)
-    return demo.queue(max_size=queue_size, default_concurrency_limit=engine.concurrency)
+    demo.queue(max_size=queue_size, default_concurrency_limit=engine.concurrency)
+    explain_queue_full(demo, engine.concurrency)
+    demo.sweeper = Sweeper([lambda: prune(outputs, keep), lambda: prune_gradio_cache(demo, keep)]).start()
+    return demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha-model", default=env("PIXSIGMA_ALPHA_MODEL", "demo-alpha"),
                    help="PixArt-α for the Compare tab; 'none' to leave it out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--devices", default=None,
+                   help="several devices, e.g. cuda:0,cuda:1: the models loaded on each, requests spread over them")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="default: bf16 on CUDA, fp32 elsewhere (as the CLI)")
     p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
@@ -70,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests allowed to wait")
     p.add_argument("--outputs", default=None, help="folder for generated PNGs (default: a temp folder)")
+    p.add_argument("--keep-outputs-hours", type=float, default=DEFAULT_KEEP_HOURS,
+                   help="PNGs and gradio's cached copies older than this are removed")
+    p.add_argument("--keep-outputs-mb", type=float, default=DEFAULT_KEEP_MB,
+                   help="beyond this total (each of the two folders) the oldest files are removed")
     p.add_argument("--enable-training", action="store_true",
                    default=env("PIXSIGMA_ENABLE_TRAINING", "") in ("1", "true", "yes"), help="show the Train tab")
     p.add_argument("--runs-dir", default="runs", help="training runs live here")
@@ -78,17 +104,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def load_engine(opts: argparse.Namespace, alpha: str | None) -> AppEngine:
+    """One engine on ``--device``, or a pool of one per ``--devices`` entry."""
+    load = dict(dtype=opts.dtype, offload_t5=opts.offload_t5)
+    if opts.devices:
+        devices = [d.strip() for d in opts.devices.split(",") if d.strip()]
+        return EnginePool.load_on(devices, opts.model, alpha, **load)
+    return AppEngine.load(opts.model, alpha, device=opts.device, **load)
+
+
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     alpha = None if opts.alpha_model.lower() in ("", "none") else opts.alpha_model
-    load = dict(device=opts.device, dtype=opts.dtype, offload_t5=opts.offload_t5)
     try:
-        engine = AppEngine.load(opts.model, alpha, **load)
+        keep = Retention(opts.keep_outputs_hours, opts.keep_outputs_mb)
+        engine = load_engine(opts, alpha)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     except FileNotFoundError as e:
         if alpha != "demo-alpha" or "demo-alpha" not in str(e):
             sys.exit(f"error: {e}")
         print(f"warning: {e}; serving without PixArt-α", file=sys.stderr)  # only the default α may be absent
-        engine = AppEngine.load(opts.model, None, **load)
+        engine = load_engine(opts, None)
     runs = None
     if opts.enable_training:
         try:  # the loaded model's folder: what "finetune" starts from when no config says otherwise
@@ -97,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             model_dir = None
         recipes = find_recipes([Path(c) for c in opts.train_configs], model_dir, opts.model)
         runs = RunManager(Path(opts.runs_dir).resolve(), recipes)
-    demo = build_demo(engine, outputs=opts.outputs, runs=runs, queue_size=opts.queue_size)
+    demo = build_demo(engine, outputs=opts.outputs, runs=runs, queue_size=opts.queue_size, keep=keep)
     demo.launch(server_name=opts.host, server_port=opts.port, share=opts.share, css=CSS)
 
 

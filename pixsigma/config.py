@@ -6,12 +6,15 @@ Every checkpoint stores ``asdict(config)``; models are rebuilt only through
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KV_OPERATORS = ("conv", "pool", "discard")
 # What the first in_channels outputs are (diffusers' names): the noise ε (PixArt), or v = √ᾱ·ε − √(1−ᾱ)·x₀.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+MAX_DEPTH = 1024  # far beyond any DiT; bounds a layer range before it is expanded
+MAX_LAYERS_SPEC_CHARS = 1000  # far beyond any real spec (all 28 layers of an XL model listed one by one: 80)
 
 
 @dataclass(frozen=True)
@@ -49,23 +52,29 @@ class KVCompress:
         return self.ratio if layer in self.layers else 1
 
 
-def parse_layers(spec: str) -> tuple[int, ...]:
-    """'14-27' or '14,15,20-22' -> layer indices. Raises ValueError naming the bad part."""
+def parse_layers(spec: str, depth: int = MAX_DEPTH) -> tuple[int, ...]:
+    """'14-27' or '14,15,20-22' -> layer indices, each below ``depth``. Raises ValueError naming the bad part.
+
+    Bounds are checked before a range is expanded, so a short spec can never ask for millions of layers."""
+    text = str(spec)
+    if len(text) > MAX_LAYERS_SPEC_CHARS:
+        raise ValueError(f"KV compression layers spec is {len(text)} characters long; at most "
+                         f"{MAX_LAYERS_SPEC_CHARS} are accepted, e.g. '14-27'")
     out: list[int] = []
-    for part in str(spec).replace(" ", "").split(","):
+    for part in text.replace(" ", "").split(","):
         if not part:
             continue
         try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
+            a, b = (int(x) for x in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
+            if b < a or a < 0:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"bad layer range {part!r} in {spec!r}: use 'A-B' or 'A,B,C' with A <= B, "
-                             "e.g. '14-27'") from None
+            raise ValueError(f"bad layer range {reprlib.repr(part)} in {reprlib.repr(text)}: use 'A-B' or "
+                             "'A,B,C' with 0 <= A <= B, e.g. '14-27'") from None
+        if b >= depth:
+            raise ValueError(f"KV compression layers {reprlib.repr(part)} do not exist: this model has layers "
+                             f"0-{depth - 1}")
+        out.extend(range(a, b + 1))
     return tuple(out)
 
 

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from pixsigma.config import KVCompress, parse_layers
-from pixsigma_ui.engine import ALPHA, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, layers_spec
-from pixsigma_ui.generate_tab import ASPECTS, as_int, expansion_note, parse_aspect
+from pixsigma_ui.engine import ALPHA, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, layers_spec
+from pixsigma_ui.generate_tab import ASPECTS, expansion_note, parse_aspect
+from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_int, as_text, guarded, resolve_seed
 from pixsigma_ui.styles import examples_for
 
 DIFF_GAIN = 4  # |Σ − Σ_kv| is small; ×4 makes it visible
@@ -43,19 +44,16 @@ def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
                 kv_ratio: int = 2, kv_layers: str = "", expand_prompt: bool = True,
                 progress: gr.Progress = gr.Progress(),  # noqa: B008
                 ) -> Iterator[tuple]:
-        try:
-            seed, steps = as_int(seed, "seed"), as_int(steps, "steps")
-            kv = engine.kv_setting("on", as_int(kv_ratio, "KV ratio"), parse_layers(kv_layers or ""),
-                                   sigma.suggested_kv.operator)
-            common = dict(aspect_ratio=parse_aspect(aspect_ratio), steps=steps, seed=seed,
-                          expand_prompt=expand_prompt)  # each model's own expander: Σ's, α has none
-            runs = {"sigma": (MAIN, engine.make_request(prompt, kv=None, **common)),
-                    "full": (MAIN, engine.make_request(prompt, kv=KVCompress(), **common)),
-                    "kv": (MAIN, engine.make_request(prompt, kv=kv, **common))}
-            if alpha is not None:
-                runs["alpha"] = (ALPHA, engine.make_request(prompt, model=ALPHA, **common))
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        prompt, seed, steps = as_text(prompt, "prompt"), resolve_seed(seed), as_int(steps, "steps")
+        kv = engine.kv_setting("on", as_int(kv_ratio, "kv_ratio"),
+                               parse_layers(as_text(kv_layers, "kv_layers"), sigma.depth), sigma.suggested_kv.operator)
+        common = dict(aspect_ratio=parse_aspect(aspect_ratio), steps=steps, seed=seed,
+                      expand_prompt=as_bool(expand_prompt, "expand_prompt"))  # each model's own expander: Σ's
+        runs = {"sigma": (MAIN, engine.make_request(prompt, kv=None, **common)),
+                "full": (MAIN, engine.make_request(prompt, kv=KVCompress(), **common)),
+                "kv": (MAIN, engine.make_request(prompt, kv=kv, **common))}
+        if alpha is not None:
+            runs["alpha"] = (ALPHA, engine.make_request(prompt, model=ALPHA, **common))
         own = sigma.kv if sigma.kv.active else KVCompress()
         same_as = {"sigma": "full" if not own.active else ("kv" if own == kv else None)}
         order = [k for k in ("alpha", "full", "kv", "sigma") if k in runs and not same_as.get(k)]
@@ -64,16 +62,13 @@ def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
         for i, key in enumerate(order):
             progress((i, len(order)), desc=f"run {i + 1}/{len(order)}")
             model, request = runs[key]
-            try:
-                done[key] = engine.run(request, model)
-            except OutOfMemory as e:
-                raise gr.Error(str(e)) from None
+            done[key] = engine.run(request, model)
             if key == "sigma" or same_as.get("sigma") == key:
                 done["sigma"] = done[key]
             out = _panels(done, alpha.name if alpha else None, sigma.name, kv)
             yield tuple(out)
 
-    return compare
+    return guarded(compare)
 
 
 def _panels(done: dict[str, Done], alpha_name: str | None, sigma_name: str, kv: KVCompress) -> list:
@@ -109,12 +104,13 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
         prompt = gr.Textbox(label="Prompt", lines=2, scale=3, elem_id="compare-prompt")
         with gr.Column(scale=2):
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                seed = gr.Number(value=0, precision=0, minimum=RANDOM_SEED, maximum=MAX_SEED, label="Seed",
+                                 info="-1: a random seed")
                 steps = gr.Slider(1, engine.limits.max_steps, value=min(sigma.steps, engine.limits.max_steps),
                                   step=1, label="Steps")
                 aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio (w:h)")
             with gr.Row():
-                kv_ratio = gr.Slider(2, 4, value=kv.ratio, step=1, label="KV ratio R")
+                kv_ratio = gr.Slider(*KV_RATIOS, value=kv.ratio, step=1, label="KV ratio R")
                 kv_layers = gr.Textbox(value=layers_spec(kv.layers), label=f"KV layers (0–{sigma.depth - 1})")
             expand = gr.Checkbox(value=True, label="Expand Σ's prompt (into the dense caption it was trained on)",
                                  visible=sigma.prompt_expander is not None, elem_id="compare-expand")
@@ -135,4 +131,5 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
     gr.on([button.click, prompt.submit], gpu(make_compare_fn(engine)),
           [prompt, seed, steps, aspect, kv_ratio, kv_layers, expand],
           [alpha_img, sigma_img, slider, ab_note, full_img, kv_img, diff_img, kv_note],
-          api_name="compare", concurrency_id=engine.device_key, concurrency_limit=1)
+          api_name="compare", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
+          preprocess=False)  # inputs checked by name in the handler (inputs.py)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import queue
+import reprlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from pixsigma.buckets import nearest_bucket
-from pixsigma.config import DiTConfig, KVCompress, default_kv
+from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv
 from pixsigma.pipeline import (
     SAMPLERS,
     GenerationRequest,
@@ -33,6 +34,7 @@ from pixsigma.pipeline import (
 MAIN, ALPHA = "main", "alpha"
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000  # far beyond any model's tokens; only stops abuse of the tokenizer
+KV_RATIOS = (2, 8)  # the KV compression ratios R a request may ask for (the UI's slider range)
 GUIDANCE_RANGE = (0.0, 20.0)  # 1 = no classifier-free guidance; beyond 20 images only burn out
 STANDARD_RESOLUTIONS = (256, 512, 1024, 2048, 4096)  # the PixArt bucket tables
 GiB = 2**30
@@ -231,6 +233,11 @@ class AppEngine:
         return len(self._locks)
 
     @property
+    def devices(self) -> list[str]:
+        """The devices the models are on, one entry per device (the header shows them; a pool lists its engines')."""
+        return sorted(self._locks)
+
+    @property
     def device_key(self) -> str:
         """The queue's concurrency group of the main model's device (events on one device share it)."""
         return f"device:{self.device}"
@@ -266,7 +273,7 @@ class AppEngine:
         if mode == "off":
             return KVCompress()
         if mode != "on":
-            raise ValueError(f"KV compression mode must be 'model', 'off' or 'on', got {mode!r}")
+            raise ValueError(f"kv_mode must be 'model', 'off' or 'on', got {reprlib.repr(mode)}")
         depth = self.info(MAIN).depth
         if not layers:
             deep = default_kv(depth).layers
@@ -274,9 +281,14 @@ class AppEngine:
                              f"layers 0-{depth - 1})")
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
-            raise ValueError(f"KV compression layers {bad} do not exist: this model has layers 0-{depth - 1}")
-        if not isinstance(ratio, int) or not 2 <= ratio <= 8:
-            raise ValueError(f"KV compression ratio must be an integer from 2 to 8, got {ratio!r}")
+            raise ValueError(f"KV compression layers {reprlib.repr(bad)} do not exist: this model has layers "
+                             f"0-{depth - 1}")
+        lo, hi = KV_RATIOS
+        if not isinstance(ratio, int) or isinstance(ratio, bool) or not lo <= ratio <= hi:
+            raise ValueError(f"kv_ratio: the KV compression ratio must be an integer from {lo} to {hi}, "
+                             f"got {reprlib.repr(ratio)}")
+        if operator not in KV_OPERATORS:
+            raise ValueError(f"kv_operator must be one of {', '.join(KV_OPERATORS)}, got {reprlib.repr(operator)}")
         return KVCompress(ratio=ratio, layers=layers, operator=operator)
 
     def make_request(self, prompt: str, *, negative_prompt: str = "", aspect_ratio: float = 1.0,
@@ -294,25 +306,29 @@ class AppEngine:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: describe the image to draw")
         if len(prompt) + len(negative_prompt or "") > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompts are {len(prompt) + len(negative_prompt or '')} characters long; at most "
-                             f"{MAX_PROMPT_CHARS} are accepted (the model reads only its first tokens anyway)")
+            chars = len(prompt) + len(negative_prompt or "")
+            raise ValueError(f"prompt and negative_prompt are {chars} characters long together; at most "
+                             f"{MAX_PROMPT_CHARS} are accepted (the model reads only its first tokens)")
         resolution = info.resolution if resolution is None else resolution
         if resolution not in info.resolutions:
-            raise ValueError(f"base resolution {resolution!r} is not offered for {info.name} on {info.device}; "
-                             f"accepted: {', '.join(map(str, info.resolutions))}")
-        if not isinstance(steps, int) or not 1 <= steps <= lim.max_steps:
-            raise ValueError(f"steps must be an integer from 1 to {lim.max_steps} on this device, got {steps!r}")
+            raise ValueError(f"resolution: base resolution {reprlib.repr(resolution)} is not offered for {info.name} "
+                             f"on {info.device}; accepted: {', '.join(map(str, info.resolutions))}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= lim.max_steps:
+            raise ValueError(f"steps must be an integer from 1 to {lim.max_steps} on this device, "
+                             f"got {reprlib.repr(steps)}")
         lo, hi = GUIDANCE_RANGE
-        if not isinstance(guidance, int | float) or not lo <= guidance <= hi:
-            raise ValueError(f"guidance must be a number from {lo:g} to {hi:g}, got {guidance!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLERS)}")
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-        if not isinstance(num_images, int) or not 1 <= num_images <= lim.max_images:
-            raise ValueError(f"number of images must be from 1 to {lim.max_images} on this device, got {num_images!r}")
-        if not isinstance(aspect_ratio, int | float) or not 0.2 <= aspect_ratio <= 5:
-            raise ValueError(f"aspect ratio (height/width) must be from 0.2 to 5, got {aspect_ratio!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not lo <= guidance <= hi:
+            raise ValueError(f"guidance must be a number from {lo:g} to {hi:g}, got {reprlib.repr(guidance)}")
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
+            raise ValueError(f"sampler {reprlib.repr(sampler)} is unknown; accepted: {', '.join(SAMPLERS)}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {reprlib.repr(seed)}")
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or not 1 <= num_images <= lim.max_images:
+            raise ValueError(f"num_images: the number of images must be from 1 to {lim.max_images} on this device, "
+                             f"got {reprlib.repr(num_images)}")
+        if isinstance(aspect_ratio, bool) or not isinstance(aspect_ratio, int | float) or not 0.2 <= aspect_ratio <= 5:
+            raise ValueError(f"aspect_ratio: the aspect ratio (height/width) must be from 0.2 to 5, "
+                             f"got {reprlib.repr(aspect_ratio)}")
         height, width = nearest_bucket(round(1000 * aspect_ratio), 1000, resolution)
         if num_images * height * width > lim.max_pixels:
             raise ValueError(f"{num_images} image(s) of {width}×{height} px exceed this device's limit of "

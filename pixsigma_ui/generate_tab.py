@@ -8,7 +8,7 @@ problems ``gr.Warning`` (tokens dropped, unknown words).
 
 from __future__ import annotations
 
-import random
+import reprlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +21,9 @@ from PIL import Image
 from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
-from pixsigma_ui.engine import GUIDANCE_RANGE, MAIN, MAX_SEED, AppEngine, Done, OutOfMemory, Step, layers_spec
+from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
+from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
+from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
 ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2")  # width:height
@@ -36,7 +38,7 @@ def parse_aspect(text: str) -> float:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"aspect ratio {text!r} must be 'width:height' with positive numbers, e.g. "
+        raise ValueError(f"aspect_ratio {reprlib.repr(text)} must be 'width:height' with positive numbers, e.g. "
                          f"{', '.join(ASPECTS)}") from None
     return h / w
 
@@ -55,24 +57,6 @@ def aspect_choices(resolution: int) -> list[tuple[str, str]]:
         h, w = bucket_size(a, int(resolution))
         out.append((f"{a}  ({w}×{h})", a))
     return out
-
-
-def as_int(value: Any, name: str) -> int:
-    """UI numbers arrive as floats (sliders) or strings (API); refuse anything that is not a whole number."""
-    try:
-        f = float(value)
-        if f != int(f):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    return int(f)
-
-
-def as_float(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def format_bytes(n: int | None) -> str:
@@ -106,8 +90,9 @@ def save_images(done: Done, folder: Path, extra: dict[str, Any]) -> list[str]:
     return paths
 
 
-def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator[tuple]]:
-    """The handler; its parameter names are the API's (``gradio_client`` ``predict(prompt=..., ...)``)."""
+def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = None) -> Callable[..., Iterator[tuple]]:
+    """The handler; its parameter names are the API's (``gradio_client`` ``predict(prompt=..., ...)``).
+    ``keep``: the outputs folder is pruned to it after each save."""
     info = engine.info(MAIN)
 
     def generate(prompt: str, negative_prompt: str = "", style: str = NO_STYLE, aspect_ratio: str = "1:1",
@@ -115,46 +100,46 @@ def make_generate_fn(engine: AppEngine, outputs: Path) -> Callable[..., Iterator
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
                  expand_prompt: bool = True, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
-        try:
-            styled, negative = style_by_name(style, info.is_xl).apply(prompt or "", negative_prompt or "")
-            seed = random.SystemRandom().randrange(MAX_SEED + 1) if randomize_seed else as_int(seed, "seed")
-            kv = engine.kv_setting(kv_mode, as_int(kv_ratio, "KV ratio"), parse_layers(kv_layers or ""),
-                                   kv_operator) if kv_mode == "on" else engine.kv_setting(kv_mode)
-            request = engine.make_request(
-                styled if (prompt or "").strip() else "", negative_prompt=negative,
-                aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
-                steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
-                num_images=as_int(num_images, "number of images"), kv=kv, expand_prompt=expand_prompt)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
+        styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)
+        seed = resolve_seed(seed, randomize_seed)
+        if kv_mode == "on":
+            kv = engine.kv_setting(kv_mode, as_int(kv_ratio, "kv_ratio"),
+                                   parse_layers(as_text(kv_layers, "kv_layers"), info.depth), kv_operator)
+        else:
+            kv = engine.kv_setting(kv_mode)
+        request = engine.make_request(
+            styled if prompt.strip() else "", negative_prompt=negative,
+            aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
+            steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
+            num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"))
         unknown = engine.unknown_words(styled)
         if unknown:
-            gr.Warning(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {', '.join(unknown)}")
+            words = ", ".join(unknown)
+            gr.Warning(cap(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {words}"))
         every = max(1, request.steps // PREVIEWS_PER_RUN)
         done = None
-        try:
-            for event in engine.stream(request, preview_every=every):
-                if isinstance(event, Step):
-                    progress((event.step, event.total), desc="denoising")
-                    if event.previews:
-                        shown = [(p.resize((request.width, request.height), Image.BILINEAR),
-                                  f"step {event.step}/{event.total}") for p in event.previews]
-                        yield shown, f"denoising… step {event.step}/{event.total}", gr.skip(), gr.skip()
-                elif isinstance(event, Done):
-                    done = event
-        except OutOfMemory as e:
-            raise gr.Error(str(e)) from None
-        except ValueError as e:  # the pipeline refusing a value the engine let through
-            raise gr.Error(str(e)) from None
+        for event in engine.stream(request, preview_every=every):
+            if isinstance(event, Step):
+                progress((event.step, event.total), desc="denoising")
+                if event.previews:
+                    shown = [(p.resize((request.width, request.height), Image.BILINEAR),
+                              f"step {event.step}/{event.total}") for p in event.previews]
+                    yield shown, f"denoising… step {event.step}/{event.total}", gr.skip(), gr.skip()
+            elif isinstance(event, Done):
+                done = event
         for warning in done.result.warnings:
-            gr.Warning(warning)
+            gr.Warning(cap(warning))
         paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt})
+        if keep is not None:
+            prune(outputs, keep)
         yield paths, summary(done), paths, done.result.seed
 
-    return generate
+    return guarded(generate)
 
 
-def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda fn: fn) -> None:
+def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda fn: fn,
+                       keep: Retention | None = None) -> None:
     """The tab's components and events (call inside ``gr.Blocks``/``gr.Tab``)."""
     info, lim = engine.info(MAIN), engine.limits
     kv = info.suggested_kv
@@ -173,7 +158,8 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                 sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler")
                 num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                seed = gr.Number(value=0, precision=0, minimum=RANDOM_SEED, maximum=MAX_SEED, label="Seed",
+                                 info="-1: a random seed")
                 randomize = gr.Checkbox(value=True, label="Randomize seed")
             expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
                                  "this model was trained on (what it read is shown with the result)",
@@ -183,7 +169,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                             + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))
                 kv_mode = gr.Radio(list(KV_MODES), value="model", label="KV compression")
                 with gr.Row():
-                    kv_ratio = gr.Slider(2, 4, value=kv.ratio, step=1, label="R (KV ratio)")
+                    kv_ratio = gr.Slider(*KV_RATIOS, value=kv.ratio, step=1, label="R (KV ratio)")
                     kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -199,5 +185,6 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
               kv_mode, kv_ratio, kv_layers, kv_operator, expand]
     outputs_ = [gallery, stats, files, seed]
-    gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs)), inputs, outputs_,
-          api_name="generate", concurrency_id=engine.device_key, concurrency_limit=1, show_progress_on=[gallery])
+    gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
+          api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
+          show_progress_on=[gallery], preprocess=False)  # inputs checked by name in the handler (inputs.py)

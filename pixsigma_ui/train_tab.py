@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from pixsigma.io import atomic_write_json
-from pixsigma_ui.generate_tab import as_float, as_int
+from pixsigma_ui.inputs import as_float, as_int, as_text, guarded
 from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
@@ -328,26 +328,21 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
             return str(e), gr.skip(), gr.skip(), gr.skip()
         return status_line(name, s), read_metrics(folder), samples_of(folder, s), log_tail(folder)
 
+    @guarded
     def on_start(stage_, config_, data_, steps_, lr_, batch_):
-        try:
-            name = manager.start(stage_, config_, (data_ or "").strip(), as_int(steps_, "steps"),
-                                 as_float(lr_, "learning rate"), as_int(batch_, "batch size"))
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        name = manager.start(as_text(stage_, "stage"), as_text(config_, "config") or None,
+                             as_text(data_, "data").strip(), as_int(steps_, "steps"), as_float(lr_, "learning rate"),
+                             as_int(batch_, "batch size"))
         return gr.Dropdown(choices=manager.runs(), value=name)
 
+    @guarded
     def on_stop(name):
-        try:
-            manager.stop(name)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        manager.stop(name)
         gr.Info(f"asked {name} to checkpoint and stop")
 
+    @guarded
     def on_resume(name):
-        try:
-            manager.resume(name)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        manager.resume(name)
 
     def on_load(current):
         names = manager.runs()
@@ -357,7 +352,8 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     stage.change(lambda s_: gr.Dropdown(choices=recipe_titles(s_), value=next(iter(recipe_titles(s_)), None)),
                  stage, config, **light)
-    start.click(on_start, [stage, config, data, steps, lr, batch], run, **light)
+    start.click(on_start, [stage, config, data, steps, lr, batch], run, preprocess=False,  # checked by name
+                **light)
     stop.click(on_stop, run, None, **light)
     resume.click(on_resume, run, None, **light)
     run.change(refresh, run, views, **light)

@@ -74,7 +74,7 @@ def test_randomized_seeds_differ_and_are_reported(engine, tmp_path):
     (dict(aspect_ratio="wide"), "must be 'width:height' with positive numbers, e.g. 1:1, 4:3"),
     (dict(sampler="plms"), "accepted: default, dpm-solver"),
     (dict(style="Noir"), "unknown style 'Noir'; accepted: \\(none\\), White background"),
-    (dict(kv_mode="on", kv_layers="3"), "layers \\[3\\] do not exist: this model has layers 0-1"),
+    (dict(kv_mode="on", kv_layers="3"), "layers '3' do not exist: this model has layers 0-1"),
     (dict(kv_mode="on", kv_layers="1-x"), "bad layer range '1-x'"),
     (dict(steps=2.5), "steps must be a whole number, got 2.5"),
     (dict(seed="abc", randomize_seed=False), "seed must be a whole number"),
