@@ -5,7 +5,7 @@
                   [--keep-outputs-hours 24] [--keep-outputs-mb 1000]
 
 Environment: PIXSIGMA_MODEL, PIXSIGMA_ALPHA_MODEL, PIXSIGMA_ENABLE_TRAINING=1 (same as the flags);
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: README.md, "The app".
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: docs/app.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "eager on a CPU)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"what to run, from {','.join(PARTS)}")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the whole-image runs")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 2 on a CPU run — the issue's target machine)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 2 on a CPU run — the target machine)")
     p.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS}, or {RESULTS / 'quick'} with "
                    "--quick)")
     p.add_argument("--allow-partial", action="store_true", help="write results even if some measurement failed "

@@ -15,8 +15,8 @@ from bench.flops import format_flops
 from pixsigma.io import atomic_write_text
 
 JSON_NAME, MD_NAME = "results.json", "results.md"
-# The peer's numbers quoted in issue 6 (diffusers DiT per step, one H100, torch 2.11, bf16, batch 2).
-ISSUE_PEER_MS = {1024: 38.7, 2048: 292.0, 4096: 3480.0}
+# The peer's published per-step figures (diffusers DiT, one H100, torch 2.11, bf16, batch 2): a reference only.
+PEER_REFERENCE_MS = {1024: 38.7, 2048: 292.0, 4096: 3480.0}
 GIB = 1024**3
 NOISY = 0.25  # (max − min) / median above which a latency is flagged
 
@@ -103,8 +103,8 @@ def _render_run(run: dict) -> list[str]:
                        f"{frac} | {vs} | {_gib(r.get('extra_memory_bytes'))} |")
         out.append("")
         if run["key"] == "cuda":
-            ref = ", ".join(f"{k}: {_ms(v / 1e3)}" for k, v in ISSUE_PEER_MS.items())
-            out += [f"Peer per step quoted in issue 6 (one H100, torch 2.11): {ref}.", ""]
+            ref = ", ".join(f"{k}: {_ms(v / 1e3)}" for k, v in PEER_REFERENCE_MS.items())
+            out += [f"Peer per step, published reference (one H100, torch 2.11): {ref}.", ""]
     eq = run.get("equality", [])
     if eq:
         out += ["### Same method, same output", "", "| size | a | b | max abs diff | max abs (b) | relative |",
@@ -134,7 +134,7 @@ def _render_run(run: dict) -> list[str]:
         out.append("")
     targets = run.get("targets", [])
     if targets:
-        out += ["### Targets of issue 6", "", "| target | measured | met |", "|---|---|---|"]
+        out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
         for t in targets:
             met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
             out.append(f"| {t['target']} | {t['measured']} | {met} |")

@@ -1,5 +1,5 @@
 """One benchmark run on one device: environment and matmul peak, then the DiT side by side, whole
-images, and the guidance interval; then the issue's targets checked against what was measured."""
+images, and the guidance interval; then the speed targets checked against what was measured."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bench.measure import check_device, environment, matmul_peak
 from bench.plan import PARTS, BenchFailed, BenchSettings, Profile, Recorder, profile_for
 from pixsigma.registry import MODEL_ALIASES
 
-GB = 1e9  # the issue's memory targets, in decimal gigabytes
+GB = 1e9  # the memory targets, in decimal gigabytes
 
 
 def resolve(device: str) -> torch.device:
@@ -129,7 +129,7 @@ def _e2e_row(rows: list[dict], size: int, offloaded: bool) -> dict | None:
 
 
 def targets(run: dict, p: Profile) -> list[dict]:
-    """The issue's targets, each met / not met / not measured in this run."""
+    """The speed and memory targets, each met / not met / not measured in this run."""
     out = []
 
     def add(target: str, value: float | None, ok: bool | None, shown: str) -> None:
