@@ -23,6 +23,7 @@ from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
+from pixsigma_ui.model_picker import build_model_picker, check_model, resolution_for
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -99,7 +100,10 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  resolution: int = info.resolution, steps: int = info.steps, guidance: float = info.guidance,
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
-                 expand_prompt: bool = True, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+                 expand_prompt: bool = True,
+                 model: str = MAIN,  # last (HELPERS.md order): main, alpha or run:NAME (model_picker.py)
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+        model = check_model(engine, model)
         prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
         styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)
         seed = resolve_seed(seed, randomize_seed)
@@ -110,16 +114,17 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             kv = engine.kv_setting(kv_mode)
         request = engine.make_request(
             styled if prompt.strip() else "", negative_prompt=negative,
-            aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
+            aspect_ratio=parse_aspect(aspect_ratio),
+            resolution=resolution_for(engine, model, as_int(resolution, "resolution"), info.resolution), model=model,
             steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
             num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"))
-        unknown = engine.unknown_words(styled)
+        unknown = engine.unknown_words(styled, model)
         if unknown:
             words = ", ".join(unknown)
             gr.Warning(cap(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {words}"))
         every = max(1, request.steps // PREVIEWS_PER_RUN)
         done = None
-        for event in engine.stream(request, preview_every=every):
+        for event in engine.stream(request, model, preview_every=every):
             if isinstance(event, Step):
                 progress((event.step, event.total), desc="denoising")
                 if event.previews:
@@ -130,7 +135,8 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                 done = event
         for warning in done.result.warnings:
             gr.Warning(cap(warning))
-        paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt})
+        paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt,
+                                            **({"model": model} if model != MAIN else {})})
         if keep is not None:
             prune(outputs, keep)
         yield paths, summary(done), paths, done.result.seed
@@ -172,6 +178,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                     kv_ratio = gr.Slider(*KV_RATIOS, value=kv.ratio, step=1, label="R (KV ratio)")
                     kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
+            model = build_model_picker(engine, "generate-model")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="gallery",
@@ -183,7 +190,8 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
     resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
-              kv_mode, kv_ratio, kv_layers, kv_operator, expand]
+              kv_mode, kv_ratio, kv_layers, kv_operator, expand,
+              model]  # last (HELPERS.md order)
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
