@@ -193,7 +193,8 @@ class PixSigmaPipeline:
         dev = resolve_device(device)
         torch_dtype = DTYPES[dtype or default_dtype(dev)]
         folder = resolve_model(model)
-        dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv)
+        # a checkpoint file takes the folder's architecture where its shapes agree (heads, base size, PE)
+        dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv, like=folder)
         if speed != "eager":
             from pixsigma.speed import optimize
 
