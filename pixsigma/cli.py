@@ -11,6 +11,7 @@ from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, par
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.sampling import SAMPLERS
 from pixsigma.speed import MODES as SPEED_MODES
+from pixsigma.t5 import T5_PRECISIONS
 
 log = logging.getLogger("pixsigma")
 
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its folder names (the demo Σ's: a short prompt as the dense caption it was trained on)")
     g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
                    "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
+    g.add_argument("--t5", choices=T5_PRECISIONS, default=None, help="T5's precision (default: --dtype); int8 "
+                   "stores its weights in 8 bits: T5-XXL ~4.9 GB instead of ~9.5 GB (docs/t5.md)")
     c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
     c.add_argument("checkpoint", help="original .pth/.safetensors (or any layout load accepts)")
     c.add_argument("--out", required=True, help="output folder")
@@ -108,7 +111,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
     pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
-                                            speed=args.speed)
+                                            speed=args.speed, t5_precision=args.t5)
     if kv_arg is not None and args.kv_layers is None and kv_arg.active:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)
     req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,

@@ -40,6 +40,7 @@ from pixsigma.sampling import (
     resize_and_crop,
     to_pil,
 )
+from pixsigma.t5 import check_t5_precision, load_t5, quiet_torchao, to_device, to_host
 from pixsigma.text import encode_text, token_lengths, unknown_words
 from pixsigma.weights import LAYOUTS, MODEL_INDEX, PIXSIGMA_CONFIG, load_dit
 
@@ -169,6 +170,8 @@ def resolve_model(model: str) -> Path:
 class PixSigmaPipeline:
     """The loaded parts of a PixArt pipeline folder, and ``generate``."""
 
+    t5_precision: str | None = None  # T5's --t5 precision (pixsigma.t5), None: the pipeline's dtype
+
     def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
                  device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = "",
                  sampling: SamplingDefaults | None = None):
@@ -182,11 +185,15 @@ class PixSigmaPipeline:
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
                         dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
-                        speed: str = "eager") -> PixSigmaPipeline:
+                        speed: str = "eager", t5_precision: str | None = None) -> PixSigmaPipeline:
         """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
-        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes."""
-        from diffusers import AutoencoderKL
-        from transformers import AutoTokenizer, T5EncoderModel
+        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes. ``t5_precision``:
+        fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``."""
+        with quiet_torchao():  # diffusers imports torchao, when installed, with its models
+            from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer
+
+        check_t5_precision(t5_precision)
 
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -200,8 +207,7 @@ class PixSigmaPipeline:
 
             optimize(dit, speed)
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(dev).eval()
-        t5_dev = torch.device("cpu") if offload_t5 else dev
-        text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype).to(t5_dev).eval()
+        text_encoder = load_t5(folder / "text_encoder", t5_precision, torch_dtype, dev, offload_t5)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.is_file() else None
@@ -212,6 +218,7 @@ class PixSigmaPipeline:
         pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model,
                    sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
+        pipe.t5_precision = t5_precision
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -227,10 +234,10 @@ class PixSigmaPipeline:
         need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if need:
             if self.offload_t5 and self.device.type != "cpu":
-                self.text_encoder.to(self.device)
+                to_device(self.text_encoder, self.device)
             emb, mask = encode_text(self.tokenizer, self.text_encoder, need, self.max_tokens)
             if self.offload_t5 and self.device.type != "cpu":
-                self.text_encoder.to("cpu")
+                to_host(self.text_encoder)  # back to its pinned host copy
                 torch.cuda.empty_cache()
             for i, t in enumerate(need):
                 self._text_cache[t] = (emb[i].to(self.device), mask[i].to(self.device))
@@ -343,6 +350,8 @@ class PixSigmaPipeline:
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
+        if self.t5_precision is not None:  # int8 T5 changes the image slightly
+            params["t5"] = self.t5_precision
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None

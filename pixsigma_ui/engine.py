@@ -215,13 +215,14 @@ class AppEngine:
 
     @classmethod
     def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str | None = None,
-             offload_t5: bool = False) -> AppEngine:
-        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere)."""
-        pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, offload_t5=offload_t5)}
+             offload_t5: bool = False, t5_precision: str | None = None) -> AppEngine:
+        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere);
+        ``t5_precision``: fp32, bf16 or int8 (``pixsigma.t5``), None: ``dtype``."""
+        t5 = dict(offload_t5=offload_t5, t5_precision=t5_precision)
+        pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, **t5)}
         names = {MAIN: model}
         if alpha_model:
-            pipes[ALPHA] = PixSigmaPipeline.from_pretrained(alpha_model, device=device, dtype=dtype,
-                                                            offload_t5=offload_t5)
+            pipes[ALPHA] = PixSigmaPipeline.from_pretrained(alpha_model, device=device, dtype=dtype, **t5)
             names[ALPHA] = alpha_model
         return cls(pipes, names)
 
