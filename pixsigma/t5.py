@@ -32,6 +32,8 @@ def check_t5_precision(precision: str | None) -> str | None:
     if precision is not None and precision not in T5_PRECISIONS:
         raise ValueError(f"unknown T5 precision --t5 {precision!r}; accepted: {', '.join(T5_PRECISIONS)} "
                          "(default: the pipeline's --dtype)")
+    if precision == "int8" and not any(importlib.util.find_spec(m) for m in ("torchao", "bitsandbytes")):
+        raise ValueError("--t5 int8 needs torchao (pip install 'pixsigma[int8]', or torchao from requirements.txt)")
     return precision
 
 
@@ -77,6 +79,9 @@ def quantization_config(backend: str):
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_8bit=True)
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("--t5 int8 here needs torchao (bitsandbytes serves only a CUDA T5 that is not offloaded): "
+                         "pip install 'pixsigma[int8]'")
     with quiet_torchao():  # transformers imports torchao on first use of its config
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
