@@ -40,6 +40,27 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 INT8_PER_ROW = 1  # torchao Int8Tensor: one int8 zero point per output row, beside its scale (compute dtype)
 GB = 1e9
+IMAGE_PROMPT, IMAGE_SEED = "a red star above a blue ring", 7  # the README's demo image
+
+
+def _psnr(a, b) -> float | None:
+    """PSNR in dB of two same-size images (None: identical)."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return None if mse == 0 else round(10 * np.log10(255**2 / mse), 2)
+
+
+def images() -> dict:
+    """The demo Σ's 256 px image (its own steps and guidance) with T5 at each precision, PSNR to fp32 T5's."""
+    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
+    from pixsigma.t5 import T5_PRECISIONS
+
+    req = GenerationRequest(IMAGE_PROMPT, seed=IMAGE_SEED)
+    out = {p: PixSigmaPipeline.from_pretrained("demo", device="cpu", t5_precision=p).generate(req).images[0]
+           for p in T5_PRECISIONS}
+    return {"prompt": IMAGE_PROMPT, "seed": IMAGE_SEED,
+            "psnr_to_fp32_db": {p: _psnr(im, out["fp32"]) for p, im in out.items()}}
 
 
 def count_params(model: torch.nn.Module) -> dict[str, int]:
@@ -142,6 +163,11 @@ def render(r: dict) -> str:
             "figures rest on." if all(row["bytes"] == row["computed_bytes"] for row in d["precisions"].values())
             else "**The formula does not reproduce the demo's measured bytes** (table above): the T5-XXL figures "
             "are approximate."), "",
+        f"**Measured**: the demo Σ's image of \"{r['images']['prompt']}\" (seed {r['images']['seed']}, 256 px, its "
+        "own steps and guidance, fp32 DiT) with T5 at each precision; PSNR to the image with fp32 T5 "
+        "(∞: identical):", "",
+        "| `--t5` | PSNR to fp32 T5 |", "|---|---|",
+        *[f"| {p} | {'∞' if v is None else f'{v} dB'} |" for p, v in r["images"]["psnr_to_fp32_db"].items()], "",
     ]
     return "\n".join(lines)
 
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": shlex.join(["python", "-m", "bench.t5_memory", *(sys.argv[1:] if argv is None else argv)]),
               "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "environment": environment(torch.device("cpu")), "torchao": importlib.metadata.version("torchao"),
-              "demo": demo(), "t5_xxl": t5_xxl()}
+              "demo": demo(), "images": images(), "t5_xxl": t5_xxl()}
     json_path, md_path = args.out / "t5_memory.json", args.out / "t5_memory.md"
     atomic_write(json_path, lambda t: Path(t).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(md_path, lambda t: Path(t).write_text(render(result)))
