@@ -26,6 +26,7 @@ from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
@@ -178,6 +179,7 @@ class PixSigmaPipeline:
         self.sampling = sampling or SamplingDefaults()
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
@@ -212,6 +214,10 @@ class PixSigmaPipeline:
                    sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
         return pipe
+
+    def set_loras(self, loras: str | list | None) -> None:
+        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none)."""
+        self.loras.set(parse_loras(loras))
 
     # -- text ---------------------------------------------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -340,6 +346,8 @@ class PixSigmaPipeline:
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
+        if self.loras.active:
+            params["loras"] = [{"path": p, "scale": s} for p, s in self.loras.active]
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
