@@ -235,18 +235,18 @@ def to_diffusers_lora(pairs: dict[str, tuple[Tensor, Tensor]], model: nn.Module)
         names = [(n, t) for n, t in table.items() if t.module == module and n != module] or [(module, table[module])]
         for name, t in names:
             rows = b.shape[0] // t.parts
-            out[f"transformer.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+            out[f"transformer.{name}.lora_A.weight"] = a.detach().cpu().clone()  # one tensor per key on disk
             out[f"transformer.{name}.lora_B.weight"] = b[t.part * rows:(t.part + 1) * rows].detach().cpu().contiguous()
     return out
 
 
 def save_lora(tensors: dict[str, Tensor], folder: str | os.PathLike, rank: int, alpha: float,
-              target_modules: list[str]) -> Path:
+              target_modules: list[str], base: str | None = None) -> Path:
     """A LoRA folder: ``pytorch_lora_weights.safetensors`` (diffusers' name, its LoraConfig in the metadata) and
     ``adapter_config.json``, each written atomically."""
     folder = Path(folder)
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules),
-              "lora_dropout": 0.0, "bias": "none", "use_rslora": False}
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "base_model_name_or_path": base}
     meta = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     atomic_write(folder / LORA_FILES[1], lambda t: save_file(tensors, t, metadata=meta))
     atomic_write_json(config, folder / ADAPTER_CONFIG, indent=2)

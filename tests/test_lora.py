@@ -198,3 +198,43 @@ def test_cli_lora_bad_path_writes_nothing(tiny_pipeline, tmp_path, capsys):
               "--lora", str(tmp_path / "missing.safetensors:0.5")])
     assert rc == 2 and not out.exists()
     assert "LoRA" in capsys.readouterr().err
+
+
+def test_train_a_lora_and_load_it_back(tiny_pipeline, pipe, tmp_path):
+    from fixtures import make_images, write_config
+    from safetensors.torch import load_file
+
+    from pixsigma.io import read_params
+    from pixsigma.weights import load_dit
+    from train.config import load_config
+    from train.loop import train
+    from train.lora import LoraTrainConfig, add_lora
+
+    enc = {"source": str(make_images(tmp_path / "imgs")), "text_encoder": str(tiny_pipeline),
+           "vae": str(tiny_pipeline)}
+    cfg = load_config(write_config(tmp_path / "lora.yaml", output_dir=str(tmp_path / "run"), data=enc, steps=3,
+                                   stage={"name": "finetune", "load_from": str(tiny_pipeline / "transformer")},
+                                   optim={"name": "adamw", "lr": 3e-2, "betas": [0.9, 0.999], "eps": [1e-8]},
+                                   lora={"rank": 2, "alpha": 4, "target_modules": ["attn.qkv", "mlp.fc1"]}))
+    res = train(cfg)
+    final = tmp_path / "run" / "final"
+    assert res["exports"] == {"final": str(final)}
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 4.0)
+    keys = set(load_file(final / "pytorch_lora_weights.safetensors"))
+    assert "transformer.transformer_blocks.1.attn1.to_v.lora_B.weight" in keys
+    assert "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in keys and len(keys) == 2 * 2 * 4
+    # the trained model as the loop left it (its last checkpoint) == the base + the exported LoRA
+    trained = load_dit(tiny_pipeline / "transformer")
+    add_lora(trained, LoraTrainConfig(2, 4, ("attn.qkv", "mlp.fc1")))
+    trained.load_state_dict(load_file(tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors"))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0]), torch.randn(2, 5, 16)
+    pipe.set_loras(str(final))
+    with torch.no_grad():
+        ours, ref = pipe.transformer(x, t, y), trained(x, t, y)
+    pipe.set_loras([])
+    assert torch.allclose(ours, ref, atol=1e-5) and not torch.allclose(ours, pipe.transformer(x, t, y), atol=1e-4)
+    out = tmp_path / "x.png"
+    assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--out", str(out), "--steps", "2",
+                "--seed", "1", "--lora", f"{final}:0.5"]) == 0
+    assert read_params(out)["loras"] == [{"path": str(final), "scale": 0.5}]
