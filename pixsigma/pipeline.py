@@ -74,12 +74,15 @@ class GenerationRequest:
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
     expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
+    loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         check_sampling(self.steps, self.guidance)
+        if self.loras is not None:
+            object.__setattr__(self, "loras", tuple(parse_loras(self.loras)))
         if not isinstance(self.expand_prompt, bool):
             raise ValueError(f"expand_prompt must be true or false, got {self.expand_prompt!r}")
         if self.sampler not in (None, *SAMPLERS):
@@ -299,6 +302,8 @@ class PixSigmaPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         guidance, steps = self.resolve_sampling(req)
+        if req.loras is not None:
+            self.set_loras(list(req.loras))  # a swap of hooks, never a reload
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         h, w, gh, gw = self.plan_size(req)
         dit = self.transformer
