@@ -107,3 +107,14 @@ def test_the_shipped_demo_lora_loads_and_changes_the_image(demo):
     demo.set_loras([LoraSpec("demo-tiny-huge", 0.0)])
     assert np.array_equal(np.asarray(demo.generate(req).images[0]), base)
     assert np.abs(changed.astype(int) - base).mean() > 1
+
+
+def test_the_train_tab_starts_a_lora_run():
+    from pixsigma_ui.train_tab import lora_overrides
+
+    assert lora_overrides("finetune", 8) == ["lora.rank=8", "optim.ema_decay=null"]
+    assert lora_overrides("res_up", 0) == []
+    with pytest.raises(ValueError, match="a LoRA adapts loaded weights: pick a stage other than from_scratch"):
+        lora_overrides("from_scratch", 4)
+    with pytest.raises(ValueError, match="LoRA rank must be an integer from 1 to 256 \\(0: no LoRA\\), got 999"):
+        lora_overrides("finetune", 999)
