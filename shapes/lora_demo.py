@@ -7,7 +7,8 @@ records; the other half keep the world's words, so those keep their meaning). Me
 dense prompts whose every object is tiny or huge, before and after, same seeds, by ShapesBench's detector.
 
     python -m shapes.lora_demo data data/shapes_tiny_huge          # the training images + metadata.jsonl
-    python -m train.extract configs/lora_tiny_huge.yaml && python -m train configs/lora_tiny_huge.yaml
+    python -m train.extract configs/lora_tiny_huge.yaml
+    python -m train configs/lora_tiny_huge.yaml --set stage.load_from=assets/demo/sigma/transformer
     python -m shapes.lora_demo measure runs/lora_tiny_huge/final   # before/after table (markdown)
 """
 
