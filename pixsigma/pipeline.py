@@ -26,6 +26,7 @@ from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
@@ -74,12 +75,15 @@ class GenerationRequest:
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
     expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
+    loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         check_sampling(self.steps, self.guidance)
+        if self.loras is not None:
+            object.__setattr__(self, "loras", tuple(parse_loras(self.loras)))
         if not isinstance(self.expand_prompt, bool):
             raise ValueError(f"expand_prompt must be true or false, got {self.expand_prompt!r}")
         if self.sampler not in (None, *SAMPLERS):
@@ -181,6 +185,7 @@ class PixSigmaPipeline:
         self.sampling = sampling or SamplingDefaults()
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
@@ -220,6 +225,10 @@ class PixSigmaPipeline:
         pipe.max_tokens = _token_length(folder, transformer, meta)
         pipe.t5_precision = t5_precision
         return pipe
+
+    def set_loras(self, loras: str | list | None) -> None:
+        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none)."""
+        self.loras.set(parse_loras(loras))
 
     # -- text ---------------------------------------------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -301,6 +310,8 @@ class PixSigmaPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         guidance, steps = self.resolve_sampling(req)
+        if req.loras is not None:
+            self.set_loras(list(req.loras))  # a swap of hooks, never a reload
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         h, w, gh, gw = self.plan_size(req)
         dit = self.transformer
@@ -348,6 +359,8 @@ class PixSigmaPipeline:
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
+        if self.loras.active:
+            params["loras"] = [{"path": p, "scale": s} for p, s in self.loras.active]
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
         if self.t5_precision is not None:  # int8 T5 changes the image slightly

@@ -296,10 +296,10 @@ class AppEngine:
                      resolution: int | None = None, steps: int | None = None, guidance: float | None = None,
                      sampler: str = "default", seed: int = 0, num_images: int = 1,
                      kv: KVCompress | None = None, model: str = MAIN,
-                     expand_prompt: bool = True) -> GenerationRequest:
+                     expand_prompt: bool = True, loras: tuple = ()) -> GenerationRequest:
         """A validated request: ``aspect_ratio`` is height/width, snapped to the bucket of ``resolution``;
         unset ``steps``/``guidance`` are the model's own (:class:`ModelInfo`); ``expand_prompt`` applies the
-        model's prompt expander where it has one."""
+        model's prompt expander where it has one; ``loras`` (``LoraSpec``s) are exactly the adapters it runs with."""
         info = self.info(model)
         steps = info.steps if steps is None else steps
         guidance = info.guidance if guidance is None else guidance
@@ -337,7 +337,8 @@ class AppEngine:
                              f"base resolution")
         return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt or "", width=width, height=height,
                                  steps=steps, guidance=float(guidance), sampler=sampler, seed=seed,
-                                 num_images=num_images, binning=True, kv=kv, expand_prompt=expand_prompt)
+                                 num_images=num_images, binning=True, kv=kv, expand_prompt=expand_prompt,
+                                 loras=tuple(loras))  # swapped per request under the device lock, no reload
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
+from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -99,7 +100,10 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  resolution: int = info.resolution, steps: int = info.steps, guidance: float = info.guidance,
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
-                 expand_prompt: bool = True, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+                 expand_prompt: bool = True,
+                 # the edit helper's init_image, mask, strength go here, before loras (HELPERS.md API order)
+                 loras: str = "",
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
         styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)
         seed = resolve_seed(seed, randomize_seed)
@@ -112,7 +116,8 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             styled if prompt.strip() else "", negative_prompt=negative,
             aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
             steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
-            num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"))
+            num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"),
+            loras=resolve_loras(loras))
         unknown = engine.unknown_words(styled)
         if unknown:
             words = ", ".join(unknown)
@@ -164,6 +169,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
                                  "this model was trained on (what it read is shown with the result)",
                                  visible=info.prompt_expander is not None, elem_id="expand")
+            loras = build_lora_picker()
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
                             + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))
@@ -183,7 +189,8 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
     resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
-              kv_mode, kv_ratio, kv_layers, kv_operator, expand]
+              kv_mode, kv_ratio, kv_layers, kv_operator, expand,
+              loras]  # the edit helper's inputs go before loras
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,

@@ -29,6 +29,7 @@ from train.checkpoint import build_model, clean_partial, export_final, latest_ch
 from train.config import TrainConfig
 from train.diffusion import GaussianDiffusion
 from train.features import open_features
+from train.lora import add_lora, export_lora
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
@@ -76,6 +77,8 @@ class Trainer:
             atomic_write_text(run_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
         set_seed(cfg.seed)  # the same initial weights on every process
         model, report = build_model(cfg)
+        if cfg.lora is not None:
+            add_lora(model, cfg.lora)  # the base frozen; only the adapter trains (build_optimizer skips frozen)
         self.dit = model.config
         if report["source"]:
             monitor.note(f"loaded {report['source']}; missing keys {report['missing'] or 'none'}; "
@@ -233,7 +236,9 @@ class Trainer:
         exports = {}
         if not stopped:
             extra = {"stage": cfg.stage.name, "step": st.step, "ema": self.ema is not None, "train": cfg.to_dict()}
-            exports = export_final(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
+            exports = (export_lora(self.acc, self.model, self.dit, cfg.lora, cfg.run_dir, cfg.stage.load_from)
+                       if cfg.lora is not None else
+                       export_final(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra))
         state = "stopped" if stopped else "finished"
         self.monitor.close(state, step=st.step, data=self.stats(), exports=exports)
         return {"state": state, "step": st.step, "run_dir": str(cfg.run_dir), "exports": exports}
