@@ -366,7 +366,7 @@ def stage_status(run_dir: Path, planned_steps: int, chain_alive: bool, current: 
         phase = "training" if status.get("state") in LIVE_STATES else ("preparing" if prepare else "scoring")
     samples = sorted(str(p) for p in (run_dir / SAMPLES).glob("*.png")) if (run_dir / SAMPLES).is_dir() else []
     last = samples[-1].rsplit("_", 1)[0] if samples else None
-    return {"state": state, "phase": phase, "step": total if shipped else step, "total_steps": 0 if shipped else total,
+    return {"state": state, "phase": phase, "step": 0 if shipped else step, "total_steps": 0 if shipped else total,
             "steps_per_s": rate, "eta_s": round((total - step) / rate, 1) if rate and state == "running" else None,
             "loss": _thin([[r["step"], r["loss"]] for r in rows], LOSS_POINTS),
             "samples": [s for s in samples if s.rsplit("_", 1)[0] == last], "prepare": prepare or None,
