@@ -84,3 +84,12 @@ def test_prepare_makes_features_with_progress_and_is_idempotent(tmp_path):
     assert (st.cache / "index.json").is_file() and Path(st.data).is_file()
     again = check_stage(cfg, tmp_path / "runs")
     assert again.to_make == () and again.cache == st.cache
+
+
+def test_the_apps_finetune_default_resolves_on_a_fresh_clone(tmp_path):
+    """The Train tab's finetune of the loaded model on the shapes world: nothing needs to exist beforehand."""
+    st = check_stage(CONFIGS / "_shapes_base.yaml", tmp_path / "runs",
+                     ["stage.name=finetune", "stage.load_from=assets/demo/sigma", f"output_dir={tmp_path / 'ft'}"])
+    assert (st.start, st.load_from) == ("given", REPO / "assets" / "demo" / "sigma")
+    assert st.run_dir == tmp_path / "ft" and st.to_make == ("data", "features")
+    assert st.config.data.cache == str(st.cache) and st.cache.name.startswith("shapes-")

@@ -165,6 +165,7 @@ class Chain:
             bench = {"start": s, "final": s, "curve": [[0, s["attribute"]]], "seconds": 0.0, "steps": 0,
                      "stage": "from_scratch", "source": "shipped", "weights": str(weights)}
             _write_json(bench, run_dir / BENCH)
+            self.emit(event="score", name=st.name, point="final", step=0, shapesbench=s)
         return bench
 
     def run_stage(self, st: Any, prev: Any | None, extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any] | None:

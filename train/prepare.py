@@ -104,10 +104,10 @@ class _Meter:
 
 
 def _existing(path: str | Path) -> Path | None:
-    """``path`` as given, else relative to the checkout; None when neither exists."""
+    """``path`` (made absolute) as given, else relative to the checkout; None when neither exists."""
     p = Path(path).expanduser()
     if p.exists():
-        return p
+        return p.absolute()  # the run may be launched from another working folder
     if not p.is_absolute() and (REPO / p).exists():
         return REPO / p
     return None
@@ -279,8 +279,9 @@ def check_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[str]
 
     # features
     cache: Path | None = None
-    if cfg.data.cache:
-        given_cache = _existing(cfg.data.cache)
+    # features are always extracted once (with progress) when the encoders are known: faster than per step
+    if cfg.data.cache or (data_path is not None and len(encoders) == 2):
+        given_cache = _existing(cfg.data.cache) if cfg.data.cache else None
         if given_cache is not None and (given_cache / "index.json").is_file() and not made_by_world:
             cache = given_cache
         else:
@@ -288,8 +289,10 @@ def check_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[str]
 
             dit = model_config(cfg, _start_config(start, load_from, world_name))
             digest = _digest(data_path, n, dit.resolution, cfg.data.max_tokens or dit.max_tokens,
-                             encoders.get("text_encoder"), encoders.get("vae"), list(cfg.sample_prompts))
-            cache = runs_dir / "cache" / f"{Path(cfg.data.cache).name}-{digest}"
+                             encoders.get("text_encoder"), encoders.get("vae"), list(cfg.sample_prompts),
+                             data_report.get("images"), data_report.get("skipped_images"))
+            name = Path(cfg.data.cache).name if cfg.data.cache else Path(str(data_path)).stem
+            cache = runs_dir / "cache" / f"{name}-{digest}"
         sets.append(f"data.cache={cache}")
         if not (cache / "index.json").is_file():
             to_make.append("features")
