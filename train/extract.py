@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,8 +43,9 @@ def _encode_all(text: encoders.TextEncoder, captions: list[str]) -> tuple[list[t
     return [trim(y[i], mask[i]) for i in range(len(captions))], cut
 
 
-def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
-    """Write the feature cache of ``cfg`` into ``cfg.data.cache``; returns the folder."""
+def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the feature cache of ``cfg`` into ``cfg.data.cache``; returns the folder. ``progress(done, total)``
+    is called after each batch with this process's images encoded so far."""
     if not cfg.data.cache or not cfg.data.source or not cfg.data.text_encoder or not cfg.data.vae:
         raise ValueError("extraction needs data.source, data.cache, data.text_encoder and data.vae set")
     folder = Path(cfg.data.cache)
@@ -95,6 +97,8 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
                             "source": str(rec.path)})
             if len(samples) % cfg.data.shard_size == 0:
                 flush()
+        if progress is not None:
+            progress(len(samples), len(dataset))
     flush()
     atomic_write_json({"samples": samples, "stats": stats.as_dict()}, folder / f"part_r{state.process_index}.json")
     state.wait_for_everyone()
