@@ -25,7 +25,9 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.control import apply_control, check_control_request, controlnet_for
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
@@ -73,6 +75,10 @@ class GenerationRequest:
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
     expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
+    # ControlNet (pixsigma.control): an image the pipeline's ControlNet follows, how it becomes a map, how strongly
+    control_image: Image.Image | None = None
+    control_type: str = "canny"
+    control_scale: float = 1.0
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -90,6 +96,7 @@ class GenerationRequest:
         gi = self.guidance_interval
         if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
             raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
+        check_control_request(self.control_image, self.control_type, self.control_scale)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -110,6 +117,7 @@ class GenerationResult:
     peak_memory_bytes: int | None = None
     width: int = 0
     height: int = 0
+    control_map: Image.Image | None = None  # the preprocessed control map the ControlNet read
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -171,20 +179,22 @@ class PixSigmaPipeline:
 
     def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
                  device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = "",
-                 sampling: SamplingDefaults | None = None):
+                 sampling: SamplingDefaults | None = None, controlnet: ControlNet | None = None):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.scheduler_config, self.device, self.dtype = scheduler_config, device, dtype
         self.offload_t5, self.name = offload_t5, name
         self.sampling = sampling or SamplingDefaults()
+        self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
                         dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
-                        speed: str = "eager") -> PixSigmaPipeline:
+                        speed: str = "eager", controlnet: str | None = None) -> PixSigmaPipeline:
         """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
-        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes."""
+        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes. ``controlnet``: a
+        ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -211,6 +221,7 @@ class PixSigmaPipeline:
         pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model,
                    sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
+        pipe.controlnet = controlnet_for(folder, controlnet, dit)
         return pipe
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -316,7 +327,10 @@ class PixSigmaPipeline:
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
             extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
-            call = dit
+            call, control_map = dit, None
+            if req.control_image is not None:
+                call, extra, control_map, control_warnings = apply_control(self, req, gh, gw, y.shape[0], extra)
+                warnings += control_warnings
             if req.guidance_interval is not None and guidance > 1.0:
                 from pixsigma.speed import cfg_interval
 
@@ -342,11 +356,13 @@ class PixSigmaPipeline:
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
+        if req.control_image is not None:
+            params["control"] = {"type": req.control_type, "scale": req.control_scale}
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(pil, seed, params, warnings,
-                                time.perf_counter() - start, peak, w, h)
+                                time.perf_counter() - start, peak, w, h, control_map)
 
 
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:
