@@ -167,3 +167,88 @@ def test_mismatched_base_and_bad_configs_are_refused():
     x, t, y, mask, _ = _inputs()
     with pytest.raises(ValueError, match=r"control latent \(4, 4\) does not match the image latent \(8, 8\)"):
         controlled_forward(base, net, x, t, y, mask, torch.zeros(2, 4, 4, 4))
+
+
+# -- the pipeline and the CLI -----------------------------------------------------------------------------------
+def _sketch(w: int = 64, h: int = 64):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (w, h), "black")
+    ImageDraw.Draw(im).rectangle((w // 4, h // 4, 3 * w // 4, 3 * h // 4), outline="white", width=2)
+    return im
+
+
+def test_pipeline_untrained_controlnet_gives_the_base_image_exactly(tiny_pipeline, pipe):
+    from pixsigma.pipeline import GenerationRequest
+
+    pipe.controlnet = ControlNet.from_base(pipe.transformer)
+    try:
+        plain = pipe.generate(GenerationRequest("a red star", steps=3, seed=1, width=64, height=64))
+        ctl = pipe.generate(GenerationRequest("a red star", steps=3, seed=1, width=64, height=64,
+                                              control_image=_sketch(), control_type="raw", control_scale=1.5))
+        assert ctl.images[0].tobytes() == plain.images[0].tobytes()
+        assert ctl.control_map is not None and ctl.control_map.size == (256, 256)  # the bucket it was made at
+        assert ctl.params["control"] == {"type": "raw", "scale": 1.5} and "control" not in plain.params
+        with torch.no_grad():
+            for p in pipe.controlnet.parameters():
+                p.add_(0.05)
+        seen = []
+        for ctl_img in (None, _sketch()):
+            pipe.generate(GenerationRequest("a red star", steps=3, seed=1, width=64, height=64, control_image=ctl_img,
+                                            control_type="raw"), callback=lambda i, n, lat: seen.append(lat))
+        assert not torch.equal(seen[2], seen[5])  # a trained ControlNet changes the latents
+        wide = pipe.generate(GenerationRequest("a red star", steps=1, seed=1, width=64, height=64,
+                                               control_image=_sketch(128, 64)))
+        assert wide.warnings == ["control image 128x64 has another aspect ratio than the generated 256x256: "
+                                 "resized to cover it and centre-cropped"]
+    finally:
+        pipe.controlnet = None
+    with pytest.raises(ValueError, match="this model has no ControlNet"):
+        pipe.generate(GenerationRequest("a red star", steps=1, control_image=_sketch()))
+
+
+def test_bad_control_requests_are_refused_before_any_work():
+    from pixsigma.pipeline import GenerationRequest
+
+    with pytest.raises(ValueError, match="unknown control type 'hed'; accepted: canny, regions, raw"):
+        GenerationRequest("x", control_image=_sketch(), control_type="hed")
+    with pytest.raises(ValueError, match="control scale must be a number in 0-4"):
+        GenerationRequest("x", control_image=_sketch(), control_scale=9.0)
+    with pytest.raises(ValueError, match="control_image must be a PIL image or None, got str"):
+        GenerationRequest("x", control_image="sketch.png")
+
+
+def test_condition_makers():
+    from pixsigma.control import canny, canny_edges, control_map, regions
+
+    edges = canny_edges(_sketch())
+    assert edges.dtype == torch.bool and 20 < int(edges.sum()) < 300  # a thin outline, not a filled area
+    assert not edges[:10].any()  # nothing where the image is flat
+    assert canny(_sketch()).mode == "RGB"
+    flat = regions(_sketch())
+    assert set(flat.getdata()) <= {(0, 0, 0), (255, 255, 255)}
+    cmap, warnings = control_map(_sketch(100, 50), "raw", 64, 64)
+    assert cmap.size == (64, 64) and "another aspect ratio" in warnings[0]
+
+
+def test_cli_control_options(tiny_pipeline, tmp_path, capsys):
+    from pixsigma.cli import main as cli
+    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.io import read_params
+    from pixsigma.weights import load_dit
+
+    sketch = tmp_path / "sketch.png"
+    _sketch().save(sketch)
+    save_controlnet(ControlNet.from_base(load_dit(tiny_pipeline)), tmp_path / "cn")
+    out = tmp_path / "out.png"
+    assert cli(["generate", "a red star", "--model", str(tiny_pipeline), "--out", str(out), "--steps", "1",
+                "--width", "64", "--height", "64", "--controlnet", str(tmp_path / "cn"), "--control", str(sketch),
+                "--control-type", "regions", "--control-scale", "0.5"]) == 0
+    assert read_params(out)["control"] == {"type": "regions", "scale": 0.5}
+    assert cli(["generate", "x", "--model", str(tiny_pipeline), "--out", str(out), "--control",
+                str(tmp_path / "none.png")]) == 2
+    assert "--control" in capsys.readouterr().err
+    assert cli(["generate", "x", "--model", str(tiny_pipeline), "--out", str(out), "--control", str(sketch)]) == 2
+    assert "this model has no ControlNet" in capsys.readouterr().err
+    assert cli(["generate", "x", "--model", str(tiny_pipeline), "--out", str(out), "--control-scale", "2"]) == 2
+    assert "need --control IMAGE" in capsys.readouterr().err
