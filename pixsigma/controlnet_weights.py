@@ -130,7 +130,7 @@ def load_controlnet(path: str | os.PathLike, base: PixArtDiT) -> ControlNet:
     net = ControlNet(config, base.config)
     load_weights(net, sd, str(path), allow_missing=_KV, allow_unexpected=_KV)
     ref = base.final_layer.linear.weight
-    return net.to(device=ref.device, dtype=ref.dtype).eval()
+    return net.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
 
 
 def find_controlnet(model_folder: str | os.PathLike) -> Path | None:

@@ -8,6 +8,7 @@ The shared loop (train/loop.py) calls these when ``stage.name == "controlnet"``;
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,16 +18,16 @@ from pixsigma.control import CONDITION_MAKERS, check_control_type
 from pixsigma.model.controlnet import ControlNet, controlled_forward, trainable_copy
 from pixsigma.model.dit import PixArtDiT
 from train.diffusion import GaussianDiffusion
+from train.stages import CONTROLNET_TRAIN_TYPES
 
 Tensor = torch.Tensor
-TRAIN_CONTROL_TYPES = ("canny", "regions")  # condition makers a training run can derive from its images
 
 
 def check_train_control_type(kind: str) -> str:
     check_control_type(kind)
-    if kind not in TRAIN_CONTROL_TYPES:
-        raise ValueError(f"controlnet.control_type {kind!r} cannot be derived from training images; accepted: "
-                         f"{', '.join(TRAIN_CONTROL_TYPES)}")
+    if kind not in CONTROLNET_TRAIN_TYPES:
+        raise ValueError(f"control type {kind!r} cannot be derived from training images; accepted: "
+                         f"{', '.join(CONTROLNET_TRAIN_TYPES)}")
     return kind
 
 
@@ -72,3 +73,68 @@ def controlnet_losses(base: PixArtDiT, net: ControlNet, diffusion: GaussianDiffu
 
 def trainable_names(net: ControlNet) -> Iterable[str]:
     return (n for n, p in net.named_parameters() if p.requires_grad)
+
+
+class TrainableControlNet(ControlNet):
+    """A ControlNet bound to its frozen base: ``forward`` is the base + ControlNet forward, and parameters and
+    ``state_dict`` are the ControlNet's alone (the base is held outside the module tree), so the shared loop's
+    accelerate prepare, checkpoints and EMA see only what trains."""
+
+    @classmethod
+    def around(cls, base: PixArtDiT, num_copies: int | None = None) -> TrainableControlNet:
+        fresh = make_trainable(base, num_copies)
+        net = cls(fresh.config, base.config)
+        net.load_state_dict(fresh.state_dict())
+        net.__dict__["_base"] = base  # not a submodule: never trained, saved or averaged
+        return net.to(base.final_layer.linear.weight.device)
+
+    @property
+    def base(self) -> PixArtDiT:
+        return self.__dict__["_base"]
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None, control: Tensor | None = None,
+                **extra: Tensor) -> Tensor:
+        return controlled_forward(self.base, self, x, t, y, mask, control, 1.0, **extra)
+
+
+def build_trainee(cfg, base: PixArtDiT, device: torch.device) -> TrainableControlNet:
+    """The controlnet stage's trained module around the loaded (now frozen) model, which moves to ``device``
+    here (accelerate moves only what it is given). Validation images are not drawn for this stage."""
+    if cfg.sample_every:
+        raise ValueError("the controlnet stage draws no validation images: set sample_every: 0")
+    return TrainableControlNet.around(base.to(device), cfg.stage.controlnet.copies)
+
+
+def optimizer_params(cfg, net: ControlNet) -> list[dict[str, Any]]:
+    return param_groups(net, cfg.optim.lr, cfg.stage.controlnet.proj_lr)
+
+
+def export_controlnet(accelerator, model: torch.nn.Module, ema, config, run_dir: Path,
+                      extra: dict[str, Any]) -> dict[str, str]:
+    """Collective. Writes ``final/`` as a pixsigma ControlNet folder (the EMA weights where there are some);
+    ``export_final``'s signature (``config``, the base's, is not needed)."""
+    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.io import new_folder
+    from train.runfiles import FINAL
+
+    state = accelerator.get_state_dict(model)
+    out: dict[str, str] = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        net = ControlNet(unwrapped.config, unwrapped.base.config)
+        net.load_state_dict(ema.shadow if ema is not None else state)
+        with new_folder(run_dir / FINAL) as tmp:
+            save_controlnet(net, tmp, extra=extra)
+        out[FINAL] = str(run_dir / FINAL)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def control_from_pixels(vae, pixels: Tensor, kind: str) -> Tensor:
+    """(B, 3, H, W) training pixels in [-1, 1] -> the unscaled VAE posterior mean of their control maps (what the
+    feature cache stores, and what online training computes per batch)."""
+    from pixsigma.sampling import from_pil
+
+    maps = condition(pixels_to_images(pixels), kind)
+    mean, _ = vae.posterior(from_pil(maps))
+    return mean
