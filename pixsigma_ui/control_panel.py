@@ -128,7 +128,7 @@ def build_control_map(control: list[gr.components.Component], aspect: gr.compone
     shown = gr.Image(label="Control map (what the ControlNet reads)", format="png", interactive=False,
                      elem_id="control-map", height=256)
     image, kind, _ = control
-    gr.on([image.change, kind.change, aspect.change, resolution.change], preview_map,
+    gr.on([image.change, image.upload, image.apply, kind.change, aspect.change, resolution.change], preview_map,
           [image, kind, aspect, resolution], shown, queue=False, api_visibility="private", preprocess=False)
     return shown
 
