@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ class DemoSpec:
     proj_lr: float = 1e-3  # zero-initialised projections: a higher rate gets the residuals going sooner
     copies: int = 4
     drop_caption: float = 0.1
+    # half of each batch at high noise, where layout is decided (what a control map mostly says)
+    timestep_band: tuple[int, int, float] | None = (500, 999, 0.5)
     seed: int = 0
 
 
@@ -69,7 +72,7 @@ def train(pipe: PixSigmaPipeline, data: dict, spec: DemoSpec, seconds: float, lo
     net = make_trainable(base, spec.copies)
     net.train()
     opt = torch.optim.AdamW(param_groups(net, spec.lr, spec.proj_lr), weight_decay=0.0)
-    diffusion = GaussianDiffusion(prediction_type=base.config.prediction_type)
+    diffusion = GaussianDiffusion(prediction_type=base.config.prediction_type, timestep_band=spec.timestep_band)
     y_null, m_null, _ = pipe.encode_prompts([""])
     n = data["x0"].shape[0]
     start, step, losses = time.perf_counter(), 0, []
@@ -84,7 +87,7 @@ def train(pipe: PixSigmaPipeline, data: dict, spec: DemoSpec, seconds: float, lo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step % 25 == 0 or step == 3:
             log(f"step {step} loss {np.mean(losses[-25:]):.4f} {time.perf_counter() - start:.0f}s")
@@ -136,10 +139,14 @@ def evaluate(pipe: PixSigmaPipeline, net: ControlNet | None, n: int, scales: tup
             chunk = items[s:s + batch]
             controls = None if scale is None else [edge_map(it.scene) for it in chunk]
             images = generate(pipe, net, [it.prompt for it in chunk], controls, scale or 0.0, seed + b)
-            rows += [score(detect(im), parse_prompt(it.prompt)) for it, im in zip(chunk, images)]
+            for it, im in zip(chunk, images):
+                dets = detect(im)
+                row = score(dets, parse_prompt(it.prompt))  # adherence to the prompt
+                scene = score(dets, parse_prompt(long_caption(it.scene)))  # to the scene the control map shows
+                rows.append({**row, "scene_position": scene["position"], "scene_count": scene["count"]})
         key = "none" if scale is None else f"scale {scale:g}"
         out[key] = {m: float(np.mean([r[m] for r in rows if r[m] is not None])) for m in
-                    ("position", "count", "attribute", "colour", "shape")}
+                    ("position", "count", "attribute", "colour", "shape", "scene_position", "scene_count")}
         out[key]["n"] = n
     return out
 
@@ -156,19 +163,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=32, help="bench prompts to evaluate (0: none)")
     p.add_argument("--scales", default="0.5,1,1.5,2")
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16")
+    p.add_argument("--data", help="a .pt file of the training tensors: read if it exists, else written")
     a = p.parse_args(argv)
     spec = DemoSpec(a.n_train, a.batch, a.lr, a.proj_lr, a.copies)
     pipe = PixSigmaPipeline.from_pretrained(str(MODEL_ALIASES["demo"]), device="cpu", dtype="fp32",
                                             controlnet=None)
     pipe.controlnet = None
     t0 = time.perf_counter()
-    data = training_set(pipe, spec.n_train, spec.seed)
+    if a.data and Path(a.data).is_file():
+        data = torch.load(a.data, weights_only=True)
+    else:
+        data = training_set(pipe, spec.n_train, spec.seed)
+        if a.data:
+            torch.save(data, a.data)
     print(f"data {spec.n_train} in {time.perf_counter() - t0:.0f}s", flush=True)
     net, info = train(pipe, data, spec, a.minutes * 60, log=lambda s: print(s, flush=True))
     scales = tuple(float(s) for s in a.scales.split(","))
     metrics = evaluate(pipe, net, a.eval, scales) if a.eval else {}
     print(json.dumps(metrics, indent=1), flush=True)
-    meta = {"train": {**spec.__dict__, **info, "control_type": "canny", "size": SIZE}, "shapesbench": metrics}
+    meta = {"train": {**asdict(spec), **info, "control_type": "canny", "size": SIZE}, "shapesbench": metrics}
     save_controlnet(net, a.out, torch.float16 if a.fp16 else None, extra=meta)
 
 
