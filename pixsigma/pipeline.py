@@ -25,8 +25,10 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.control import apply_control, check_control_request, controlnet_for
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
 from pixsigma.lora import LoraStack, parse_loras
+from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
@@ -76,6 +78,10 @@ class GenerationRequest:
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
     expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
     loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
+    # ControlNet (pixsigma.control): an image the pipeline's ControlNet follows, how it becomes a map, how strongly
+    control_image: Image.Image | None = None
+    control_type: str = "canny"
+    control_scale: float = 1.0
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -95,6 +101,7 @@ class GenerationRequest:
         gi = self.guidance_interval
         if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
             raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
+        check_control_request(self.control_image, self.control_type, self.control_scale)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -115,6 +122,7 @@ class GenerationResult:
     peak_memory_bytes: int | None = None
     width: int = 0
     height: int = 0
+    control_map: Image.Image | None = None  # the preprocessed control map the ControlNet read
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -178,11 +186,12 @@ class PixSigmaPipeline:
 
     def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
                  device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = "",
-                 sampling: SamplingDefaults | None = None):
+                 sampling: SamplingDefaults | None = None, controlnet: ControlNet | None = None):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.scheduler_config, self.device, self.dtype = scheduler_config, device, dtype
         self.offload_t5, self.name = offload_t5, name
         self.sampling = sampling or SamplingDefaults()
+        self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
@@ -190,10 +199,12 @@ class PixSigmaPipeline:
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
                         dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
-                        speed: str = "eager", t5_precision: str | None = None) -> PixSigmaPipeline:
+                        speed: str = "eager", t5_precision: str | None = None,
+                        controlnet: str | None = None) -> PixSigmaPipeline:
         """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
         (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes. ``t5_precision``:
-        fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``."""
+        fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``. ``controlnet``: a
+        ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any."""
         with quiet_torchao():  # diffusers imports torchao, when installed, with its models
             from diffusers import AutoencoderKL
         from transformers import AutoTokenizer
@@ -224,6 +235,7 @@ class PixSigmaPipeline:
                    sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
         pipe.t5_precision = t5_precision
+        pipe.controlnet = controlnet_for(folder, controlnet, dit)
         return pipe
 
     def set_loras(self, loras: str | list | None) -> None:
@@ -335,7 +347,10 @@ class PixSigmaPipeline:
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
             extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
-            call = dit
+            call, control_map = dit, None
+            if req.control_image is not None:
+                call, extra, control_map, control_warnings = apply_control(self, req, gh, gw, y.shape[0], extra)
+                warnings += control_warnings
             if req.guidance_interval is not None and guidance > 1.0:
                 from pixsigma.speed import cfg_interval
 
@@ -365,11 +380,13 @@ class PixSigmaPipeline:
             params["guidance_interval"] = list(req.guidance_interval)
         if self.t5_precision is not None:  # int8 T5 changes the image slightly
             params["t5"] = self.t5_precision
+        if req.control_image is not None:
+            params["control"] = {"type": req.control_type, "scale": req.control_scale}
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(pil, seed, params, warnings,
-                                time.perf_counter() - start, peak, w, h)
+                                time.perf_counter() - start, peak, w, h, control_map)
 
 
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:

@@ -21,6 +21,7 @@ from PIL import Image
 from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
+from pixsigma_ui.control_panel import build_control_inputs, build_control_map, with_control
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
 from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
@@ -103,6 +104,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  expand_prompt: bool = True,
                  # the edit helper's init_image, mask, strength go here, before loras (HELPERS.md API order)
                  loras: str = "",
+                 control_image: Any = None, control_type: str = "canny", control_scale: float = 1.0,  # control_panel
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
         styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)
@@ -118,6 +120,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
             num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"),
             loras=resolve_loras(loras))
+        request = with_control(engine, request, control_image, control_type, control_scale)
         unknown = engine.unknown_words(styled)
         if unknown:
             words = ", ".join(unknown)
@@ -178,19 +181,21 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                     kv_ratio = gr.Slider(*KV_RATIOS, value=kv.ratio, step=1, label="R (KV ratio)")
                     kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
+            control = build_control_inputs(engine)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="gallery",
                                  buttons=["download", "fullscreen"])
             stats = gr.Markdown(label="info", elem_id="stats")
             files = gr.File(label="Download PNG (parameters embedded)", file_count="multiple", elem_id="files")
+            build_control_map(control, aspect, resolution)
     gr.Examples([[p] for p in examples_for(info.is_xl)], inputs=[prompt], label="Example prompts")
 
     resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
               kv_mode, kv_ratio, kv_layers, kv_operator, expand,
-              loras]  # the edit helper's inputs go before loras
+              loras, *control]  # the edit helper's inputs go before loras
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,

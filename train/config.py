@@ -207,6 +207,9 @@ class TrainConfig:
         if self.lora is not None and (self.stage.name == "from_scratch" or self.optim.ema_decay is not None):
             raise ValueError("lora trains an adapter on loaded weights: it needs a stage with stage.load_from "
                              f"(not {self.stage.name!r} from scratch) and optim.ema_decay: null")
+        if self.lora is not None and self.stage.name == "controlnet":
+            raise ValueError("lora and the controlnet stage cannot be combined: the controlnet stage trains its own "
+                             "copied blocks; remove the lora section or choose another stage")
 
     @property
     def run_dir(self) -> Path:

@@ -24,6 +24,7 @@ from train import encoders
 from train.cache import EXTRAS, FORMAT, INDEX, trim
 from train.checkpoint import target_model_config
 from train.config import TrainConfig, load_config
+from train.controlnet import control_from_pixels
 from train.data import DataStats, ImageCaptionDataset, collate_images, read_records
 from train.fileio import atomic_save_tensors
 
@@ -68,6 +69,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, 
     dataset = ImageCaptionDataset(records, dit.resolution, 0.0, cfg.seed, stats)
     text = encoders.build_text_encoder(cfg.data.text_encoder, state.device, max_tokens)
     vae = encoders.build_vae(cfg.data.vae, state.device)
+    control = cfg.stage.controlnet.control_type if cfg.stage.controlnet is not None else None  # controlnet stage
     loader = DataLoader(dataset, batch_sampler=_bucket_chunks(dataset.buckets, cfg.data.extract_batch_size),
                         collate_fn=collate_images, num_workers=cfg.data.num_workers)
     samples, shard, shard_no = [], {}, 0
@@ -82,6 +84,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, 
     for batch in loader:
         stats.skipped_images += batch["failed"]
         mean, std = vae.posterior(batch["pixels"])  # (B, C, h/8, w/8) each
+        cmean = control_from_pixels(vae, batch["pixels"], control) if control else None
         recs = [dataset.records[i] for i in batch["index"].tolist()]
         short, cut_short = _encode_all(text, [r.caption for r in recs])
         long, cut_long = _encode_all(text, [r.long_caption for r in recs if r.long_caption])
@@ -92,6 +95,8 @@ def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, 
             shard.update({f"{key}.mean": mean[j].half(), f"{key}.std": std[j].half(), f"{key}.short": short[j]})
             if rec.long_caption:
                 shard[f"{key}.long"] = next(long_feats)
+            if cmean is not None:
+                shard[f"{key}.control"] = cmean[j].half()
             samples.append({"shard": f"{prefix}_{shard_no:05d}.safetensors", "key": key,
                             "bucket": list(dataset.buckets[i]), "long": bool(rec.long_caption),
                             "source": str(rec.path)})
@@ -112,7 +117,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, 
                  "vae": {"path": str(cfg.data.vae), "scaling_factor": vae.scaling, "shift_factor": vae.shift,
                          "latent_channels": vae.channels},
                  "text": {"path": str(cfg.data.text_encoder), "max_tokens": max_tokens, "channels": text.channels},
-                 "prompts": list(cfg.sample_prompts), "stats": total}
+                 "prompts": list(cfg.sample_prompts), "stats": total, "control": control}
         atomic_write_json(index, folder / INDEX)
         for r in range(state.num_processes):
             (folder / f"part_r{r}.json").unlink()
