@@ -20,8 +20,10 @@ import gradio as gr
 
 from pixsigma.constants import DTYPE_NAMES
 from pixsigma.pipeline import resolve_model
+from pixsigma.t5 import T5_PRECISIONS
 from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import build_compare_tab
+from pixsigma_ui.control_panel import attach_controlnet
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import build_generate_tab
 from pixsigma_ui.inputs import log
@@ -90,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="default: bf16 on CUDA, fp32 elsewhere (as the CLI)")
     p.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between prompts")
+    p.add_argument("--t5", default=None, choices=T5_PRECISIONS, help="T5's precision (default: --dtype); int8: "
+                   "8-bit weights, half of bf16's memory (docs/t5.md)")
+    p.add_argument("--controlnet", default=None, help="ControlNet for the main model (default: the one its folder "
+                   "ships, if any): a pixsigma ControlNet folder, an official .pth/.safetensors, a diffusers folder")
     p.add_argument("--host", default=None, help="interface to serve on (0.0.0.0 for all); default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or the first free from 7860")
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -109,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_engine(opts: argparse.Namespace, alpha: str | None) -> AppEngine:
     """One engine on ``--device``, or a pool of one per ``--devices`` entry."""
-    load = dict(dtype=opts.dtype, offload_t5=opts.offload_t5)
+    load = dict(dtype=opts.dtype, offload_t5=opts.offload_t5, t5_precision=opts.t5)
     if opts.devices:
         devices = [d.strip() for d in opts.devices.split(",") if d.strip()]
         return EnginePool.load_on(devices, opts.model, alpha, **load)
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {e}")
         print(f"warning: {e}; serving without PixArt-α", file=sys.stderr)  # only the default α may be absent
         engine = load_engine(opts, None)
+    if opts.controlnet:
+        try:
+            attach_controlnet(engine, opts.controlnet)  # control_panel.py
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
     attach_runs(engine, Path(opts.runs_dir).resolve())  # finished runs as models of Generate and Compare
     runs = None
     if opts.enable_training:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
+from pixsigma.control_cli import add_control_args, control_from_args
 from pixsigma.sampling import SAMPLERS
 from pixsigma.speed import MODES as SPEED_MODES
+from pixsigma.t5 import T5_PRECISIONS
 
 log = logging.getLogger("pixsigma")
 
@@ -71,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply guidance only for timesteps in [LOW, HIGH] (faster; changes the image)")
     g.add_argument("--no-expand", action="store_true", help="give the model the prompt as typed, not the rewrite "
                    "its folder names (the demo Σ's: a short prompt as the dense caption it was trained on)")
+    add_control_args(g)
     g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
                    "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
+    g.add_argument("--t5", choices=T5_PRECISIONS, default=None, help="T5's precision (default: --dtype); int8 "
+                   "stores its weights in 8 bits: T5-XXL ~4.9 GB instead of ~9.5 GB (docs/t5.md)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable; "
+                   "they add up): a .safetensors file, a PEFT folder or a shipped name such as demo-tiny-huge; SCALE "
+                   "(default 1) multiplies its alpha/r. Layouts: docs/lora.md")
     c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
     c.add_argument("checkpoint", help="original .pth/.safetensors (or any layout load accepts)")
     c.add_argument("--out", required=True, help="output folder")
@@ -97,6 +105,7 @@ def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompre
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from pixsigma.io import numbered_paths, save_png
+    from pixsigma.lora import LoraSpec, resolve_lora
     from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
 
     out = Path(args.out)
@@ -107,14 +116,19 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
+    loras = [LoraSpec.parse(t) for t in args.lora]  # bad input refused before the model loads
+    for spec in loras:
+        resolve_lora(spec.path)
+    control = control_from_args(args)  # the image is read (and refused) before any model loads
     pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
-                                            speed=args.speed)
+                                            speed=args.speed, t5_precision=args.t5, controlnet=args.controlnet)
+    pipe.set_loras(loras)
     if kv_arg is not None and args.kv_layers is None and kv_arg.active:
         kv_arg = kv_from_args(args, depth=pipe.transformer.config.depth)
     req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,
                             args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg,
                             tuple(args.guidance_interval) if args.guidance_interval else None,
-                            expand_prompt=not args.no_expand)
+                            expand_prompt=not args.no_expand, **control)
     for word in pipe.unknown_words(args.prompt):
         log.warning("unknown word %r: this model's tokenizer does not know it", word)
     res = pipe.generate(req)

@@ -25,7 +25,10 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.control import apply_control, check_control_request, controlnet_for
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.lora import LoraStack, parse_loras
+from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
@@ -40,6 +43,7 @@ from pixsigma.sampling import (
     resize_and_crop,
     to_pil,
 )
+from pixsigma.t5 import check_t5_precision, load_t5, quiet_torchao, to_device, to_host
 from pixsigma.text import encode_text, token_lengths, unknown_words
 from pixsigma.weights import LAYOUTS, MODEL_INDEX, PIXSIGMA_CONFIG, load_dit
 
@@ -73,12 +77,19 @@ class GenerationRequest:
     kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
     guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
     expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
+    loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
+    # ControlNet (pixsigma.control): an image the pipeline's ControlNet follows, how it becomes a map, how strongly
+    control_image: Image.Image | None = None
+    control_type: str = "canny"
+    control_scale: float = 1.0
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         check_sampling(self.steps, self.guidance)
+        if self.loras is not None:
+            object.__setattr__(self, "loras", tuple(parse_loras(self.loras)))
         if not isinstance(self.expand_prompt, bool):
             raise ValueError(f"expand_prompt must be true or false, got {self.expand_prompt!r}")
         if self.sampler not in (None, *SAMPLERS):
@@ -90,6 +101,7 @@ class GenerationRequest:
         gi = self.guidance_interval
         if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
             raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
+        check_control_request(self.control_image, self.control_type, self.control_scale)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -110,6 +122,7 @@ class GenerationResult:
     peak_memory_bytes: int | None = None
     width: int = 0
     height: int = 0
+    control_map: Image.Image | None = None  # the preprocessed control map the ControlNet read
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -169,38 +182,48 @@ def resolve_model(model: str) -> Path:
 class PixSigmaPipeline:
     """The loaded parts of a PixArt pipeline folder, and ``generate``."""
 
+    t5_precision: str | None = None  # T5's --t5 precision (pixsigma.t5), None: the pipeline's dtype
+
     def __init__(self, transformer: PixArtDiT, vae, text_encoder, tokenizer, scheduler_config: dict | None,
                  device: torch.device, dtype: torch.dtype, offload_t5: bool = False, name: str = "",
-                 sampling: SamplingDefaults | None = None):
+                 sampling: SamplingDefaults | None = None, controlnet: ControlNet | None = None):
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         self.scheduler_config, self.device, self.dtype = scheduler_config, device, dtype
         self.offload_t5, self.name = offload_t5, name
         self.sampling = sampling or SamplingDefaults()
+        self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
                         dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
-                        speed: str = "eager") -> PixSigmaPipeline:
+                        speed: str = "eager", t5_precision: str | None = None,
+                        controlnet: str | None = None) -> PixSigmaPipeline:
         """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
-        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes."""
-        from diffusers import AutoencoderKL
-        from transformers import AutoTokenizer, T5EncoderModel
+        (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes. ``t5_precision``:
+        fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``. ``controlnet``: a
+        ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any."""
+        with quiet_torchao():  # diffusers imports torchao, when installed, with its models
+            from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer
+
+        check_t5_precision(t5_precision)
 
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
         dev = resolve_device(device)
         torch_dtype = DTYPES[dtype or default_dtype(dev)]
         folder = resolve_model(model)
-        dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv)
+        # a checkpoint file takes the folder's architecture where its shapes agree (heads, base size, PE)
+        dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv, like=folder)
         if speed != "eager":
             from pixsigma.speed import optimize
 
             optimize(dit, speed)
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(dev).eval()
-        t5_dev = torch.device("cpu") if offload_t5 else dev
-        text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype).to(t5_dev).eval()
+        text_encoder = load_t5(folder / "text_encoder", t5_precision, torch_dtype, dev, offload_t5)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.is_file() else None
@@ -211,7 +234,13 @@ class PixSigmaPipeline:
         pipe = cls(dit, vae, text_encoder, tokenizer, sched, dev, torch_dtype, offload_t5, name=model,
                    sampling=SamplingDefaults.read(folder))
         pipe.max_tokens = _token_length(folder, transformer, meta)
+        pipe.t5_precision = t5_precision
+        pipe.controlnet = controlnet_for(folder, controlnet, dit)
         return pipe
+
+    def set_loras(self, loras: str | list | None) -> None:
+        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none)."""
+        self.loras.set(parse_loras(loras))
 
     # -- text ---------------------------------------------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -226,10 +255,10 @@ class PixSigmaPipeline:
         need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if need:
             if self.offload_t5 and self.device.type != "cpu":
-                self.text_encoder.to(self.device)
+                to_device(self.text_encoder, self.device)
             emb, mask = encode_text(self.tokenizer, self.text_encoder, need, self.max_tokens)
             if self.offload_t5 and self.device.type != "cpu":
-                self.text_encoder.to("cpu")
+                to_host(self.text_encoder)  # back to its pinned host copy
                 torch.cuda.empty_cache()
             for i, t in enumerate(need):
                 self._text_cache[t] = (emb[i].to(self.device), mask[i].to(self.device))
@@ -293,6 +322,8 @@ class PixSigmaPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         guidance, steps = self.resolve_sampling(req)
+        if req.loras is not None:
+            self.set_loras(list(req.loras))  # a swap of hooks, never a reload
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         h, w, gh, gw = self.plan_size(req)
         dit = self.transformer
@@ -316,7 +347,10 @@ class PixSigmaPipeline:
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
             extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
-            call = dit
+            call, control_map = dit, None
+            if req.control_image is not None:
+                call, extra, control_map, control_warnings = apply_control(self, req, gh, gw, y.shape[0], extra)
+                warnings += control_warnings
             if req.guidance_interval is not None and guidance > 1.0:
                 from pixsigma.speed import cfg_interval
 
@@ -340,13 +374,19 @@ class PixSigmaPipeline:
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
+        if self.loras.active:
+            params["loras"] = [{"path": p, "scale": s} for p, s in self.loras.active]
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
+        if self.t5_precision is not None:  # int8 T5 changes the image slightly
+            params["t5"] = self.t5_precision
+        if req.control_image is not None:
+            params["control"] = {"type": req.control_type, "scale": req.control_scale}
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(pil, seed, params, warnings,
-                                time.perf_counter() - start, peak, w, h)
+                                time.perf_counter() - start, peak, w, h, control_map)
 
 
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:

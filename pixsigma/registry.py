@@ -1,4 +1,4 @@
-"""The engine's two registries of named things it does not own: model aliases and prompt expanders.
+"""The engine's registries of named things it does not own: model and LoRA aliases, and prompt expanders.
 
 A model alias names a pipeline folder shipped beside the package (``demo`` → ``assets/demo/sigma``).
 A prompt expander is a ``(prompt, seed) -> prompt`` rewrite that a folder's ``sampling.json`` names; packages
@@ -15,6 +15,7 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # found from the package, not the working directory
 DEMO_DIR = ASSETS_DIR / "demo"
 MODEL_ALIASES = {"demo": DEMO_DIR / "sigma", "demo-alpha": DEMO_DIR / "alpha"}
+LORA_ALIASES = {"demo-tiny-huge": DEMO_DIR / "loras" / "tiny-huge"}  # LoRAs of the demo Σ (docs/lora.md)
 EXPANDER_GROUP = "pixsigma.prompt_expanders"
 
 

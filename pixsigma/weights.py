@@ -2,8 +2,9 @@
 
 Layouts accepted by :func:`load_dit`:
 - an original checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``; ``{'state_dict': …}`` or bare;
-  keys ``x_embedder``, ``t_block``, ``blocks.N.attn.qkv`` …); the architecture comes from the tensor shapes
-  (head dim 72) and KV compression from ``blocks.N.attn.sr.*``;
+  keys ``x_embedder``, ``t_block``, ``blocks.N.attn.qkv`` …); the architecture comes from a reference folder's
+  config where the tensor shapes agree with it (``like``: the pipeline it runs in), else from the shapes (head
+  dim 72); KV compression always from ``blocks.N.attn.sr.*``;
 - a diffusers transformer folder (``config.json`` + ``diffusion_pytorch_model*.safetensors|.bin``);
 - a pixsigma folder (``pixsigma.json`` holding ``asdict(DiTConfig)`` + ``model.safetensors`` in original layout);
 - a pipeline folder (``model_index.json``): its ``transformer/``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +212,12 @@ _RES_HINTS = [("4K", 4096), ("4096", 4096), ("2K", 2048), ("2048", 2048), ("1024
               ("256", 256)]
 
 
-def infer_config(sd: dict[str, Tensor], base_resolution: int | None = None, name: str = "") -> DiTConfig:
-    """Architecture from tensor shapes; base resolution from the argument, else the file name, else 1024."""
+def infer_config(sd: dict[str, Tensor], base_resolution: int | None = None, name: str = "",
+                 like: DiTConfig | None = None) -> DiTConfig:
+    """Architecture from tensor shapes. Where they agree with ``like`` (the config of the pipeline the weights
+    run in), heads, head dim, base size and PE interpolation are ``like``'s: shapes cannot tell them. The base
+    resolution is then the argument, else the file name's hint (``-2K-`` -> 2048; PE interpolation scales with
+    it), else ``like``'s, else 1024."""
     try:
         proj = sd["x_embedder.proj.weight"]  # (D, C_in, p, p)
         hidden, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
@@ -225,31 +231,58 @@ def infer_config(sd: dict[str, Tensor], base_resolution: int | None = None, name
     kv_layers = sorted(int(k.split(".")[1]) for k in sd if re.match(r"^blocks\.\d+\.attn\.sr\.weight$", k))
     ratio = sd[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1] if kv_layers else 1
     if base_resolution is None:
-        base_resolution = next((r for hint, r in _RES_HINTS if hint in Path(name).name), 1024)
+        base_resolution = next((r for hint, r in _RES_HINTS if hint in Path(name).name), None)
     heads = hidden // HEAD_DIM if hidden % HEAD_DIM == 0 else max(1, hidden // 64)
-    return DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, in_channels=in_ch,
-                     out_channels=out_ch, caption_channels=cap, mlp_ratio=mlp_hidden / hidden,
-                     sample_size=base_resolution // 8, pe_interpolation=base_resolution / 512,
-                     micro_condition="csize_embedder.mlp.0.weight" in sd,
-                     kv_compress=KVCompress(ratio=ratio, layers=tuple(kv_layers)))
+    shaped = DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, in_channels=in_ch,
+                       out_channels=out_ch, caption_channels=cap, mlp_ratio=mlp_hidden / hidden,
+                       micro_condition="csize_embedder.mlp.0.weight" in sd,
+                       kv_compress=KVCompress(ratio=ratio, layers=tuple(kv_layers)))
+    if like is not None and _same_shapes(shaped, like):
+        shaped = replace(shaped, num_heads=like.num_heads, sample_size=like.sample_size,
+                         pe_interpolation=like.pe_interpolation)
+    else:
+        shaped = shaped.at_resolution(1024)  # the released models' base where nothing says otherwise
+    return shaped.at_resolution(base_resolution) if base_resolution else shaped
 
 
-def read_checkpoint(path: str | os.PathLike, base_resolution: int | None = None) -> tuple[DiTConfig, dict]:
-    """(config, original-layout state dict) of any accepted layout."""
+_SHAPE_FIELDS = ("depth", "hidden_size", "patch_size", "in_channels", "out_channels", "caption_channels",
+                 "mlp_ratio", "micro_condition")
+
+
+def _same_shapes(a: DiTConfig, b: DiTConfig) -> bool:
+    """Whether two configs give every weight the same shape (heads and resolution do not shape weights)."""
+    return all(getattr(a, f) == getattr(b, f) for f in _SHAPE_FIELDS)
+
+
+def folder_config(path: str | os.PathLike) -> DiTConfig | None:
+    """The DiT config a pipeline, diffusers transformer or pixsigma folder states, without loading weights;
+    None where ``path`` is not such a folder."""
     p = Path(path)
     if p.is_dir() and (p / MODEL_INDEX).is_file():
         p = p / "transformer"
     if p.is_dir() and (p / PIXSIGMA_CONFIG).is_file():
-        cfg = DiTConfig.from_dict(json.loads((p / PIXSIGMA_CONFIG).read_text())["dit"])
-        return cfg, load_state_dict_file(p / PIXSIGMA_WEIGHTS)
+        return DiTConfig.from_dict(json.loads((p / PIXSIGMA_CONFIG).read_text())["dit"])
     if p.is_dir() and (p / "config.json").is_file():
-        cfg = config_from_diffusers(json.loads((p / "config.json").read_text()))
-        return cfg, from_diffusers_state_dict(_load_diffusers_weights(p))
+        return config_from_diffusers(json.loads((p / "config.json").read_text()))
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike, base_resolution: int | None = None,
+                    like: str | os.PathLike | None = None) -> tuple[DiTConfig, dict]:
+    """(config, original-layout state dict) of any accepted layout. ``like``: a folder whose DiT config a single
+    checkpoint file takes where its shapes agree (``infer_config``); folders state their own."""
+    p = Path(path)
+    if p.is_dir() and (p / MODEL_INDEX).is_file():
+        p = p / "transformer"
+    if p.is_dir() and (p / PIXSIGMA_CONFIG).is_file():
+        return folder_config(p), load_state_dict_file(p / PIXSIGMA_WEIGHTS)
+    if p.is_dir() and (p / "config.json").is_file():
+        return folder_config(p), from_diffusers_state_dict(_load_diffusers_weights(p))
     if p.is_file():
         sd = load_state_dict_file(p)
         if any(k.startswith("transformer_blocks.") for k in sd):
             sd = from_diffusers_state_dict(sd)
-        return infer_config(sd, base_resolution, str(p)), sd
+        return infer_config(sd, base_resolution, str(p), folder_config(like) if like else None), sd
     raise FileNotFoundError(f"model {path} not found or not a known layout; accepted: {'; '.join(LAYOUTS)}")
 
 
@@ -280,10 +313,12 @@ def load_weights(model: PixArtDiT, sd: dict[str, Tensor], source: str = "checkpo
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             kv: KVCompress | None = None, base_resolution: int | None = None) -> PixArtDiT:
+             kv: KVCompress | None = None, base_resolution: int | None = None,
+             like: str | os.PathLike | None = None) -> PixArtDiT:
     """Build a PixArtDiT from any accepted layout. ``kv`` overrides the checkpoint's KV compression:
-    newly compressed conv layers start from the average init, removed ones drop their weights."""
-    config, sd = read_checkpoint(path, base_resolution)
+    newly compressed conv layers start from the average init, removed ones drop their weights. ``like``: the
+    folder whose architecture a checkpoint file takes (``read_checkpoint``)."""
+    config, sd = read_checkpoint(path, base_resolution, like)
     if kv is not None:
         config = config.with_kv(kv)
     model = PixArtDiT(config)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pixsigma.config import KVCompress, parse_layers
+from pixsigma_ui.control_panel import build_compare_control
 from pixsigma_ui.engine import ALPHA, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, layers_spec
 from pixsigma_ui.generate_tab import ASPECTS, expansion_note, parse_aspect
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_int, as_text, guarded, resolve_seed
@@ -143,3 +144,4 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
           [alpha_img, sigma_img, slider, ab_note, full_img, kv_img, diff_img, kv_note, run_img],
           api_name="compare", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
           preprocess=False)  # inputs checked by name in the handler (inputs.py)
+    build_compare_control(engine, gpu)  # Σ vs Σ + ControlNet (control_panel.py)

@@ -216,13 +216,14 @@ class AppEngine:
 
     @classmethod
     def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str | None = None,
-             offload_t5: bool = False) -> AppEngine:
-        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere)."""
-        pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, offload_t5=offload_t5)}
+             offload_t5: bool = False, t5_precision: str | None = None) -> AppEngine:
+        """``dtype`` None: the pipeline's ``default_dtype`` of the device (bf16 on CUDA, fp32 elsewhere);
+        ``t5_precision``: fp32, bf16 or int8 (``pixsigma.t5``), None: ``dtype``."""
+        t5 = dict(offload_t5=offload_t5, t5_precision=t5_precision)
+        pipes = {MAIN: PixSigmaPipeline.from_pretrained(model, device=device, dtype=dtype, **t5)}
         names = {MAIN: model}
         if alpha_model:
-            pipes[ALPHA] = PixSigmaPipeline.from_pretrained(alpha_model, device=device, dtype=dtype,
-                                                            offload_t5=offload_t5)
+            pipes[ALPHA] = PixSigmaPipeline.from_pretrained(alpha_model, device=device, dtype=dtype, **t5)
             names[ALPHA] = alpha_model
         return cls(pipes, names)
 
@@ -310,10 +311,10 @@ class AppEngine:
                      resolution: int | None = None, steps: int | None = None, guidance: float | None = None,
                      sampler: str = "default", seed: int = 0, num_images: int = 1,
                      kv: KVCompress | None = None, model: str = MAIN,
-                     expand_prompt: bool = True) -> GenerationRequest:
+                     expand_prompt: bool = True, loras: tuple = ()) -> GenerationRequest:
         """A validated request: ``aspect_ratio`` is height/width, snapped to the bucket of ``resolution``;
         unset ``steps``/``guidance`` are the model's own (:class:`ModelInfo`); ``expand_prompt`` applies the
-        model's prompt expander where it has one."""
+        model's prompt expander where it has one; ``loras`` (``LoraSpec``s) are exactly the adapters it runs with."""
         info = self.info(model)
         steps = info.steps if steps is None else steps
         guidance = info.guidance if guidance is None else guidance
@@ -351,7 +352,8 @@ class AppEngine:
                              f"base resolution")
         return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt or "", width=width, height=height,
                                  steps=steps, guidance=float(guidance), sampler=sampler, seed=seed,
-                                 num_images=num_images, binning=True, kv=kv, expand_prompt=expand_prompt)
+                                 num_images=num_images, binning=True, kv=kv, expand_prompt=expand_prompt,
+                                 loras=tuple(loras))  # swapped per request under the device lock, no reload
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -21,8 +21,10 @@ from PIL import Image
 from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
+from pixsigma_ui.control_panel import build_control_inputs, build_control_map, with_control
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
+from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
 from pixsigma_ui.model_picker import build_model_picker, check_model, resolution_for
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
@@ -101,6 +103,9 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
                  expand_prompt: bool = True,
+                 # the edit helper's init_image, mask, strength go here, before loras (HELPERS.md API order)
+                 loras: str = "",
+                 control_image: Any = None, control_type: str = "canny", control_scale: float = 1.0,  # control_panel
                  model: str = MAIN,  # last (HELPERS.md order): main, alpha or run:NAME (model_picker.py)
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         model = check_model(engine, model)
@@ -117,7 +122,9 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             aspect_ratio=parse_aspect(aspect_ratio),
             resolution=resolution_for(engine, model, as_int(resolution, "resolution"), info.resolution), model=model,
             steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
-            num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"))
+            num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"),
+            loras=resolve_loras(loras))
+        request = with_control(engine, request, control_image, control_type, control_scale)
         unknown = engine.unknown_words(styled, model)
         if unknown:
             words = ", ".join(unknown)
@@ -170,6 +177,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
                                  "this model was trained on (what it read is shown with the result)",
                                  visible=info.prompt_expander is not None, elem_id="expand")
+            loras = build_lora_picker()
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
                             + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))
@@ -178,6 +186,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                     kv_ratio = gr.Slider(*KV_RATIOS, value=kv.ratio, step=1, label="R (KV ratio)")
                     kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
+            control = build_control_inputs(engine)
             model = build_model_picker(engine, "generate-model")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
@@ -185,13 +194,14 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                                  buttons=["download", "fullscreen"])
             stats = gr.Markdown(label="info", elem_id="stats")
             files = gr.File(label="Download PNG (parameters embedded)", file_count="multiple", elem_id="files")
+            build_control_map(control, aspect, resolution)
     gr.Examples([[p] for p in examples_for(info.is_xl)], inputs=[prompt], label="Example prompts")
 
     resolution.change(lambda r: gr.Dropdown(choices=aspect_choices(int(r))), resolution, aspect,
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
               kv_mode, kv_ratio, kv_layers, kv_operator, expand,
-              model]  # last (HELPERS.md order)
+              loras, *control, model]  # the edit helper's inputs go before loras; model last (HELPERS.md)
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,

@@ -40,10 +40,10 @@ class EnginePool(AppEngine):
 
     @classmethod
     def load_on(cls, devices: list[str], model: str, alpha_model: str | None = None, dtype: str | None = None,
-                offload_t5: bool = False) -> EnginePool:
+                offload_t5: bool = False, t5_precision: str | None = None) -> EnginePool:
         """The models loaded once per device (``devices`` may repeat one, e.g. two CPU engines in tests)."""
-        return cls([AppEngine.load(model, alpha_model, device=d, dtype=dtype, offload_t5=offload_t5)
-                    for d in devices])
+        return cls([AppEngine.load(model, alpha_model, device=d, dtype=dtype, offload_t5=offload_t5,
+                                   t5_precision=t5_precision) for d in devices])
 
     @property
     def concurrency(self) -> int:

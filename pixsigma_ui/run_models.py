@@ -130,7 +130,8 @@ class RunModels:
     ``load``: ``PixSigmaPipeline.from_pretrained`` (tests may count calls)."""
 
     def __init__(self, runs_dir: str | Path, fallback: str, device: str = "cpu", dtype: str | None = None,
-                 offload_t5: bool = False, keep: int = KEEP_LOADED, load: Loader | None = None) -> None:
+                 offload_t5: bool = False, keep: int = KEEP_LOADED, load: Loader | None = None,
+                 t5_precision: str | None = None) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an integer >= 1 (run pipelines kept loaded), got {keep!r}")
         if load is None:
@@ -138,7 +139,7 @@ class RunModels:
 
             load = PixSigmaPipeline.from_pretrained
         self.runs_dir, self.fallback, self.device, self.dtype = Path(runs_dir), fallback, device, dtype
-        self.offload_t5, self.keep, self._load = offload_t5, keep, load
+        self.offload_t5, self.t5_precision, self.keep, self._load = offload_t5, t5_precision, keep, load
         self._loaded: OrderedDict[str, Any] = OrderedDict()  # key -> pipeline, least recently used first
         self._lock = threading.Lock()  # one load at a time; the cache is shared by every request
 
@@ -169,7 +170,8 @@ class RunModels:
                 return cached[1], run
             components = components_folder(run.folder)
             pipe = self._load(str(components) if components else self.fallback, transformer=str(run.folder / FINAL),
-                              device=self.device, dtype=self.dtype, offload_t5=self.offload_t5)
+                              device=self.device, dtype=self.dtype, offload_t5=self.offload_t5,
+                              t5_precision=self.t5_precision)
             self._loaded[key] = (run.finished, pipe)
             self._loaded.move_to_end(key)
             while len(self._loaded) > self.keep:
@@ -206,6 +208,7 @@ def attach_runs(engine: Any, runs_dir: str | Path, keep: int = KEEP_LOADED) -> N
     for e in getattr(engine, "engines", None) or [engine]:
         main = e.pipes[MAIN]
         e.runs = RunModels(runs_dir, getattr(main, "name", "") or e.names[MAIN], device=str(main.device),
-                           dtype=dtype_name(main), offload_t5=bool(getattr(main, "offload_t5", False)), keep=keep)
+                           dtype=dtype_name(main), offload_t5=bool(getattr(main, "offload_t5", False)), keep=keep,
+                           t5_precision=getattr(main, "t5_precision", None))  # the main model's --t5
     if getattr(engine, "engines", None):
         engine.runs = engine.engines[0].runs  # the pool answers choices() and checks names with the first

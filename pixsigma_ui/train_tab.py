@@ -23,13 +23,14 @@ import pandas as pd
 import yaml
 
 from pixsigma.io import atomic_write_json
-from pixsigma_ui.inputs import as_float, as_int, as_text, guarded
+from pixsigma_ui.inputs import as_bool, as_float, as_int, as_text, guarded
 from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
 POLL_SECONDS = 2.0
 PLOT_ROWS = 5000  # the loss plot's last steps: enough to see a run's trend, few enough to redraw every poll
 MAX_STEPS, MAX_BATCH = 100_000, 256
+MAX_LORA_RANK = 256
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -197,8 +198,10 @@ class RunManager:
         raise ValueError(f"no config {title!r} for stage {stage}; accepted: {', '.join(r.title for r in found)}")
 
     def start(self, stage: str, config: str | None = None, data: str = "", steps: int = 100, lr: float = 1e-4,
-              batch: int = 4) -> str:
+              batch: int = 4, lora_rank: int = 0) -> str:
+        """``lora_rank`` > 0: train a LoRA of that rank on the loaded model (train/lora.py), not its weights."""
         recipe = self.recipe(stage, config)
+        lora = lora_overrides(stage, lora_rank)
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -212,7 +215,7 @@ class RunManager:
         folder = self._new_folder(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
         name = folder.name
         overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
-                     f"optim.lr={lr:g}", f"batch_size={batch}"]
+                     f"optim.lr={lr:g}", f"batch_size={batch}", *lora]
         if data:  # the user's images, read directly: not the config's feature cache of the shapes world
             overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
         cmd = [self.python, "-m", self.module, str(recipe.config)]
@@ -266,6 +269,15 @@ class RunManager:
                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def lora_overrides(stage: str, rank: int) -> list[str]:
+    """The ``--set`` pairs that make a run train a LoRA of ``rank`` (0: none)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank must be an integer from 1 to {MAX_LORA_RANK} (0: no LoRA), got {rank!r}")
+    if rank and stage == "from_scratch":
+        raise ValueError("a LoRA adapts loaded weights: pick a stage other than from_scratch")
+    return [f"lora.rank={rank}", "optim.ema_decay=null"] if rank else []
+
+
 def status_line(name: str | None, s: dict[str, Any]) -> str:
     if not name:
         return "No runs yet: pick a stage and press Start."
@@ -308,6 +320,9 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
                                   elem_id="train-steps")
                 lr = gr.Number(value=1e-4, label="Learning rate")
                 batch = gr.Number(value=4, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch")
+            with gr.Row():  # LoRA: final/ is then an adapter for --lora and the Generate tab's picker
+                lora = gr.Checkbox(value=False, label="Train a LoRA (not the weights)", elem_id="train-lora")
+                rank = gr.Number(value=16, precision=0, minimum=1, maximum=MAX_LORA_RANK, label="LoRA rank")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -329,10 +344,10 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
         return status_line(name, s), read_metrics(folder), samples_of(folder, s), log_tail(folder)
 
     @guarded
-    def on_start(stage_, config_, data_, steps_, lr_, batch_):
+    def on_start(stage_, config_, data_, steps_, lr_, batch_, lora_=False, rank_=16):
         name = manager.start(as_text(stage_, "stage"), as_text(config_, "config") or None,
                              as_text(data_, "data").strip(), as_int(steps_, "steps"), as_float(lr_, "learning rate"),
-                             as_int(batch_, "batch size"))
+                             as_int(batch_, "batch size"), as_int(rank_, "LoRA rank") if as_bool(lora_, "lora") else 0)
         return gr.Dropdown(choices=manager.runs(), value=name)
 
     @guarded
@@ -352,7 +367,7 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     stage.change(lambda s_: gr.Dropdown(choices=recipe_titles(s_), value=next(iter(recipe_titles(s_)), None)),
                  stage, config, **light)
-    start.click(on_start, [stage, config, data, steps, lr, batch], run, preprocess=False,  # checked by name
+    start.click(on_start, [stage, config, data, steps, lr, batch, lora, rank], run, preprocess=False,  # checked by name
                 **light)
     stop.click(on_stop, run, None, **light)
     resume.click(on_resume, run, None, **light)

@@ -138,3 +138,49 @@ def read_build_record(work: Path) -> dict[str, Any]:
                          f"--work {work} writes it)")
     record = json.loads(path.read_text())
     return {**record, "plan": plan_from_json(record.get("plan"), str(path))}
+
+
+# The lab's chains (python -m train.chain): α (shipped, or trained from scratch) and the three Σ stages, sized
+# to a budget. ``full`` is the shipped pair's recipe (assets/demo/README.md); ``quick`` fits 2 CPU cores in about
+# 20 minutes; ``tiny`` is the test suite's, seconds long and scoring only that it runs.
+LAB_PRESETS = ("tiny", "quick", "full")
+LAB_STARTS = ("shipped", "scratch")
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    """A chain preset: its runs (α first), the world images made for it, and how each point is scored."""
+
+    name: str
+    start_from: str  # "shipped": α is the shipped model, not trained; "scratch": α is trained from random weights
+    plan: list[StageRun]
+    images: int  # world images made once for the whole chain
+    bench_n: int  # held-out ShapesBench prompts per scored point (the same prompts and seeds at every point)
+    bench_steps: int  # sampler steps per scored image
+    evals: int  # checkpoints scored inside each stage, besides its start and its export
+
+
+def _sized(alpha: tuple[int, int], sigma: tuple[int, int, int], b128: int, b256: int) -> list[StageRun]:
+    """α (steps, batch) and the Σ stages' steps at batches ``b128`` (128 px) and ``b256`` (256 px)."""
+    vae, resup, kv = sigma
+    return [StageRun("alpha", "shapes_alpha.yaml", "alpha_128", alpha[0], "alpha", 128, alpha[1]),
+            StageRun("sigma_vae", "shapes_sigma_vae.yaml", "sigma_128", vae, "sigma", 128, b128, vae * b128),
+            StageRun("sigma_resup", "shapes_sigma_resup.yaml", "sigma_256", resup, "sigma", 256, b256, resup * b256),
+            StageRun("sigma_kv", "shapes_sigma_kv.yaml", "sigma_256", kv, "sigma", 256, b256, resup * b256)]
+
+
+def lab_plan(name: str, start_from: str = "shipped") -> LabPlan:
+    """The chain preset ``name`` (one of ``LAB_PRESETS``) starting from ``start_from`` (``LAB_STARTS``)."""
+    if name not in LAB_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(LAB_PRESETS)}, got {name!r}")
+    if start_from not in LAB_STARTS:
+        raise ValueError(f"start_from must be one of {', '.join(LAB_STARTS)}, got {start_from!r}")
+    if name == "tiny":
+        return LabPlan(name, start_from, _sized((2, 2), (2, 2, 2), 2, 2), images=8, bench_n=2, bench_steps=2,
+                       evals=0)
+    if name == "quick":
+        return LabPlan(name, start_from, _sized((300, 16), (100, 60, 60), 16, 8), images=1600, bench_n=48,
+                       bench_steps=10, evals=1)
+    # the shipped pair's recipe: α 5000 × 128, each Σ stage a tenth of that (shapes.build --alpha-batch-scale 4)
+    return LabPlan(name, start_from, stage_plan(5000, alpha_batch_scale=4), images=16000, bench_n=64,
+                   bench_steps=14, evals=4)

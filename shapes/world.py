@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -414,12 +414,14 @@ def dataset_caption(scene: Scene, short: str = "raw") -> str:
 
 
 def make_dataset(folder: str | Path, n: int, seed: int = 0,
-                 sizes: Sequence[tuple[int, int]] = ((128, 128),), short: str = "raw") -> Path:
+                 sizes: Sequence[tuple[int, int]] = ((128, 128),), short: str = "raw",
+                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``n`` scenes as PNG + sidecar .txt (short caption) + ``metadata.jsonl``.
 
     Each metadata line is ``{"path", "caption", "long_caption", "width", "height", "scene"}`` with
     ``path`` relative to ``folder``. ``sizes`` lists (width, height) pairs, drawn per image. ``short``:
     the ``caption`` each record gets (``dataset_caption``: "raw", or "complete" where raw leaves objects out).
+    ``progress(done, n)`` is called after each image.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -440,5 +442,7 @@ def make_dataset(folder: str | Path, n: int, seed: int = 0,
         atomic_write_text(out / f"{i:06d}.txt", caption)
         lines.append(json.dumps({"path": name, "caption": caption, "long_caption": long_caption(scene),
                                  "width": w, "height": h, "scene": scene.to_dict()}))
+        if progress is not None:
+            progress(i + 1, n)
     atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pixsigma.config import PRESETS, KVCompress
+from pixsigma.weights import read_checkpoint
 from train.config import build_config, load_config, parse_overrides
 from train.stages import model_config
 
@@ -96,7 +97,8 @@ def test_shipped_recipes_chain(tmp_path):
     cfgs = {p.stem: load_config(p) for p in files}
     assert {"shapes_alpha", "shapes_sigma_vae", "shapes_sigma_resup", "shapes_sigma_kv", "sigma_xl_512",
             "sigma_xl_1024", "sigma_xl_1024_kv", "sigma_xl_2k", "sigma_xl_2k_kv", "sigma_xl_4k"} <= set(cfgs)
-    produced = {"pretrained/PixArt-XL-2-512x512.pth": PRESETS["XL_2_512"]}
+    produced = {"pretrained/PixArt-XL-2-512x512.pth": PRESETS["XL_2_512"],
+                "assets/demo/sigma": read_checkpoint(CONFIGS.parent / "assets/demo/sigma")[0]}  # the shipped Σ
     todo = dict(cfgs)
     while todo:
         ready = [n for n, c in todo.items() if c.stage.name == "from_scratch" or c.stage.load_from in produced]
@@ -115,6 +117,7 @@ def test_shipped_recipes_chain(tmp_path):
     assert cfgs["shapes_alpha"].data.long_caption_ratio == 0.0
     assert cfgs["shapes_sigma_kv"].data.long_caption_ratio == 0.6
     assert got["shapes_sigma_complete"] == got["shapes_sigma_kv"]  # the finetunes keep the shipped Σ's shape
+    assert got["shapes_sigma_controlnet"] == got["shapes_sigma_kv"] and got["sigma_xl_controlnet"] == (1024, ())
 
 
 def test_lr_schedules_warm_up_then_hold_or_anneal_to_zero():

@@ -6,6 +6,8 @@ Layout of a cache folder (written by ``python -m train.extract``)::
     shard_r0_00000.safetensors   "<key>.mean" / "<key>.std"  (C, h/8, w/8) fp16: the VAE posterior
                                  "<key>.short" / "<key>.long" (n, C_text) fp16: T5 features of the n real
                                  tokens (n <= max tokens; the mask is n ones, padding is re-added per batch)
+                                 "<key>.control" (C, h/8, w/8) fp16: VAE posterior mean of the image's control
+                                 map (controlnet stage only; ``index.json`` names the map's type)
     extras.safetensors      "null" (the "" caption) and "prompt.<i>" (the config's sample_prompts)
 
 Storing only real tokens is lossless: padded positions are masked out of cross-attention.
@@ -90,6 +92,12 @@ class FeatureCache(Dataset):
                 raise ValueError(f"feature cache {self.folder} has {name} {g}, this run needs {w}: "
                                  "re-run `python -m train.extract` with this config")
 
+    def check_control(self, kind: str) -> None:
+        """Refuse a cache without control latents of type ``kind`` (the controlnet stage's)."""
+        if self.index.get("control") != kind:
+            raise ValueError(f"feature cache {self.folder} holds control latents of type {self.index.get('control')}"
+                             f", this run needs {kind!r}: re-run `python -m train.extract` with this config")
+
     def _tensor(self, shard: str, key: str) -> Tensor:
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
@@ -119,12 +127,16 @@ class FeatureCache(Dataset):
         s = self.samples[i]
         long = pick_long(bool(s["long"]), self.long_ratio, self.seed, self.epoch, i)
         key, shard = s["key"], s["shard"]
-        return {"index": i, "mean": self._tensor(shard, f"{key}.mean"), "std": self._tensor(shard, f"{key}.std"),
+        item = {"index": i, "mean": self._tensor(shard, f"{key}.mean"), "std": self._tensor(shard, f"{key}.std"),
                 "y": self._tensor(shard, f"{key}.{'long' if long else 'short'}")}
+        if self.index.get("control"):
+            item["control"] = self._tensor(shard, f"{key}.control")
+        return item
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     y, mask = pad_features([it["y"] for it in items])
     return {"index": torch.tensor([it["index"] for it in items]), "y": y, "mask": mask,  # (B, L, C), (B, L)
             "mean": torch.stack([it["mean"] for it in items]).float(),  # (B, C, h, w)
-            "std": torch.stack([it["std"] for it in items]).float(), "failed": 0}
+            "std": torch.stack([it["std"] for it in items]).float(), "failed": 0,
+            **({"control": torch.stack([it["control"] for it in items]).float()} if "control" in items[0] else {})}

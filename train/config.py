@@ -17,6 +17,7 @@ import yaml
 
 from pixsigma.config import PRESETS
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
+from train.lora import LoraTrainConfig
 from train.stages import STAGE_NAMES, Stage, stage_overrides
 
 OPTIMIZERS = ("came", "adamw")
@@ -176,6 +177,7 @@ class TrainConfig:
     sample_every: int = 0  # 0 = no validation images
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
+    lora: LoraTrainConfig | None = None  # train a LoRA on the loaded model instead of its weights (train/lora.py)
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS:
@@ -202,6 +204,12 @@ class TrainConfig:
             raise ValueError("sample_every > 0 needs sample_prompts (a list of captions to render)")
         if not self.output_dir:
             object.__setattr__(self, "output_dir", str(Path("runs") / self.name))
+        if self.lora is not None and (self.stage.name == "from_scratch" or self.optim.ema_decay is not None):
+            raise ValueError("lora trains an adapter on loaded weights: it needs a stage with stage.load_from "
+                             f"(not {self.stage.name!r} from scratch) and optim.ema_decay: null")
+        if self.lora is not None and self.stage.name == "controlnet":
+            raise ValueError("lora and the controlnet stage cannot be combined: the controlnet stage trains its own "
+                             "copied blocks; remove the lora section or choose another stage")
 
     @property
     def run_dir(self) -> Path:
@@ -213,10 +221,12 @@ class TrainConfig:
             d["stage"]["kv"]["layers"] = list(self.stage.kv.layers)
         if self.timestep_band is not None:
             d["timestep_band"] = list(self.timestep_band)
+        if self.lora is not None:
+            d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d
 
 
-_NESTED = {"stage": Stage, "data": DataConfig, "optim": OptimConfig}
+_NESTED = {"stage": Stage, "data": DataConfig, "optim": OptimConfig, "lora": LoraTrainConfig}
 
 
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from train import encoders
 from train.cache import EXTRAS, FORMAT, INDEX, trim
 from train.checkpoint import target_model_config
 from train.config import TrainConfig, load_config
+from train.controlnet import control_from_pixels
 from train.data import DataStats, ImageCaptionDataset, collate_images, read_records
 from train.fileio import atomic_save_tensors
 
@@ -42,8 +44,9 @@ def _encode_all(text: encoders.TextEncoder, captions: list[str]) -> tuple[list[t
     return [trim(y[i], mask[i]) for i in range(len(captions))], cut
 
 
-def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
-    """Write the feature cache of ``cfg`` into ``cfg.data.cache``; returns the folder."""
+def extract(cfg: TrainConfig, overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the feature cache of ``cfg`` into ``cfg.data.cache``; returns the folder. ``progress(done, total)``
+    is called after each batch with this process's images encoded so far."""
     if not cfg.data.cache or not cfg.data.source or not cfg.data.text_encoder or not cfg.data.vae:
         raise ValueError("extraction needs data.source, data.cache, data.text_encoder and data.vae set")
     folder = Path(cfg.data.cache)
@@ -66,6 +69,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
     dataset = ImageCaptionDataset(records, dit.resolution, 0.0, cfg.seed, stats)
     text = encoders.build_text_encoder(cfg.data.text_encoder, state.device, max_tokens)
     vae = encoders.build_vae(cfg.data.vae, state.device)
+    control = cfg.stage.controlnet.control_type if cfg.stage.controlnet is not None else None  # controlnet stage
     loader = DataLoader(dataset, batch_sampler=_bucket_chunks(dataset.buckets, cfg.data.extract_batch_size),
                         collate_fn=collate_images, num_workers=cfg.data.num_workers)
     samples, shard, shard_no = [], {}, 0
@@ -80,6 +84,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
     for batch in loader:
         stats.skipped_images += batch["failed"]
         mean, std = vae.posterior(batch["pixels"])  # (B, C, h/8, w/8) each
+        cmean = control_from_pixels(vae, batch["pixels"], control) if control else None
         recs = [dataset.records[i] for i in batch["index"].tolist()]
         short, cut_short = _encode_all(text, [r.caption for r in recs])
         long, cut_long = _encode_all(text, [r.long_caption for r in recs if r.long_caption])
@@ -90,11 +95,15 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
             shard.update({f"{key}.mean": mean[j].half(), f"{key}.std": std[j].half(), f"{key}.short": short[j]})
             if rec.long_caption:
                 shard[f"{key}.long"] = next(long_feats)
+            if cmean is not None:
+                shard[f"{key}.control"] = cmean[j].half()
             samples.append({"shard": f"{prefix}_{shard_no:05d}.safetensors", "key": key,
                             "bucket": list(dataset.buckets[i]), "long": bool(rec.long_caption),
                             "source": str(rec.path)})
             if len(samples) % cfg.data.shard_size == 0:
                 flush()
+        if progress is not None:
+            progress(len(samples), len(dataset))
     flush()
     atomic_write_json({"samples": samples, "stats": stats.as_dict()}, folder / f"part_r{state.process_index}.json")
     state.wait_for_everyone()
@@ -108,7 +117,7 @@ def extract(cfg: TrainConfig, overwrite: bool = False) -> Path:
                  "vae": {"path": str(cfg.data.vae), "scaling_factor": vae.scaling, "shift_factor": vae.shift,
                          "latent_channels": vae.channels},
                  "text": {"path": str(cfg.data.text_encoder), "max_tokens": max_tokens, "channels": text.channels},
-                 "prompts": list(cfg.sample_prompts), "stats": total}
+                 "prompts": list(cfg.sample_prompts), "stats": total, "control": control}
         atomic_write_json(index, folder / INDEX)
         for r in range(state.num_processes):
             (folder / f"part_r{r}.json").unlink()

@@ -28,6 +28,8 @@ class CachedFeatures:
         self.dataset.check(dit.resolution, dit.caption_channels, dit.in_channels, cfg.data.max_tokens or dit.max_tokens)
         self.collate = collate_cached
         self.decode = None
+        if cfg.stage.controlnet is not None:
+            self.dataset.check_control(cfg.stage.controlnet.control_type)
 
     def stats(self) -> dict[str, int]:
         return self.dataset.stats
@@ -36,6 +38,10 @@ class CachedFeatures:
         ds = self.dataset
         x0 = encoders.sample_latents(batch["mean"].to(device), batch["std"].to(device), ds.scaling, ds.shift)
         return x0, batch["y"].to(device), batch["mask"].to(device)
+
+    def control_latents(self, batch: dict[str, Any], device: torch.device) -> Tensor:
+        """The batch's control latents (controlnet stage), scaled as x0 is."""
+        return ((batch["control"] - self.dataset.shift) * self.dataset.scaling).to(device)
 
     def null_caption(self) -> tuple[Tensor, Tensor]:
         return self.dataset.null_caption()
@@ -64,6 +70,7 @@ class OnlineFeatures:
             raise ValueError(f"VAE {cfg.data.vae} has {self.vae.channels} latent channels, the model takes "
                              f"{dit.in_channels}")
         self.decode = self.vae.decode
+        self.control_type = cfg.stage.controlnet.control_type if cfg.stage.controlnet is not None else None
 
     def stats(self) -> dict[str, int]:
         return self._stats.as_dict()
@@ -75,6 +82,12 @@ class OnlineFeatures:
         y, mask, cut = self.text(batch["captions"])  # (B, L, C_text), (B, L)
         self._stats.truncated_captions += cut
         return x0.to(device), y.to(device), mask.to(device)
+
+    def control_latents(self, batch: dict[str, Any], device: torch.device) -> Tensor:
+        from train.controlnet import control_from_pixels
+
+        mean = control_from_pixels(self.vae, batch["pixels"], self.control_type)
+        return ((mean - self.vae.shift) * self.vae.scaling).to(device)
 
     def null_caption(self) -> tuple[Tensor, Tensor]:
         y, mask, _ = self.text([""])

@@ -27,8 +27,10 @@ from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb, to_pil
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
+from train.controlnet import build_trainee, export_controlnet, optimizer_params
 from train.diffusion import GaussianDiffusion
 from train.features import open_features
+from train.lora import add_lora, export_lora
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
@@ -76,17 +78,22 @@ class Trainer:
             atomic_write_text(run_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
         set_seed(cfg.seed)  # the same initial weights on every process
         model, report = build_model(cfg)
+        if cfg.lora is not None:
+            add_lora(model, cfg.lora)  # the base frozen; only the adapter trains (build_optimizer skips frozen)
         self.dit = model.config
         if report["source"]:
             monitor.note(f"loaded {report['source']}; missing keys {report['missing'] or 'none'}; "
                          f"unexpected keys {report['unexpected'] or 'none'}")
         model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.control = cfg.stage.controlnet is not None  # the controlnet stage trains a ControlNet on the frozen model
+        if self.control:
+            model = build_trainee(cfg, model, acc.device)
         self.features = open_features(cfg, self.dit, acc.device)
         self.null = [t.to(acc.device) for t in self.features.null_caption()]  # (1, L0, C), (1, L0)
         self.prompts = self.features.prompts(list(cfg.sample_prompts)) if cfg.sample_every else None
         self.sampler = BucketBatchSampler(self.features.dataset.buckets, cfg.batch_size, acc.num_processes,
                                           acc.process_index, cfg.seed)
-        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        optimizer = build_optimizer(optimizer_params(cfg, model) if self.control else model.parameters(), cfg.optim)
         self.scheduler = lr_schedule(optimizer, cfg.optim, cfg.steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped: PixArtDiT = acc.unwrap_model(self.model)
@@ -134,7 +141,8 @@ class Trainer:
         noise = torch.randn_like(x0)
         xt = self.diffusion.q_sample(x0, t, noise)
         with nullcontext() if sync else acc.no_sync(self.model), attention_kernels(dev, self.cfg.mixed_precision):
-            out = self.model(xt, t, y, mask, **micro_kwargs(self.dit, x0))
+            control = {"control": self.features.control_latents(batch, dev)} if self.control else {}
+            out = self.model(xt, t, y, mask, **micro_kwargs(self.dit, x0), **control)
             terms = self.diffusion.training_losses(out, x0, xt, t, noise)
             acc.backward(terms["loss"].mean() / self.cfg.grad_accum)
         return torch.stack([terms["loss"].mean(), terms["mse"].mean(), terms["vb"].mean()]).detach()
@@ -233,7 +241,11 @@ class Trainer:
         exports = {}
         if not stopped:
             extra = {"stage": cfg.stage.name, "step": st.step, "ema": self.ema is not None, "train": cfg.to_dict()}
-            exports = export_final(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
+            if cfg.lora is not None:
+                exports = export_lora(self.acc, self.model, self.dit, cfg.lora, cfg.run_dir, cfg.stage.load_from)
+            else:
+                export = export_controlnet if self.control else export_final
+                exports = export(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
         state = "stopped" if stopped else "finished"
         self.monitor.close(state, step=st.step, data=self.stats(), exports=exports)
         return {"state": state, "step": st.step, "run_dir": str(cfg.run_dir), "exports": exports}

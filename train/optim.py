@@ -15,8 +15,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from train.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Over the parameters that require grad; ``params`` may be torch's parameter groups (dicts with their own
+    ``lr``), as the controlnet stage gives."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if cfg.name == "came":
         from came_pytorch import CAME
 

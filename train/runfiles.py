@@ -10,6 +10,8 @@ shapes build read them. Standard library only, so a reader never loads torch or 
 - ``STOP``: created by anyone to ask the run to checkpoint and exit (removed when honoured).
 - ``launch.json``: how the app started the run (its Resume repeats the command with ``--resume``).
 - ``config.yaml``: the resolved config; ``samples/``: validation images; ``tensorboard/``: optional.
+- ``prepare.json``: what ``train.prepare`` is making before the run starts (phase, done/total, images/s, ETA).
+- ``bench.json``: the chain's held-out scores of the run (its starting point, checkpoints and export).
 - ``checkpoints/step_NNNNNNNN/``: resumable states; ``final/`` (pixsigma layout) and ``final_diffusers/``.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 STATUS, METRICS, LOG, STDOUT, STOP = "status.json", "metrics.jsonl", "log.txt", "stdout.txt", "STOP"
 LAUNCH, CONFIG = "launch.json", "config.yaml"
+PREPARE, BENCH = "prepare.json", "bench.json"
 SAMPLES, TENSORBOARD = "samples", "tensorboard"
 CHECKPOINTS, FINAL, FINAL_DIFFUSERS = "checkpoints", "final", "final_diffusers"
 STATES = ("starting", "running", "stopped", "finished", "error")

@@ -10,6 +10,8 @@ it starts from. Everything else (loop, data, objective, checkpoints) is shared.
 - ``kv_compress``: adds ``KVCompress`` to the loaded model; the new ``sr``/``norm`` parameters start
   from the average-conv init ``PixArtDiT`` does at construction; paper: ~100 steps.
 - ``finetune``: same model, same resolution, more data.
+- ``controlnet``: the loaded model frozen; a ControlNet (``stage.controlnet``: condition type, copies, the
+  projections' LR) trains on control latents the feature cache also holds (``train/controlnet.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Protocol
 
 from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.weights import KV_KEYS
+
+CONTROLNET_TRAIN_TYPES = ("canny", "regions")  # condition makers a run can derive from its own images
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ STAGES: dict[str, StageSpec] = {
     "kv_compress": StageSpec("add KV token compression (conv R×R, average init) to the deep layers",
                              {"steps": 100, "optim": {"warmup_steps": 0}}),
     "finetune": StageSpec("keep training the same model on (new) data", {}),
+    "controlnet": StageSpec("train a ControlNet (copied blocks, zero-init projections) on the frozen model",
+                            {"optim": {"warmup_steps": 0}, "sample_every": 0}),
 }
 
 
@@ -48,6 +54,28 @@ CONTINUING_STAGES = tuple(s for s in STAGES if s != "from_scratch")
 
 def stage_overrides(name: str) -> dict[str, Any]:
     return {"stage": {"name": name}, **STAGES[name].overrides}
+
+
+@dataclass(frozen=True)
+class ControlNetStage:
+    """The controlnet stage's settings: ``control_type`` (the condition maker applied to each training image:
+    canny or regions), ``copies`` (copied blocks; None = half the depth), ``proj_lr`` (LR of the zero-initialised
+    projections; None = optim.lr)."""
+
+    control_type: str = "canny"
+    copies: int | None = None
+    proj_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.control_type not in CONTROLNET_TRAIN_TYPES:
+            raise ValueError(f"stage.controlnet.control_type must be one of {CONTROLNET_TRAIN_TYPES}, got "
+                             f"{self.control_type!r}")
+        if self.copies is not None and (not isinstance(self.copies, int) or isinstance(self.copies, bool)
+                                        or self.copies < 1):
+            raise ValueError(f"stage.controlnet.copies must be a positive integer or null, got {self.copies!r}")
+        if self.proj_lr is not None and (isinstance(self.proj_lr, bool) or not isinstance(self.proj_lr, (int, float))
+                                         or not self.proj_lr > 0):
+            raise ValueError(f"stage.controlnet.proj_lr must be > 0 or null, got {self.proj_lr!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,7 @@ class Stage:
     load_from: str | None = None
     resolution: int | None = None
     kv: KVCompress | None = None
+    controlnet: ControlNetStage | None = None  # only for the controlnet stage (None there: the defaults)
 
     def __post_init__(self) -> None:
         if self.name not in STAGE_NAMES:
@@ -77,6 +106,12 @@ class Stage:
             object.__setattr__(self, "kv", KVCompress(**kv))
         if self.kv is not None and self.name != "kv_compress":
             raise ValueError(f"stage.kv is only used by the kv_compress stage, not {self.name!r}")
+        if isinstance(self.controlnet, dict):
+            object.__setattr__(self, "controlnet", ControlNetStage(**self.controlnet))
+        if self.controlnet is not None and self.name != "controlnet":
+            raise ValueError(f"stage.controlnet is only used by the controlnet stage, not {self.name!r}")
+        if self.name == "controlnet" and self.controlnet is None:
+            object.__setattr__(self, "controlnet", ControlNetStage())
         if self.name == "from_scratch" and self.load_from:
             raise ValueError("stage from_scratch starts from random weights: remove stage.load_from "
                              "(or use stage finetune)")

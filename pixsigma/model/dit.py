@@ -7,6 +7,9 @@ official ``.pth`` loads with no renaming; ``pixsigma.weights`` converts diffuser
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -79,6 +82,39 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
+@torch.no_grad()
+def set_blocks_kv(blocks: Iterable[PixArtBlock], kv: KVCompress, ref: Tensor) -> None:
+    """Give block i of ``blocks`` the KV compression ``kv`` sets for layer i (new conv weights on ``ref``'s
+    device and dtype, from the average init; a ratio switched back to gets its trained weights again)."""
+    for i, blk in enumerate(blocks):
+        attn, ratio = blk.attn, kv.ratio_for(i)
+        stash = getattr(attn, "_stash", {})
+        if hasattr(attn, "sr"):
+            stash[attn.kv_ratio] = (attn.sr, attn.norm)  # keep trained weights for a switch back
+            del attn.sr, attn.norm
+        attn.kv_ratio, attn.kv_operator, attn._stash = ratio, kv.operator, stash
+        if ratio > 1 and kv.operator == "conv":
+            if ratio in stash:
+                attn.sr, attn.norm = stash.pop(ratio)
+            else:
+                attn.sr = nn.Conv2d(ref.shape[1], ref.shape[1], ratio, stride=ratio, groups=ref.shape[1])
+                attn.norm = nn.LayerNorm(ref.shape[1])
+                attn.reset_kv_compression()
+                attn.sr.to(ref.device, ref.dtype)
+                attn.norm.to(ref.device, ref.dtype)
+
+
+class BlockContext(NamedTuple):
+    """What every block reads besides the image tokens: embedded captions (B, L, D), the adaLN-single t6
+    (B, 6D), the embedded timestep (B, D), the caption mask (B, L) and the token grid (h, w)."""
+
+    y: Tensor
+    t6: Tensor
+    t_emb: Tensor
+    mask: Tensor | None
+    hw: tuple[int, int]
+
+
 class PixArtDiT(nn.Module):
     """ε-and-variance predictor: (latent x_t, timestep t, T5 tokens y, their mask) -> (B, C_out, H, W)."""
 
@@ -130,13 +166,28 @@ class PixArtDiT(nn.Module):
                 resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
         """x: (B, C_in, H, W) latent; t: (B,) timesteps; y: (B, L, C_text); mask: (B, L) 1 = real token;
         resolution: (B, 2) image (h, w) and aspect_ratio: (B, 1), only for micro-conditioned models."""
+        x, ctx = self.embed(x, t, y, mask, resolution, aspect_ratio)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, ctx)
+        return self.head(x, ctx)
+
+    def patch_tokens(self, latent: Tensor) -> Tensor:
+        """(B, C_in, H, W) latent -> (B, N, D) patch tokens plus their positions (x, or a ControlNet's c)."""
         c = self.config
         p = c.patch_size
-        if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"latent {tuple(x.shape[-2:])} is not divisible by the patch size {p}")
-        h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = sincos_pos_embed(c.hidden_size, h, w, c.base_size, c.pe_interpolation, x.device)
-        x = self.x_embedder(x) + pos.to(x.dtype)  # (B, N, D)
+        if latent.shape[-2] % p or latent.shape[-1] % p:
+            raise ValueError(f"latent {tuple(latent.shape[-2:])} is not divisible by the patch size {p}")
+        h, w = latent.shape[-2] // p, latent.shape[-1] // p
+        pos = sincos_pos_embed(c.hidden_size, h, w, c.base_size, c.pe_interpolation, latent.device)
+        return self.x_embedder(latent) + pos.to(latent.dtype)  # (B, N, D)
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None,
+              resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> tuple[Tensor, BlockContext]:
+        """Everything before the blocks: patch tokens (B, N, D) and what every block reads besides them."""
+        c = self.config
+        p = c.patch_size
+        hw = (x.shape[-2] // p, x.shape[-1] // p)
+        x = self.patch_tokens(x)  # (B, N, D)
         b = x.shape[0]
         t = t.expand(b) if t.ndim == 0 or t.shape[0] == 1 else t
         t_emb = self.t_embedder(t.to(x.device))  # (B, D)
@@ -150,13 +201,19 @@ class PixArtDiT(nn.Module):
         y = self.y_embedder(y.to(x.dtype))  # (B, L, D)
         if mask is not None:
             mask = mask.to(torch.bool)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t6, mask, (h, w), use_reentrant=False)
-            else:
-                x = block(x, y, t6, mask, (h, w))
-        x = self.final_layer(x, t_emb)  # (B, N, p*p*C_out)
-        return unpatchify(x, h, w, p, c.out_channels)  # (B, C_out, H, W)
+        return x, BlockContext(y, t6, t_emb, mask, hw)
+
+    def run_block(self, i: int, x: Tensor, ctx: BlockContext, block: nn.Module | None = None) -> Tensor:
+        """Block ``i`` (or ``block``, a copy of it) on tokens x (B, N, D), checkpointed when training asks."""
+        block = self.blocks[i] if block is None else block
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, ctx.y, ctx.t6, ctx.mask, ctx.hw, use_reentrant=False)
+        return block(x, ctx.y, ctx.t6, ctx.mask, ctx.hw)
+
+    def head(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        """The final layer and unpatchify: tokens (B, N, D) -> (B, C_out, H, W)."""
+        x = self.final_layer(x, ctx.t_emb)  # (B, N, p*p*C_out)
+        return unpatchify(x, *ctx.hw, self.config.patch_size, self.config.out_channels)
 
     @torch.no_grad()
     def set_kv_compress(self, kv: KVCompress) -> None:
@@ -164,23 +221,7 @@ class PixArtDiT(nn.Module):
         when their ratio is unchanged; newly compressed conv layers start from the average init."""
         if any(i >= self.config.depth for i in kv.layers):
             raise ValueError(f"KV layers {list(kv.layers)} out of range 0-{self.config.depth - 1}")
-        ref = self.final_layer.linear.weight
-        for i, blk in enumerate(self.blocks):
-            attn, ratio = blk.attn, kv.ratio_for(i)
-            stash = getattr(attn, "_stash", {})
-            if hasattr(attn, "sr"):
-                stash[attn.kv_ratio] = (attn.sr, attn.norm)  # keep trained weights for a switch back
-                del attn.sr, attn.norm
-            attn.kv_ratio, attn.kv_operator, attn._stash = ratio, kv.operator, stash
-            if ratio > 1 and kv.operator == "conv":
-                if ratio in stash:
-                    attn.sr, attn.norm = stash.pop(ratio)
-                else:
-                    attn.sr = nn.Conv2d(ref.shape[1], ref.shape[1], ratio, stride=ratio, groups=ref.shape[1])
-                    attn.norm = nn.LayerNorm(ref.shape[1])
-                    attn.reset_kv_compression()
-                    attn.sr.to(ref.device, ref.dtype)
-                    attn.norm.to(ref.device, ref.dtype)
+        set_blocks_kv(self.blocks, kv, self.final_layer.linear.weight)
         self.config = self.config.with_kv(kv)
 
     def num_params(self) -> int:

@@ -1,0 +1,185 @@
+"""The ControlNet-Transformer of PixArt (PixArt-δ; ``ControlPixArtHalf`` in the PixArt-alpha repository).
+
+The base DiT is frozen. Its first N blocks are copied as trainable blocks. The control image's latent goes
+through the base model's own patch embedder and positions, giving c. Base block 0 runs first on x; then for
+i = 1 … N copy i−1 computes c ← copy(x + before_proj(c)) (first copy) or c ← copy(c) (the others) and emits
+c_skip = after_proj(c), and base block i runs on x + scale · c_skip; the remaining base blocks run as usual.
+``before_proj`` and every ``after_proj`` start at zero, so an untrained ControlNet leaves the image unchanged.
+
+Parameter names are the official ones (``controlnet.{i}.copied_block.*``, ``controlnet.0.before_proj``,
+``controlnet.{i}.after_proj``), so an official ``ControlPixArtHalf`` checkpoint loads without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pixsigma.config import DiTConfig, KVCompress
+from pixsigma.model.dit import BlockContext, PixArtBlock, PixArtDiT, set_blocks_kv
+
+Tensor = torch.Tensor
+
+
+class ControlNetMismatch(ValueError):
+    """A ControlNet built for another base model (width or depth)."""
+
+
+def default_copies(depth: int) -> int:
+    """Half the base depth (at least 1, and at most depth − 1: block 0 always runs before the first copy)."""
+    return max(1, min(depth // 2, depth - 1))
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """What a ControlNet is: the base width and depth it was made for, and how many blocks it copies."""
+
+    base_hidden_size: int
+    base_depth: int
+    num_copies: int
+
+    def __post_init__(self) -> None:
+        for name in ("base_hidden_size", "base_depth", "num_copies"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ControlNetConfig.{name} must be a positive integer, got {v!r}")
+        if self.num_copies > self.base_depth - 1:
+            raise ValueError(f"ControlNetConfig.num_copies must be in 1-{self.base_depth - 1} for a "
+                             f"{self.base_depth}-block base (block 0 runs before the first copy), got "
+                             f"{self.num_copies}")
+
+    @classmethod
+    def for_base(cls, base: DiTConfig, num_copies: int | None = None) -> ControlNetConfig:
+        return cls(base.hidden_size, base.depth, default_copies(base.depth) if num_copies is None else num_copies)
+
+    def check_base(self, base: DiTConfig, source: str = "ControlNet") -> None:
+        """Refuse a base model of another width or depth, naming both."""
+        if base.hidden_size != self.base_hidden_size:
+            raise ControlNetMismatch(f"{source} was made for a base of width {self.base_hidden_size}; this model "
+                                     f"has width {base.hidden_size}")
+        if base.depth != self.base_depth:
+            raise ControlNetMismatch(f"{source} was made for a base of depth {self.base_depth}; this model has "
+                                     f"depth {base.depth}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ControlNetConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ControlNetConfig fields {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+
+class ControlBlock(nn.Module):
+    """Copy i of base block i, its zero-initialised ``after_proj`` and, for copy 0, ``before_proj``."""
+
+    def __init__(self, block: PixArtBlock, index: int, dim: int):
+        super().__init__()
+        self.index = index
+        self.copied_block = block
+        if index == 0:
+            self.before_proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.before_proj.weight)
+            nn.init.zeros_(self.before_proj.bias)
+        self.after_proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.after_proj.weight)
+        nn.init.zeros_(self.after_proj.bias)
+
+
+class ControlNet(nn.Module):
+    """The trainable part: N copied blocks with their projections (the base model is not held here)."""
+
+    def __init__(self, config: ControlNetConfig, base: DiTConfig):
+        super().__init__()
+        config.check_base(base)
+        self.config, self.kv = config, base.kv_compress
+        d, kv = base.hidden_size, base.kv_compress
+        self.controlnet = nn.ModuleList(
+            ControlBlock(PixArtBlock(d, base.num_heads, base.mlp_ratio, kv.ratio_for(i), kv.operator), i, d)
+            for i in range(config.num_copies))
+
+    @classmethod
+    def from_base(cls, base: PixArtDiT, num_copies: int | None = None) -> ControlNet:
+        """A fresh ControlNet: copy i starts as base block i (with its KV weights); projections at zero."""
+        net = cls(ControlNetConfig.for_base(base.config, num_copies), base.config)
+        for i, blk in enumerate(net.controlnet):
+            blk.copied_block.load_state_dict(base.blocks[i].state_dict())
+        ref = base.final_layer.linear.weight
+        return net.to(device=ref.device, dtype=ref.dtype)
+
+    @torch.no_grad()
+    def set_kv_compress(self, kv: KVCompress) -> None:
+        """Copy i compresses as base layer i does (called whenever the base switches)."""
+        set_blocks_kv([b.copied_block for b in self.controlnet], kv, self.controlnet[0].after_proj.weight)
+        self.kv = kv
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def controlled_forward(base: PixArtDiT, net: ControlNet, x: Tensor, t: Tensor, y: Tensor,
+                       mask: Tensor | None = None, control: Tensor | None = None, scale: float = 1.0,
+                       **extra: Tensor) -> Tensor:
+    """The base DiT's forward with the ControlNet's residuals. control: (B, C_in, H, W) latent of the control
+    image (B = 1 is broadcast over the batch, e.g. both guidance halves); None or scale 0 runs the base alone."""
+    net.config.check_base(base.config)
+    if net.kv != base.config.kv_compress:  # honour the base's KV compression (a request may switch it)
+        net.set_kv_compress(base.config.kv_compress)
+    x, ctx = base.embed(x, t, y, mask, **extra)
+    x = base.run_block(0, x, ctx)
+    start = 1
+    if control is not None and scale != 0:
+        if control.shape[-2:] != (ctx.hw[0] * base.config.patch_size, ctx.hw[1] * base.config.patch_size):
+            raise ValueError(f"control latent {tuple(control.shape[-2:])} does not match the image latent "
+                             f"{tuple(d * base.config.patch_size for d in ctx.hw)}")
+        c = base.patch_tokens(control.to(x.dtype)).expand(x.shape[0], -1, -1)  # (B, N, D)
+        for i in range(1, net.config.num_copies + 1):
+            c, c_skip = _copy_step(base, net.controlnet[i - 1], x, c, ctx)
+            x = base.run_block(i, x + scale * c_skip, ctx)
+        start = net.config.num_copies + 1
+    for i in range(start, len(base.blocks)):
+        x = base.run_block(i, x, ctx)
+    return base.head(x, ctx)
+
+
+def _copy_step(base: PixArtDiT, blk: ControlBlock, x: Tensor, c: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
+    """One copy: (new c, c_skip)."""
+    if blk.index == 0:
+        c = x + blk.before_proj(c)
+    c = base.run_block(blk.index, c, ctx, block=blk.copied_block)
+    return c, blk.after_proj(c)
+
+
+class ControlledDiT(nn.Module):
+    """A base DiT and its ControlNet as one callable ``(x, t, y, mask, control=…, scale=…)`` for the sampler."""
+
+    def __init__(self, base: PixArtDiT, net: ControlNet):
+        super().__init__()
+        net.config.check_base(base.config)
+        self.base, self.net = base, net
+
+    @property
+    def config(self) -> DiTConfig:
+        return self.base.config
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None, control: Tensor | None = None,
+                scale: float = 1.0, **extra: Tensor) -> Tensor:
+        return controlled_forward(self.base, self.net, x, t, y, mask, control, scale, **extra)
+
+
+def trainable_copy(base: PixArtDiT, num_copies: int | None = None) -> ControlNet:
+    """``ControlNet.from_base`` with the base frozen (``requires_grad`` off) and the copies trainable."""
+    base.requires_grad_(False)
+    net = ControlNet.from_base(base, num_copies)
+    net.requires_grad_(True)
+    return net
+
+
+__all__ = ["ControlBlock", "ControlNet", "ControlNetConfig", "ControlNetMismatch", "ControlledDiT",
+           "controlled_forward", "default_copies", "trainable_copy"]
