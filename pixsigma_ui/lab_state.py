@@ -20,9 +20,23 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from train.runfiles import CHECKPOINTS, CONFIG, FINAL, LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
+from train.chain import CHAIN_JSON, CHAIN_RUN
+from train.runfiles import (
+    BENCH,
+    CHECKPOINTS,
+    CONFIG,
+    FINAL,
+    LAUNCH,
+    LIVE_STATES,
+    LOG,
+    METRICS,
+    PREPARE,
+    STATUS,
+    STDOUT,
+    STOP,
+)
 
-PREPARE, BENCH, CHAIN = "prepare.json", "bench.json", "chain.json"  # the lab backend's files (train.prepare/chain)
+LAB_FOLDER = "lab"  # the app's chain lives in RUNS/lab (python -m train.chain's default: runs/lab)
 PLOT_ROWS = 5000  # the loss plot's last steps: enough to see a trend, few enough to redraw every poll
 SEARCH_DEPTH = 2  # runs/NAME and runs/CHAIN/NAME
 # The chain as drawn: (title, trainer stage), in training order.
@@ -112,20 +126,28 @@ def format_seconds(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _config_stage(folder: Path) -> str | None:
+def config_stage(path: Path, _depth: int = 0) -> str | None:
+    """The stage a training config names (``stage: NAME`` or ``stage: {name: NAME}``), through its ``base:``."""
     try:
-        raw = yaml.safe_load((folder / CONFIG).read_text())
-        stage = raw.get("stage")
-        return stage.get("name") if isinstance(stage, dict) else stage
-    except (OSError, yaml.YAMLError, AttributeError):
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
         return None
+    if not isinstance(raw, dict):
+        return None
+    stage = raw.get("stage")
+    stage = stage.get("name") if isinstance(stage, dict) else stage
+    if isinstance(stage, str):
+        return stage
+    if isinstance(raw.get("base"), str) and _depth < 8:
+        return config_stage(path.parent / raw["base"], _depth + 1)
+    return None
 
 
 def _latest_score(bench: dict[str, Any]) -> dict[str, Any] | None:
     """The newest ShapesBench point of a ``bench.json`` (its export's, else its last checkpoint's)."""
     if any(k in bench for k in SCORE_KEYS):
         return bench
-    for key in ("final", "export"):
+    for key in ("final", "export", "start"):  # the chain scores a stage's start before it trains
         if isinstance(bench.get(key), dict):
             return bench[key]
     points = [p for p in (bench.get("points") or []) if isinstance(p, dict)]
@@ -182,9 +204,13 @@ class RunView:
 def read_run(runs_dir: Path, folder: Path) -> RunView:
     """The view of the run in ``folder`` (under ``runs_dir``), liveness checked against the process table."""
     status, launch, prepare = read_json(folder / STATUS), read_json(folder / LAUNCH), read_json(folder / PREPARE)
-    alive = pid_alive(status.get("pid")) or pid_alive(launch.get("pid"))
+    chain = read_json(folder.parent / CHAIN_RUN)  # a chain's stage: the chain's process runs it
+    in_chain = chain.get("current") == folder.name and chain.get("state") == "running" and pid_alive(chain.get("pid"))
+    alive = in_chain or pid_alive(status.get("pid")) or pid_alive(launch.get("pid"))
     state = status.get("state")
-    if not state:
+    if in_chain and (not state or state not in LIVE_STATES) and not prepare:
+        state = "scoring"  # the chain scores the stage's start, checkpoints and export on ShapesBench
+    elif not state or (prepare and alive and state not in LIVE_STATES):
         state = "preparing" if prepare and alive else "starting" if alive else "not started"
     elif state in LIVE_STATES and not alive:
         state = "died"
@@ -206,7 +232,7 @@ def read_run(runs_dir: Path, folder: Path) -> RunView:
             samples.append(str(path))
     return RunView(
         name=folder.relative_to(runs_dir).as_posix(), folder=folder,
-        stage=status.get("stage") or launch.get("stage") or prepare.get("stage") or _config_stage(folder),
+        stage=status.get("stage") or launch.get("stage") or prepare.get("stage") or config_stage(folder / CONFIG),
         state=state, alive=alive, stopping=alive and (folder / STOP).exists(), step=step,
         total=total if isinstance(total, int) else None, steps_per_s=rate, eta_s=eta,
         last_loss=float(loss) if isinstance(loss, int | float) else None,
@@ -253,10 +279,11 @@ class StageView:
     stage: str
     run: RunView | None
     score: dict[str, Any] | None  # chain.json's ShapesBench of the stage, else the run's newest bench point
+    shipped: bool = False  # the chain's α is the shipped one: scored, not trained
 
     @property
     def state(self) -> str:
-        return self.run.state if self.run else "not started"
+        return self.run.state if self.run else "shipped" if self.shipped else "not started"
 
 
 @dataclass(frozen=True)
@@ -284,17 +311,27 @@ def _chain_scores(chain: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def lab_view(runs_dir: str | Path) -> LabView:
-    """The chain's stages and every run, from the files under ``runs_dir``."""
+def _shipped_alpha(lab_dir: Path) -> dict[str, Any] | None:
+    """The chain's score of the shipped α (its ``alpha/bench.json``), None when the chain trained α or never ran."""
+    bench = read_json(lab_dir / "alpha" / BENCH)
+    return bench.get("final") if bench.get("source") == "shipped" else None
+
+
+def lab_view(runs_dir: str | Path, lab_dir: str | Path | None = None) -> LabView:
+    """The chain's stages and every run, from the files under ``runs_dir`` (the chain's: ``lab_dir``, default
+    ``RUNS/lab``)."""
     runs_dir = Path(runs_dir)
+    lab_dir = Path(lab_dir) if lab_dir is not None else runs_dir / LAB_FOLDER
     runs = scan_runs(runs_dir)
-    chain = read_json(runs_dir / CHAIN)
+    chain = read_json(lab_dir / CHAIN_JSON)
     scores = _chain_scores(chain)
     stages = []
     for title, stage in CHAIN_STAGES:
         run = next((r for r in runs if r.stage == stage), None)
-        score = (scores.get(run.name) if run else None) or scores.get(stage) or (run.score if run else None)
-        stages.append(StageView(title, stage, run, score))
+        own = run.score if run else None  # the run's bench.json: live while the chain scores it
+        score = own or (scores.get(run.folder.name) if run else None) or scores.get(stage)
+        shipped = _shipped_alpha(lab_dir) if stage == "from_scratch" and run is None else None
+        stages.append(StageView(title, stage, run, score or shipped, shipped is not None))
     return LabView(tuple(stages), tuple(runs), chain)
 
 
