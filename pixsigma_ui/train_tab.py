@@ -36,6 +36,7 @@ from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 
 POLL_SECONDS = 2.0
+EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
@@ -188,7 +189,10 @@ class RunManager:
         if not launch.get("cmd"):
             raise ValueError(f"run {name} was not started from this app ({LAUNCH} missing): resume it with "
                              "`python -m train CONFIG --resume` from a shell")
-        if self.state(name)["alive"]:
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while (s := self.state(name))["alive"] and s["state"] not in LIVE_STATES and time.monotonic() < deadline:
+            time.sleep(0.2)  # stopped and checkpointed, the process still exiting: a moment, not a refusal
+        if s["alive"]:
             raise ValueError(f"run {name} is still running")
         self.refuse_second_run()
         (folder / STOP).unlink(missing_ok=True)
@@ -270,7 +274,7 @@ def samples_of(folder: Path, s: dict[str, Any]) -> list[str]:
 def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     """The tab's components and events; ``demo`` is the enclosing Blocks (a page load re-finds the runs)."""
     stage_choices = [s for s in STAGES if s in manager.recipes] or list(STAGES)
-    first = stage_choices[-1]  # finetune where it can run: the least setup
+    first = "finetune" if "finetune" in stage_choices else stage_choices[-1]  # the least setup
 
     def recipe_titles(stage_: str) -> list[str]:
         return [r.title for r in manager.recipes.get(stage_, [])]
