@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from train.chain import CHAIN_JSON, CHAIN_RUN
+from train.chain import CHAIN_JSON, CHAIN_PLAN, CHAIN_RUN
 from train.runfiles import (
     BENCH,
     CHECKPOINTS,
@@ -143,6 +143,16 @@ def config_stage(path: Path, _depth: int = 0) -> str | None:
     return None
 
 
+def _plan_stage(folder: Path) -> str | None:
+    """The stage of a chain's run from the chain's plan (before the run has written anything of its own)."""
+    from train.prepare import REPO  # the plan names its configs by file in the checkout's configs/
+
+    for row in read_json(folder.parent / CHAIN_PLAN).get("stages") or []:
+        if isinstance(row, dict) and row.get("name") == folder.name and isinstance(row.get("config"), str):
+            return config_stage(REPO / "configs" / row["config"])
+    return None
+
+
 def _latest_score(bench: dict[str, Any]) -> dict[str, Any] | None:
     """The newest ShapesBench point of a ``bench.json`` (its export's, else its last checkpoint's)."""
     if any(k in bench for k in SCORE_KEYS):
@@ -232,7 +242,8 @@ def read_run(runs_dir: Path, folder: Path) -> RunView:
             samples.append(str(path))
     return RunView(
         name=folder.relative_to(runs_dir).as_posix(), folder=folder,
-        stage=status.get("stage") or launch.get("stage") or prepare.get("stage") or config_stage(folder / CONFIG),
+        stage=status.get("stage") or launch.get("stage") or prepare.get("stage") or config_stage(folder / CONFIG)
+        or _plan_stage(folder),
         state=state, alive=alive, stopping=alive and (folder / STOP).exists(), step=step,
         total=total if isinstance(total, int) else None, steps_per_s=rate, eta_s=eta,
         last_loss=float(loss) if isinstance(loss, int | float) else None,
