@@ -121,11 +121,13 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
                 kv_layers = gr.Textbox(value=layers_spec(kv.layers), label=f"KV layers (0–{sigma.depth - 1})")
             expand = gr.Checkbox(value=True, label="Expand Σ's prompt (into the dense caption it was trained on)",
                                  visible=sigma.prompt_expander is not None, elem_id="compare-expand")
+            model = build_model_picker(engine, "compare-model", "Your run (beside α and Σ)", runs_only=True)
     button = gr.Button("Compare", variant="primary", elem_id="compare")
     gr.Markdown("### PixArt-α vs PixArt-Σ")
     with gr.Row():
         alpha_img = gr.Image(label="PixArt-alpha", format="png", elem_id="alpha-image", visible=engine.has(ALPHA))
         sigma_img = gr.Image(label="PixArt-Sigma", format="png", elem_id="sigma-image")
+        run_img = gr.Image(label="your run (pick one above)", format="png", elem_id="run-image")  # model_picker.py
         slider = gr.ImageSlider(label="alpha vs sigma", format="png", visible=engine.has(ALPHA))
     ab_note = gr.Markdown(label="alpha vs sigma latency")
     gr.Markdown("### PixArt-Σ: full attention vs KV token compression")
@@ -134,10 +136,6 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
         kv_img = gr.Image(label="Sigma KV compression", format="png", elem_id="kv-image")
         diff_img = gr.Image(label=f"difference x{DIFF_GAIN}", format="png", elem_id="diff-image")
     kv_note = gr.Markdown(label="KV latency")
-    gr.Markdown("### Your run: the same prompt and seed through a finished training run")
-    with gr.Row():
-        model = build_model_picker(engine, "compare-model", "Your run", runs_only=True)
-        run_img = gr.Image(label="your run", format="png", elem_id="run-image")
     gr.Examples([[p] for p in examples_for(sigma.is_xl)], inputs=[prompt], label="Example prompts")
     gr.on([button.click, prompt.submit], gpu(make_compare_fn(engine)),
           [prompt, seed, steps, aspect, kv_ratio, kv_layers, expand, model],

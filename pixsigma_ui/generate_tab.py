@@ -25,7 +25,7 @@ from pixsigma_ui.control_panel import build_control_inputs, build_control_map, w
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
 from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
-from pixsigma_ui.model_picker import build_model_picker, check_model, resolution_for
+from pixsigma_ui.model_picker import build_model_picker, check_model, link_resolution, resolution_for
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -188,6 +188,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
             control = build_control_inputs(engine)
             model = build_model_picker(engine, "generate-model")
+            link_resolution(engine, model, resolution)  # model_picker.py
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="gallery",

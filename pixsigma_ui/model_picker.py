@@ -104,6 +104,18 @@ def build_model_picker(engine: AppEngine, elem_id: str, label: str = "Model", ru
     return picker
 
 
+def link_resolution(engine: AppEngine, picker: gr.Dropdown, resolution: gr.Dropdown) -> None:
+    """Picking a model offers its resolutions and selects its own (a run trained at 128 px draws at 128 px)."""
+    def own(model: str) -> Any:
+        try:
+            info = engine.info(check_model(engine, model))  # a run is loaded now, not at the first Generate
+        except ValueError:
+            return gr.skip()
+        return gr.Dropdown(choices=list(info.resolutions), value=info.resolution)
+
+    picker.change(own, picker, resolution, queue=False, api_visibility="private")
+
+
 def build_runs_api(engine: AppEngine) -> None:
     """``/runs``: a hidden button wired to :func:`list_runs` (gradio_client ``predict(api_name="/runs")``)."""
     out = gr.JSON(visible=False)

@@ -251,7 +251,7 @@ def lora_overrides(stage: str, rank: int) -> list[str]:
 
 def status_line(name: str | None, s: dict[str, Any]) -> str:
     if not name:
-        return "No runs yet: pick a stage and press Start."
+        return "No runs yet: pick a stage and press Start stage (the defaults work as they are)."
     loss = s.get("last_loss")
     parts = [f"**{name}**", f"state: **{s.get('state')}**" + (" (stop requested)" if s.get("stopping") else ""),
              f"step {s.get('step', 0)}/{s.get('total_steps', '?')}"]
