@@ -127,3 +127,41 @@ def test_defaults_start_stop_and_resume_from_a_fresh_state(app, browser):
     page.click("#train-stop")
     page.wait_for_function("document.querySelector('#train-status').innerText.includes('stopped')", timeout=60_000)
     page.close()
+
+
+def test_the_tiny_chain_fills_every_stage_and_its_export_is_compared(app, browser):
+    """Start chain (tiny preset): each stage box ends finished with its ShapesBench score, a second browser sees
+    the same, and Compare puts the KV stage's export beside α and Σ."""
+    url, runs = app
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    page.goto(url)
+    page.wait_for_selector("#generate", timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("!document.querySelector('#train-status').innerText.includes('state: running')",
+                           timeout=60_000)  # the previous test's run has stopped: one trainer at a time
+    page.locator("#lab-preset input").fill("tiny")
+    page.keyboard.press("Enter")
+    page.click("#lab-start")
+    page.wait_for_function("document.querySelector('#lab-chain').innerText.includes('done')", timeout=240_000,
+                           polling=500)
+    second = browser.new_context().new_page()  # another browser: nothing but the files tells it about the chain
+    second.goto(url)
+    second.get_by_role("tab", name="Train").click()
+    for stage in ("vae_adapt", "res_up", "kv_compress"):
+        second.wait_for_function(f"document.querySelector('#lab-{stage}-state').innerText.includes('finished')",
+                                 timeout=30_000)
+        assert re.search(r"ShapesBench \d\.\d{3} \(count", second.inner_text(f"#lab-{stage}-state"))
+    assert "shipped" in second.inner_text("#lab-from_scratch-state")
+    second.wait_for_selector("#lab-figure img", timeout=30_000)  # the Fig. 8 plot
+    second.screenshot(path=str(ARTIFACTS / "app-lab-chain.png"), full_page=True)
+    assert json.loads((runs / "lab" / "chain.json").read_text())["preset"] == "tiny"
+
+    second.reload()  # the model picker reads the finished runs on page load
+    second.get_by_role("tab", name="Compare").click()
+    second.locator("#compare-model input").click()
+    second.get_by_role("option", name="your run: lab/sigma_kv").click()
+    second.fill("#compare-prompt textarea", "a red square")
+    second.click("#compare")
+    second.wait_for_selector("#run-image img", timeout=120_000)
+    assert "your run: lab/sigma_kv (kv_compress, step 2)" in second.inner_text("#run-image")
+    second.screenshot(path=str(ARTIFACTS / "app-lab-compare.png"), full_page=True)
