@@ -123,7 +123,7 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
                                  visible=sigma.prompt_expander is not None, elem_id="compare-expand")
             model = build_model_picker(engine, "compare-model", "Your run (beside α and Σ)", runs_only=True)
     button = gr.Button("Compare", variant="primary", elem_id="compare")
-    gr.Markdown("### PixArt-α vs PixArt-Σ")
+    gr.Markdown("### PixArt-α vs PixArt-Σ (and your run)")
     with gr.Row():
         alpha_img = gr.Image(label="PixArt-alpha", format="png", elem_id="alpha-image", visible=engine.has(ALPHA))
         sigma_img = gr.Image(label="PixArt-Sigma", format="png", elem_id="sigma-image")
