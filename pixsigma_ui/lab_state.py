@@ -198,7 +198,8 @@ class RunView:
             if isinstance(done, int) and isinstance(total, int) and total:
                 parts.append(f"{done}/{total}")
             if isinstance(rate, int | float) and rate > 0:
-                parts.append(f"{rate:.3g} {p.get('unit') or 'items'}/s")
+                unit = p.get("unit") or ("images" if p.get("phase") in ("data", "features") else "items")
+                parts.append(f"{rate:.3g} {unit}/s")
             eta = p.get("eta_s")
             if isinstance(eta, int | float):
                 parts.append(f"ETA {format_seconds(eta)}")

@@ -37,6 +37,7 @@ from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a mo
 
 POLL_SECONDS = 2.0
 EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
+SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
@@ -159,7 +160,7 @@ class RunManager:
         name = self._free_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
         folder = self.runs_dir / name
         overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
-                     f"optim.lr={lr:g}", f"batch_size={batch}", *lora]
+                     f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
         if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
             overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
         else:

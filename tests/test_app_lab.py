@@ -70,7 +70,7 @@ def test_a_stage_is_preparing_while_the_chain_makes_its_inputs(runs):
     write(lab / "sigma_resup" / "prepare.json", {"phase": "features", "done": 40, "total": 128, "rate": 5.0,
                                                  "eta_s": 17.6, "message": "features: 40/128"})
     resup = lab_view(runs).stages[2]
-    assert resup.state == "preparing" and resup.run.progress == "features · 40/128 · 5 items/s · ETA 18s"
+    assert resup.state == "preparing" and resup.run.progress == "features · 40/128 · 5 images/s · ETA 18s"
 
 
 def test_the_chain_header_and_a_second_reader_agree(runs):
