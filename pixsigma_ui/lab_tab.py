@@ -15,7 +15,15 @@ from typing import Any
 import gradio as gr
 
 from pixsigma_ui.inputs import as_text, guarded
-from pixsigma_ui.lab_state import CHAIN_STAGES, SCORE_KEYS, StageView, lab_view, metrics_frame, read_metrics
+from pixsigma_ui.lab_state import (
+    CHAIN_STAGES,
+    SCORE_KEYS,
+    StageView,
+    config_stage,
+    lab_view,
+    metrics_frame,
+    read_metrics,
+)
 from train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
 
 POLL_SECONDS = 2.0
@@ -72,6 +80,18 @@ def chain_line(status: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def plan_name(preset: str, start_from: str, stage: str) -> str:
+    """The run name the chain's plan gives trainer stage ``stage`` (ValueError: the preset has no such stage)."""
+    from train.prepare import REPO
+    from train.worlds import DEFAULT_WORLD, load_world
+
+    plan = load_world(DEFAULT_WORLD).preset(preset, start_from).plan
+    for st in plan:
+        if config_stage(REPO / "configs" / st.config) == stage:
+            return st.name
+    raise ValueError(f"the {preset} chain has no {stage} stage; its stages: {', '.join(st.name for st in plan)}")
+
+
 def build_lab(manager: Any) -> None:
     """The lab's components and events (inside the Train tab); ``manager``: the tab's ``RunManager``."""
     lab_dir = manager.lab_dir
@@ -89,9 +109,12 @@ def build_lab(manager: Any) -> None:
             resume = gr.Button("Resume chain", elem_id="lab-resume")
     header = gr.Markdown(elem_id="lab-chain")
     boxes: list[tuple[gr.Markdown, gr.LinePlot, gr.Gallery]] = []
+    stage_buttons: dict[str, gr.Button] = {}
     with gr.Row(equal_height=False):
         for title, stage in CHAIN_STAGES:
             with gr.Column(min_width=200, elem_id=f"lab-{stage}"):
+                if stage != "finetune":  # finetune: the form under the lab
+                    stage_buttons[stage] = gr.Button(f"Start {title}", size="sm", elem_id=f"lab-{stage}-start")
                 boxes.append((gr.Markdown(elem_id=f"lab-{stage}-state"),
                               gr.LinePlot(x="step", y="loss", title=f"{title} loss", height=170,
                                           elem_id=f"lab-{stage}-loss"),
@@ -127,6 +150,18 @@ def build_lab(manager: Any) -> None:
         launch_chain(as_text(preset_, "preset"), lab_dir, as_text(start_from_, "α"), python=manager.python)
         gr.Info(f"chain started in {lab_dir}")
 
+    def starter(stage: str) -> Any:
+        @guarded
+        def on_start_stage(preset_: Any, start_from_: Any) -> None:
+            """The chain up to this stage: earlier stages run first unless done, later ones wait."""
+            preset_, start_from_ = as_text(preset_, "preset"), as_text(start_from_, "α")
+            name = plan_name(preset_, start_from_, stage)
+            manager.refuse_second_run()
+            launch_chain(preset_, lab_dir, start_from_, python=manager.python, until=name)
+            gr.Info(f"{name} started in {lab_dir} (earlier stages first, unless they are done)")
+
+        return on_start_stage
+
     @guarded
     def on_stop() -> None:
         if chain_status(lab_dir)["state"] != "running":
@@ -139,7 +174,7 @@ def build_lab(manager: Any) -> None:
         status = chain_status(lab_dir)
         if status["state"] == "none":
             raise ValueError(f"no chain in {lab_dir} to resume: press Start chain")
-        if status["state"] == "done":
+        if status["stages"] and all(s.get("state") == "done" for s in status["stages"]):
             raise ValueError("the chain is done: every stage is exported (Start chain with another preset or α)")
         manager.refuse_second_run()
         launch_chain(status["preset"], lab_dir, status["start_from"], python=manager.python)  # skips what is done
@@ -147,6 +182,8 @@ def build_lab(manager: Any) -> None:
     views = [header, figure, *[c for box in boxes for c in box], shown]
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     start.click(on_start, [preset, start_from], None, preprocess=False, **light)  # inputs checked by name
+    for stage, button in stage_buttons.items():
+        button.click(starter(stage), [preset, start_from], None, preprocess=False, **light)
     stop.click(on_stop, None, None, **light)
     resume.click(on_resume, None, None, **light)
     gr.Timer(POLL_SECONDS).tick(refresh, shown, views, **light)

@@ -125,3 +125,27 @@ def test_a_config_whose_start_is_missing_is_refused_naming_it(manager, tmp_path)
     with pytest.raises(ValueError, match=f"stage.load_from {tmp_path / 'gone'} does not exist"):
         manager.start("finetune")
     assert not manager.spawned
+
+
+def test_a_stage_box_names_its_plan_step():
+    from pixsigma_ui.lab_tab import plan_name
+
+    assert [plan_name("quick", "shipped", s) for s in ("from_scratch", "vae_adapt", "res_up", "kv_compress")] == [
+        "alpha", "sigma_vae", "sigma_resup", "sigma_kv"]
+    with pytest.raises(ValueError, match="the quick chain has no finetune stage; its stages: alpha, sigma_vae"):
+        plan_name("quick", "shipped", "finetune")
+
+
+def test_start_stage_runs_the_chain_up_to_that_stage_only(tmp_path):
+    """A box's Start: the chain until that stage (earlier ones first), the later boxes still not started."""
+    from train.chain import run_chain
+
+    lab = tmp_path / "runs" / "lab"
+    with pytest.raises(ValueError, match="until must be one of the plan's stages alpha, sigma_vae, sigma_resup, "
+                                         "sigma_kv, got 'polish'"):
+        run_chain("tiny", lab, "shipped", until="polish")
+    summary = run_chain("tiny", lab, "shipped", until="sigma_vae")
+    assert [s["name"] for s in summary["stages"]] == ["alpha", "sigma_vae"]
+    states = [s.state for s in lab_view(tmp_path / "runs").stages]
+    assert states == ["shipped", "finished", "not started", "not started", "not started"]
+    assert [s["state"] for s in chain_status(lab)["stages"]] == ["done", "done", "pending", "pending"]
