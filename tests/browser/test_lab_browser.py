@@ -130,8 +130,8 @@ def test_defaults_start_stop_and_resume_from_a_fresh_state(app, browser):
 
 
 def test_the_tiny_chain_fills_every_stage_and_its_export_is_compared(app, browser):
-    """Start chain (tiny preset): each stage box ends finished with its ShapesBench score, a second browser sees
-    the same, and Compare puts the KV stage's export beside α and Σ."""
+    """A stage's Start, then Start chain (tiny preset): each stage box ends finished with its ShapesBench score, a
+    second browser sees the same, and Compare puts the KV stage's export beside α and Σ."""
     url, runs = app
     page = browser.new_page(viewport={"width": 1500, "height": 1400})
     page.goto(url)
@@ -141,8 +141,14 @@ def test_the_tiny_chain_fills_every_stage_and_its_export_is_compared(app, browse
                            timeout=60_000)  # the previous test's run has stopped: one trainer at a time
     page.locator("#lab-preset input").fill("tiny")
     page.keyboard.press("Enter")
-    page.click("#lab-start")
-    page.wait_for_function("document.querySelector('#lab-chain').innerText.includes('done')", timeout=240_000,
+    page.click("#lab-vae_adapt-start")  # one stage: the chain up to VAE (α, shipped, is scored first)
+    page.wait_for_function("document.querySelector('#lab-vae_adapt-state').innerText.includes('finished')",
+                           timeout=240_000, polling=500)
+    page.wait_for_function("document.querySelector('#lab-chain').innerText.includes('done')", timeout=60_000)
+    assert "not started" in page.inner_text("#lab-res_up-state")
+    page.click("#lab-start")  # the whole chain: α and VAE are done, so it goes on from res-up
+    page.wait_for_function("document.querySelector('#lab-kv_compress-state').innerText.includes('finished') && "
+                           "document.querySelector('#lab-chain').innerText.includes('done')", timeout=240_000,
                            polling=500)
     second = browser.new_context().new_page()  # another browser: nothing but the files tells it about the chain
     second.goto(url)
