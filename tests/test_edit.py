@@ -150,6 +150,24 @@ def test_request_refuses_bad_edit_fields(fields, message):
         GenerationRequest("a red circle", **fields)
 
 
+@pytest.mark.parametrize("sampler", ["dpm-solver", "euler-a", "ddim", "sa-solver"])
+def test_schedule_equals_diffusers_img2img_get_timesteps(sampler):
+    """The timesteps run and the scheduler's begin index, against diffusers' own img2img code."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    for steps, strength in ((10, 0.3), (7, 0.75), (12, 1.0), (5, 0.21)):
+        ours, theirs = make_scheduler(sampler), make_scheduler(sampler)
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        got, _ = schedule(ours, steps, strength)
+        want, n = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=theirs), steps, strength,
+                                                               "cpu")
+        assert torch.equal(got, want) and len(got) == n
+        assert getattr(ours, "begin_index", None) == getattr(theirs, "begin_index", None)  # DDIM has none
+
+
 def test_schedule_is_diffusers_get_timesteps():
     sched = make_scheduler("dpm-solver")
     sched.set_timesteps(10)
