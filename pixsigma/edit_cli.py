@@ -12,9 +12,9 @@ from pixsigma.edit import FEATHER_PX, IMG2IMG_STRENGTH, INPAINT_STRENGTH, check_
 EDIT_HELP = f"""image-to-image and inpainting:
   --init-image IMAGE redraws an image (resized and centre-cropped to the output, which is the image's own size
   unless --width/--height say otherwise); --strength F in (0, 1] says how far it is noised first (default
-  {IMG2IMG_STRENGTH}: small keeps it nearly as it is, 1 starts from almost pure noise). --mask IMAGE repaints only
-  its white part (default strength {INPAINT_STRENGTH}); pixels more than {FEATHER_PX} px from it stay exactly the
-  input's. Any mask size is resized to the image (a warning says so). docs/edit.md
+  {IMG2IMG_STRENGTH}: small keeps it nearly as it is, 1 starts from almost pure noise). --mask IMAGE repaints
+  only its white part (default strength {INPAINT_STRENGTH}); pixels {FEATHER_PX} px or more from it stay exactly
+  the input's. A mask of any size is resized to the image (a warning says so). More: docs/edit.md
   python -m pixsigma generate "a red star" --model demo --init-image in.png --strength 0.6 --out out.png
   python -m pixsigma generate "a green ring" --model demo --init-image in.png --mask mask.png --out out.png
 """
