@@ -64,11 +64,14 @@ def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shippe
 
 
 def seconds_per_step(rows: list[dict[str, Any]]) -> float | None:
-    """Steady seconds per step from a run's metrics rows (the first row, with its warm-up, is the origin)."""
+    """Steady seconds per step from a run's metrics rows: the median over logged intervals, so a warm-up or a
+    resume after a kill does not count."""
+    from statistics import median
+
     timed = [r for r in rows if isinstance(r.get("time"), (int, float))]
-    if len(timed) < 2 or timed[-1]["step"] <= timed[0]["step"]:
-        return None
-    return round((timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"]), 4)
+    rates = [(b["time"] - a["time"]) / (b["step"] - a["step"])
+             for a, b in zip(timed, timed[1:]) if b["step"] > a["step"]]
+    return round(median(rates), 4) if rates else None
 
 
 def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
