@@ -278,6 +278,9 @@ class Chain:
 
     def run(self, until: str | None = None) -> dict[str, Any]:
         """Every stage in order (up to and including ``until``); returns ``chain.json``'s content."""
+        names = [st.name for st in self.lab.plan]
+        if until is not None and until not in names:
+            raise ValueError(f"until must be one of the plan's stages {', '.join(names)}, got {until!r}")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         (self.runs_dir / STOP).unlink(missing_ok=True)
         self.write_plan()
@@ -289,7 +292,7 @@ class Chain:
                 record["current"] = self.lab.plan[0].name
                 self.shipped_alpha()
             prev = self.lab.plan[0] if self.start_from == "shipped" else None
-            for st in self.steps():
+            for st in self.steps() if until != names[0] or self.start_from == "scratch" else []:
                 record["current"] = st.name
                 _write_json(record, self.runs_dir / CHAIN_RUN)
                 if self.run_stage(st, prev) is None:
@@ -332,18 +335,18 @@ def _resolution(run_dir: Path) -> int:
 
 
 def run_chain(preset: str = "quick", runs_dir: str | Path = "runs/lab", start_from: str = "shipped",
-              on_event: EventFn | None = None, world: str | None = None) -> dict[str, Any]:
+              on_event: EventFn | None = None, world: str | None = None, until: str | None = None) -> dict[str, Any]:
     """Run (or continue) the chain of ``preset`` in ``runs_dir`` in this process; returns ``chain.json``'s content.
     ``on_event`` gets dicts: ``{"event": "stage", "name", "state"}`` (preparing, running, scoring, done, skipped),
     ``{"event": "progress", "name", "phase", "done", "total", "rate", "eta_s", "message"}``, ``{"event": "score",
     "name", "point", "step", "shapesbench"}`` and ``{"event": "chain", "state"}`` (done, stopped, failed)."""
-    return Chain(preset, runs_dir, start_from, on_event, world).run()
+    return Chain(preset, runs_dir, start_from, on_event, world).run(until)
 
 
 def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped", ablation: str | None = None,
-                 python: str = sys.executable) -> int:
+                 python: str = sys.executable, until: str | None = None) -> int:
     """Start ``python -m train.chain`` detached (its own session, output in ``DIR/chain.log``); returns its pid.
-    Refused while the folder's chain is running."""
+    ``until``: stop after that stage (a plan step's name). Refused while the folder's chain is running."""
     runs_dir = Path(runs_dir)
     if chain_status(runs_dir)["state"] == "running":
         raise ValueError(f"the chain in {runs_dir} is still running: stop it first")
@@ -354,6 +357,8 @@ def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped",
     cmd = [python, "-m", "train.chain", "--preset", preset, "--runs-dir", str(runs_dir), "--from", start_from]
     if ablation:
         cmd += ["--ablation", ablation]
+    if until:
+        cmd += ["--until", until]
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     with open(runs_dir / CHAIN_LOG, "ab") as out:
@@ -446,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="α: the shipped demo α, or trained from random weights")
     ap.add_argument("--ablation", choices=("kv",), default=None,
                     help="kv: after the res-up stage, train the KV stage with each operator and layer placement")
+    ap.add_argument("--until", default=None, help="stop after this stage (alpha, sigma_vae, sigma_resup, ...): "
+                    "the stages before it run first unless they are done")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_kv_ablation(args.preset, args.runs_dir, args.start_from, on_event=show)
         print(json.dumps(result["variants"], indent=1))
         return 0
-    summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show)
+    summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show, until=args.until)
     for s in summary["stages"]:
         print(f"{s['name']:12s} {s['stage'] or '':13s} steps {s['steps']:5d}  {s['seconds'] or 0:8.1f} s  "
               f"attribute {s['shapesbench']['attribute']:.3f}")
