@@ -100,6 +100,9 @@ def test_checkpoints_are_saved_on_a_grid_through_the_scored_steps(tmp_path):
     assert {"save_every=20", "keep_last=5", "steps=60", "data.max_images=960"} <= set(sets)
     rows = [{"step": 1, "time": 100.0}, {"step": 5, "time": 130.0}, {"step": 9, "time": 134.0}]
     assert seconds_per_step(rows) == 4.25 and seconds_per_step(rows[:1]) is None
+    burst = [{"step": s, "time": 100 + s / 1e4} for s in range(1, 11)] + [{"step": s, "time": 120.0 + s / 1e4}
+                                                                         for s in range(11, 21)]
+    assert seconds_per_step(burst + [{"step": 30, "time": 130.002}]) == pytest.approx(1.5, abs=1e-3)
 
 
 def test_a_dead_chain_reads_as_failed_and_stop_asks_the_running_stage(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ABLATION_JSON, ABLATION_MD, ABLATION_DIR = "ablation_kv.json", "ablation_kv.md", "ablation_kv"
+BURST_S = 0.05  # metrics rows closer in time than this were written together
 # variant -> (operator, "deep"/"shallow", the paper's FID for the same comparison: Table 3)
 VARIANTS = {"conv_deep": ("conv", "deep", "8.51 (deep 8.53)"), "pool_deep": ("pool", "deep", "9.42"),
             "discard_deep": ("discard", "deep", "8.92"), "conv_shallow": ("conv", "shallow", "9.28")}
@@ -68,9 +69,15 @@ def seconds_per_step(rows: list[dict[str, Any]]) -> float | None:
     resume after a kill does not count."""
     from statistics import median
 
-    timed = [r for r in rows if isinstance(r.get("time"), (int, float))]
-    rates = [(b["time"] - a["time"]) / (b["step"] - a["step"])
-             for a, b in zip(timed, timed[1:]) if b["step"] > a["step"]]
+    points: list[tuple[float, int]] = []  # rows are written in bursts (at a log step): a burst's last row is when
+    for r in rows:  # its steps were done
+        if not isinstance(r.get("time"), (int, float)):
+            continue
+        if points and r["time"] - points[-1][0] < BURST_S:
+            points[-1] = (r["time"], r["step"])
+        else:
+            points.append((r["time"], r["step"]))
+    rates = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(points, points[1:]) if s1 > s0]
     return round(median(rates), 4) if rates else None
 
 
