@@ -34,11 +34,13 @@ from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame:
 from pixsigma_ui.lab_tab import build_lab
 from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
+from train.userdata import read_user_data
 
 POLL_SECONDS = 2.0
 EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
 SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
+UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
 REPO = Path(__file__).resolve().parent.parent
@@ -293,6 +295,8 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
             with gr.Row():
                 data = gr.Textbox(value="", label="Data (empty: the shapes world)",
                                   placeholder="folder of images + .txt captions, .jsonl or .zip", scale=3)
+                upload = gr.File(label="or upload a .zip", file_types=[".zip"], type="filepath", height=80,
+                                 elem_id="train-upload", scale=2)
                 images = gr.Number(value=WORLD_IMAGES, precision=0, minimum=1, maximum=MAX_IMAGES,
                                    label="World images", elem_id="train-images")
             with gr.Row():
@@ -335,6 +339,15 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
         return gr.Dropdown(choices=manager.runs(), value=name)
 
     @guarded
+    def on_upload(path_):
+        """Unpacked once into RUNS/uploads (gradio's temp copy may be pruned before the run reads it), checked."""
+        if not path_:
+            return gr.skip()
+        found = read_user_data(path_, unpack_root=manager.runs_dir / UPLOADS)
+        gr.Info(f"{Path(path_).name}: {found.summary()}")
+        return str(found.source)
+
+    @guarded
     def on_stop(name):
         manager.stop(name)
         gr.Info(f"asked {name} to checkpoint and stop")
@@ -353,6 +366,7 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
                  stage, config, **light)
     start.click(on_start, [stage, config, data, steps, lr, batch, lora, rank, images], run,
                 preprocess=False, **light)  # inputs checked by name
+    upload.upload(on_upload, upload, data, **light)
     stop.click(on_stop, run, None, **light)
     resume.click(on_resume, run, None, **light)
     run.change(refresh, run, views, **light)

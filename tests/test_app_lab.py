@@ -149,3 +149,41 @@ def test_start_stage_runs_the_chain_up_to_that_stage_only(tmp_path):
     states = [s.state for s in lab_view(tmp_path / "runs").stages]
     assert states == ["shipped", "finished", "not started", "not started", "not started"]
     assert [s["state"] for s in chain_status(lab)["stages"]] == ["done", "done", "pending", "pending"]
+
+
+def _zip(path: Path, captioned: bool) -> Path:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(2):
+            png = io.BytesIO()
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(png, "PNG")
+            z.writestr(f"set/{i}.png", png.getvalue())
+            if captioned:
+                z.writestr(f"set/{i}.txt", f"a blue square number {i}")
+        if captioned:  # an unreadable image is skipped and counted, never fatal
+            z.writestr("set/broken.png", b"not a png")
+            z.writestr("set/broken.txt", "a broken image")
+    return path
+
+
+def test_an_uploaded_zip_is_unpacked_under_the_runs_folder_and_checked(tiny_pipeline, tmp_path):
+    import gradio as gr
+
+    from app import build_demo
+    from pixsigma.pipeline import PixSigmaPipeline
+    from pixsigma_ui.engine import MAIN, AppEngine
+
+    runs = tmp_path / "runs"
+    demo = build_demo(AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")}),
+                      outputs=tmp_path / "out", runs=RunManager(runs, {}))
+    demo.sweeper.stop()
+    upload = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload")
+    folder = Path(upload(str(_zip(tmp_path / "mine.zip", captioned=True))))
+    assert folder.parent == runs / "uploads" and sorted(p.name for p in folder.rglob("*.txt")) == \
+        ["0.txt", "1.txt", "broken.txt"]
+    with pytest.raises(gr.Error, match=r"no captions found \(2 images, none with a caption\)"):
+        upload(str(_zip(tmp_path / "bare.zip", captioned=False)))
