@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pixsigma.t5 import quiet_torchao
 from pixsigma.text import encode_text, token_lengths
 
 Tensor = torch.Tensor
@@ -79,7 +80,8 @@ def build_text_encoder(path: str | Path, device: torch.device, max_tokens: int) 
 
 
 def build_vae(path: str | Path, device: torch.device) -> ImageEncoder:
-    from diffusers import AutoencoderKL
+    with quiet_torchao():  # diffusers imports torchao, when installed, with its models
+        from diffusers import AutoencoderKL
 
     # fp32: the SDXL VAE overflows in fp16, and encoding is a small share of a step.
     vae = AutoencoderKL.from_pretrained(component_folder(path, "vae"), local_files_only=True)

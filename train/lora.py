@@ -20,6 +20,7 @@ from pixsigma.config import DiTConfig
 from pixsigma.io import swap_in_folder
 from pixsigma.lora import save_lora, to_diffusers_lora
 from pixsigma.model.dit import PixArtDiT
+from pixsigma.t5 import quiet_torchao
 from train.runfiles import FINAL
 
 # The Linears of a block a LoRA may adapt (pixsigma's names; diffusers' to_q/to_k/to_v are rows of attn.qkv).
@@ -56,7 +57,8 @@ class LoraTrainConfig:
 
 def add_lora(model: PixArtDiT, cfg: LoraTrainConfig) -> PixArtDiT:
     """Freeze ``model`` and inject trainable LoRA layers (A: Kaiming, B: 0, so training starts at the base)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    with quiet_torchao():  # peft imports torchao, when installed
+        from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
     pattern = r"blocks\.\d+\.(" + "|".join(re.escape(t) for t in cfg.target_modules) + ")"
@@ -67,7 +69,8 @@ def add_lora(model: PixArtDiT, cfg: LoraTrainConfig) -> PixArtDiT:
 
 def lora_pairs(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple]:
     """{pixsigma Linear name: (A, B)} of a LoRA-injected model (or of its gathered ``state``)."""
-    from peft import get_peft_model_state_dict
+    with quiet_torchao():
+        from peft import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(model, state_dict=state)
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
