@@ -19,6 +19,7 @@ from PIL import Image
 Tensor = torch.Tensor
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2  # hysteresis thresholds on the gradient magnitude of [0, 1] grey levels
 REGION_LEVELS = 4  # levels per RGB channel of a flat colour-region map
+THICK_EDGE_WIDTH = 5  # px: a 1-px edge barely moves a small VAE's latent (the demo's); a 5-px one does
 
 
 def _grey(image: Image.Image) -> Tensor:
@@ -73,6 +74,13 @@ def canny(image: Image.Image) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
+def canny_thick(image: Image.Image) -> Image.Image:
+    """Canny edges dilated to ``THICK_EDGE_WIDTH`` pixels, white on black (the demo ControlNet's map)."""
+    from PIL import ImageFilter
+
+    return canny(image).filter(ImageFilter.MaxFilter(THICK_EDGE_WIDTH))
+
+
 def regions(image: Image.Image) -> Image.Image:
     """A flat colour-region map: each pixel snapped to ``REGION_LEVELS`` levels per channel, then a 5×5 mode
     filter so regions are flat and their borders clean (a sketch of flat colours passes through unchanged)."""
@@ -89,7 +97,8 @@ def raw(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-CONDITION_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {"canny": canny, "regions": regions, "raw": raw}
+CONDITION_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "canny": canny, "canny-thick": canny_thick, "regions": regions, "raw": raw}
 CONTROL_TYPES = tuple(CONDITION_MAKERS)
 
 

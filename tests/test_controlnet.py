@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from fixtures import random_dit
@@ -210,7 +211,7 @@ def test_pipeline_untrained_controlnet_gives_the_base_image_exactly(tiny_pipelin
 def test_bad_control_requests_are_refused_before_any_work():
     from pixsigma.pipeline import GenerationRequest
 
-    with pytest.raises(ValueError, match="unknown control type 'hed'; accepted: canny, regions, raw"):
+    with pytest.raises(ValueError, match="unknown control type 'hed'; accepted: canny, canny-thick, regions, raw"):
         GenerationRequest("x", control_image=_sketch(), control_type="hed")
     with pytest.raises(ValueError, match="control scale must be a number in 0-4"):
         GenerationRequest("x", control_image=_sketch(), control_scale=9.0)
@@ -219,12 +220,15 @@ def test_bad_control_requests_are_refused_before_any_work():
 
 
 def test_condition_makers():
-    from pixsigma.control import canny, canny_edges, control_map, regions
+    from pixsigma.control import THICK_EDGE_WIDTH, canny, canny_edges, canny_thick, control_map, regions
 
     edges = canny_edges(_sketch())
     assert edges.dtype == torch.bool and 20 < int(edges.sum()) < 300  # a thin outline, not a filled area
     assert not edges[:10].any()  # nothing where the image is flat
     assert canny(_sketch()).mode == "RGB"
+    thick = np.asarray(canny_thick(_sketch()))[..., 0] > 0
+    assert thick[edges.numpy()].all() and thick.sum() > 2 * int(edges.sum())  # the same edges, wider
+    assert thick[32].sum() >= 2 * THICK_EDGE_WIDTH  # the middle row crosses two vertical edges, each this wide
     flat = regions(_sketch())
     assert set(flat.getdata()) <= {(0, 0, 0), (255, 255, 255)}
     cmap, warnings = control_map(_sketch(100, 50), "raw", 64, 64)
