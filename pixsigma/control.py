@@ -102,6 +102,11 @@ CONDITION_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
 CONTROL_TYPES = tuple(CONDITION_MAKERS)
 
 
+def default_control_type(net) -> str:
+    """The control type a ControlNet was trained on, where its folder says (``control_type``), else canny."""
+    return getattr(net, "control_type", None) or "canny"
+
+
 def check_control_type(kind: str) -> str:
     if kind not in CONDITION_MAKERS:
         raise ValueError(f"unknown control type {kind!r}; accepted: {', '.join(CONTROL_TYPES)}")
@@ -151,11 +156,12 @@ def control_latent(vae, images: list[Image.Image]) -> Tensor:
     return (mean.float() - shift) * float(vae.config.scaling_factor)
 
 
-def check_control_request(image: Image.Image | None, kind: str, scale: float) -> None:
+def check_control_request(image: Image.Image | None, kind: str | None, scale: float) -> None:
     """A request's control fields, refused before any work (the image only where one is given)."""
     if image is not None and not isinstance(image, Image.Image):
         raise ValueError(f"control_image must be a PIL image or None, got {type(image).__name__}")
-    check_control_type(kind)
+    if kind is not None:  # None: the ControlNet's own type (default_control_type)
+        check_control_type(kind)
     check_control_scale(scale)
 
 
@@ -178,7 +184,8 @@ def apply_control(pipe, req, height: int, width: int, batch: int,
     if pipe.controlnet is None:
         raise ValueError("this model has no ControlNet: pass one (--controlnet PATH, or "
                          "PixSigmaPipeline.from_pretrained(..., controlnet=PATH)) to use a control image")
-    cmap, warnings = control_map(req.control_image, req.control_type, width, height)
+    kind = req.control_type or default_control_type(pipe.controlnet)
+    cmap, warnings = control_map(req.control_image, kind, width, height)
     latent = control_latent(pipe.vae, [cmap]).to(pipe.device, pipe.dtype)  # (1, C, h, w)
     call = ControlledDiT(pipe.transformer, pipe.controlnet)
     return call, {**extra, "control": latent.expand(batch, -1, -1, -1), "scale": req.control_scale}, cmap, warnings

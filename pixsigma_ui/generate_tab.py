@@ -104,7 +104,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  expand_prompt: bool = True,
                  # the edit helper's init_image, mask, strength go here, before loras (HELPERS.md API order)
                  loras: str = "",
-                 control_image: Any = None, control_type: str = "canny", control_scale: float = 1.0,  # control_panel
+                 control_image: Any = None, control_type: str = "", control_scale: float = 1.0,  # control_panel
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
         styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)

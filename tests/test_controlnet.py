@@ -237,7 +237,7 @@ def test_condition_makers():
 
 def test_cli_control_options(tiny_pipeline, tmp_path, capsys):
     from pixsigma.cli import main as cli
-    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.controlnet_weights import save_controlnet, trained_control_type
     from pixsigma.io import read_params
     from pixsigma.weights import load_dit
 
@@ -249,6 +249,14 @@ def test_cli_control_options(tiny_pipeline, tmp_path, capsys):
                 "--width", "64", "--height", "64", "--controlnet", str(tmp_path / "cn"), "--control", str(sketch),
                 "--control-type", "regions", "--control-scale", "0.5"]) == 0
     assert read_params(out)["control"] == {"type": "regions", "scale": 0.5}
+    trained = ControlNet.from_base(load_dit(tiny_pipeline))
+    trained.control_type = "canny-thick"  # a folder that says what it was trained on sets the default type
+    save_controlnet(trained, tmp_path / "thick")
+    assert trained_control_type(tmp_path / "thick") == "canny-thick" and trained_control_type(tmp_path / "cn") is None
+    assert cli(["generate", "a red star", "--model", str(tiny_pipeline), "--out", str(out), "--steps", "1",
+                "--width", "64", "--height", "64", "--controlnet", str(tmp_path / "thick"), "--control",
+                str(sketch)]) == 0
+    assert read_params(out)["control"] == {"type": "canny-thick", "scale": 1.0}
     assert cli(["generate", "x", "--model", str(tiny_pipeline), "--out", str(out), "--control",
                 str(tmp_path / "none.png")]) == 2
     assert "--control" in capsys.readouterr().err
