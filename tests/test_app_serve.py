@@ -3,6 +3,7 @@ one log line per refusal, the queue-full message, bounded disk, several devices 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,12 +22,13 @@ from app import build_demo, parse_args
 from pixsigma.config import parse_layers
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import KV_RATIOS, MAIN, MAX_SEED, AppEngine
+from pixsigma_ui.generate_tab import make_generate_fn
 from pixsigma_ui.inputs import MAX_MESSAGE_CHARS
 from pixsigma_ui.pool import EnginePool
 from pixsigma_ui.queue_full import queue_full_message
 from pixsigma_ui.retention import GRACE_S, Retention, prune, prune_files, prune_gradio_cache
 
-# The generate endpoint's inputs in order (what a raw HTTP call sends as "data").
+# The generate endpoint's first inputs in order; a raw HTTP call sends every input, the later ones at their defaults.
 GENERATE_INPUTS = ("prompt", "negative_prompt", "style", "aspect_ratio", "resolution", "steps", "guidance", "sampler",
                    "seed", "randomize_seed", "num_images", "kv_mode", "kv_ratio", "kv_layers", "kv_operator",
                    "expand_prompt")
@@ -66,6 +68,7 @@ class Served:
         from gradio_client import Client
 
         self.client = Client(self.url + "/", verbose=False)
+        self.generate_fn = make_generate_fn(engine, tmp / "signature")  # only its parameters are read
 
     def close(self):
         self.demo.sweeper.stop()
@@ -84,7 +87,10 @@ class Served:
         """A raw HTTP call of /generate with ``inputs`` over GOOD's (NaN and infinities go as JSON's NaN and
         Infinity); the (event, decoded data) of its last SSE message."""
         values = {**GOOD, **inputs}
-        status, reply = self.post("/gradio_api/call/generate", {"data": [values[k] for k in GENERATE_INPUTS]})
+        later = [p.default for name, p in inspect.signature(self.generate_fn).parameters.items()
+                 if name not in GENERATE_INPUTS and name != "progress"]
+        status, reply = self.post("/gradio_api/call/generate",
+                                  {"data": [values[k] for k in GENERATE_INPUTS] + later})
         assert status == 200, reply
         with urllib.request.urlopen(f"{self.url}/gradio_api/call/generate/{reply['event_id']}", timeout=120) as r:
             lines = r.read().decode().strip().splitlines()
@@ -141,8 +147,6 @@ def test_every_refusal_is_capped(served):
 
 
 def test_warnings_are_capped_too(pipe, tmp_path):
-    from pixsigma_ui.generate_tab import make_generate_fn
-
     generate = make_generate_fn(AppEngine({MAIN: pipe}, {MAIN: "tiny"}), tmp_path)
     with pytest.warns(UserWarning) as warned:
         list(generate(**{**GOOD, "prompt": " ".join(f"zebra{i}" for i in range(300))}))
@@ -335,8 +339,6 @@ def test_outputs_and_gradios_cache_stay_within_bounds(pipe, tmp_path):
 
 
 def test_the_outputs_folder_is_pruned_after_each_save(pipe, tmp_path):
-    from pixsigma_ui.generate_tab import make_generate_fn
-
     engine = AppEngine({MAIN: pipe}, {MAIN: "tiny"})
     write(tmp_path / "out" / "yesterday.png", 10, 25 * 3600, time.time())
     list(make_generate_fn(engine, tmp_path / "out", Retention(hours=24))(**GOOD))

@@ -79,7 +79,7 @@ def test_control_input_upload_map_and_generate(served):
         page.wait_for_selector("#generate", timeout=30_000)
         page.get_by_text("Control (ControlNet)").first.click()
         page.locator("#control-image input[type=file]").first.set_input_files(str(tmp / "sketch.png"))
-        page.wait_for_selector("#control-map img", timeout=30_000)  # the preprocessed map, beside the result
+        page.wait_for_selector("#control-map img", timeout=90_000)  # the preprocessed map (slow on a loaded CPU)
         page.fill("#prompt textarea", "a red square")
         page.fill("input[aria-label='number input for Steps']", "2")
         page.click("#generate")
