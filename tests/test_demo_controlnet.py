@@ -34,11 +34,11 @@ def test_the_demo_ships_its_controlnet(pipe):
 
 @pytest.mark.parametrize("cell", [4, 8])
 def test_the_demo_follows_its_control_map(pipe, cell):
-    """A red star in the centre or bottom-right cell: the image has its red star there, though the prompt
-    expander's rewrite (seed 0) puts it in the top left."""
+    """A red star in the centre or bottom-right cell: the image has its star there, and nothing else, though the
+    prompt expander's rewrite (seed 0) puts it in the top left."""
     res = pipe.generate(GenerationRequest("a red star", seed=0, control_image=_scene(cell)))
-    stars = [d for d in detect(res.images[0]) if d.colour == "red"]
-    assert stars and stars[0].cell == cell
+    found = detect(res.images[0])  # its colour drifts towards orange (model card): position and shape are checked
+    assert found and {(d.shape, d.cell) for d in found} == {("star", cell)}
     assert res.control_map.tobytes() == canny_thick(_scene(cell)).tobytes()  # the type it was trained on
 
 
