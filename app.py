@@ -27,6 +27,7 @@ from pixsigma_ui.control_panel import attach_controlnet
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import build_generate_tab
 from pixsigma_ui.inputs import log
+from pixsigma_ui.model_picker import build_runs_api
 from pixsigma_ui.pool import EnginePool
 from pixsigma_ui.queue_full import explain_queue_full
 from pixsigma_ui.retention import (
@@ -38,6 +39,7 @@ from pixsigma_ui.retention import (
     prune_gradio_cache,
     temp_outputs_folder,
 )
+from pixsigma_ui.run_models import attach_runs
 from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
@@ -71,6 +73,7 @@ def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: Ru
         if runs is not None:
             with gr.Tab("Train"):
                 build_train_tab(demo, runs)
+        build_runs_api(engine)  # /runs: the finished training runs a request's `model` may name
     demo.queue(max_size=queue_size, default_concurrency_limit=engine.concurrency)
     explain_queue_full(demo, engine.concurrency)
     demo.sweeper = Sweeper([lambda: prune(outputs, keep), lambda: prune_gradio_cache(demo, keep)]).start()
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             attach_controlnet(engine, opts.controlnet)  # control_panel.py
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
+    attach_runs(engine, Path(opts.runs_dir).resolve())  # finished runs as models of Generate and Compare
     runs = None
     if opts.enable_training:
         try:  # the loaded model's folder: what "finetune" starts from when no config says otherwise

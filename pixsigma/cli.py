@@ -10,6 +10,7 @@ from pathlib import Path
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
+from pixsigma.edit_cli import add_edit_args, edit_from_args
 from pixsigma.sampling import SAMPLERS
 from pixsigma.speed import MODES as SPEED_MODES
 from pixsigma.t5 import T5_PRECISIONS
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-expand", action="store_true", help="give the model the prompt as typed, not the rewrite "
                    "its folder names (the demo Σ's: a short prompt as the dense caption it was trained on)")
     add_control_args(g)
+    add_edit_args(g)
     g.add_argument("--offload-t5", action="store_true", help="keep T5 on the CPU between encodings (saves ~9 GB "
                    "of GPU memory with T5-XXL; a 1024 px image then fits a 12 GB card)")
     g.add_argument("--t5", choices=T5_PRECISIONS, default=None, help="T5's precision (default: --dtype); int8 "
@@ -120,6 +122,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     for spec in loras:
         resolve_lora(spec.path)
     control = control_from_args(args)  # the image is read (and refused) before any model loads
+    edit = edit_from_args(args)  # --init-image, --mask, --strength: likewise (pixsigma.edit_cli)
     pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
                                             speed=args.speed, t5_precision=args.t5, controlnet=args.controlnet)
     pipe.set_loras(loras)
@@ -128,7 +131,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     req = GenerationRequest(args.prompt, args.negative, args.width, args.height, args.steps, args.guidance,
                             args.sampler, args.seed, args.num_images, not args.no_binning, kv_arg,
                             tuple(args.guidance_interval) if args.guidance_interval else None,
-                            expand_prompt=not args.no_expand, **control)
+                            expand_prompt=not args.no_expand, **control, **edit)
     for word in pipe.unknown_words(args.prompt):
         log.warning("unknown word %r: this model's tokenizer does not know it", word)
     res = pipe.generate(req)

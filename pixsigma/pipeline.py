@@ -26,6 +26,8 @@ from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.control import apply_control, check_control_request, controlnet_for, default_control_type
+from pixsigma.diffusers_call import DiffusersCall, dtype_name
+from pixsigma.edit import check_edit_request, plan_edit
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
 from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.controlnet import ControlNet
@@ -82,6 +84,11 @@ class GenerationRequest:
     control_image: Image.Image | None = None
     control_type: str | None = None  # None: the type the ControlNet was trained on (its folder's), else canny
     control_scale: float = 1.0
+    # Image-to-image and inpainting (pixsigma.edit): the input (also the default output size), white = repaint,
+    # how far the input is noised (None: 0.8, with a mask 1.0)
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -102,6 +109,7 @@ class GenerationRequest:
         if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
             raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
         check_control_request(self.control_image, self.control_type, self.control_scale)
+        check_edit_request(self.init_image, self.mask, self.strength)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -179,8 +187,8 @@ def resolve_model(model: str) -> Path:
                             "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, or 'demo' / 'demo-alpha'")
 
 
-class PixSigmaPipeline:
-    """The loaded parts of a PixArt pipeline folder, and ``generate``."""
+class PixSigmaPipeline(DiffusersCall):
+    """The loaded parts of a PixArt pipeline folder, and ``generate`` (diffusers' call: ``pixsigma.diffusers_call``)."""
 
     t5_precision: str | None = None  # T5's --t5 precision (pixsigma.t5), None: the pipeline's dtype
 
@@ -200,16 +208,18 @@ class PixSigmaPipeline:
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
                         dtype: str | None = None, offload_t5: bool = False, kv: KVCompress | None = None,
                         speed: str = "eager", t5_precision: str | None = None,
-                        controlnet: str | None = None) -> PixSigmaPipeline:
+                        controlnet: str | None = None, torch_dtype: torch.dtype | None = None) -> PixSigmaPipeline:
         """``dtype``: fp32, bf16 or fp16 (None: ``default_dtype`` of the device). ``speed``: how the DiT runs
         (``pixsigma.speed.MODES``: eager, sdpa, compile, graphs); never what it computes. ``t5_precision``:
         fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``. ``controlnet``: a
-        ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any."""
+        ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any.
+        ``torch_dtype`` (diffusers' name): torch.float32, torch.bfloat16 or torch.float16, the same as ``dtype``."""
         with quiet_torchao():  # diffusers imports torchao, when installed, with its models
             from diffusers import AutoencoderKL
         from transformers import AutoTokenizer
 
         check_t5_precision(t5_precision)
+        dtype = dtype_name(dtype, torch_dtype)
 
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -289,8 +299,9 @@ class PixSigmaPipeline:
 
     def plan_size(self, req: GenerationRequest) -> tuple[int, int, int, int]:
         """(asked h, asked w, generated h, generated w)."""
-        h = req.height or self.base_resolution
-        w = req.width or self.base_resolution
+        own = req.init_image.size if req.init_image is not None else (self.base_resolution,) * 2  # (w, h)
+        h = req.height or own[1]
+        w = req.width or own[0]
         if req.binning:
             gh, gw = nearest_bucket(h, w, self.base_resolution)
         else:
@@ -345,6 +356,12 @@ class PixSigmaPipeline:
             scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
+            edit = None
+            if req.init_image is not None:  # image-to-image / inpainting from the same seed's noise (pixsigma.edit)
+                noise = initial_noise(shape, seed, self.device, self.dtype)[0]
+                edit, edit_warnings = plan_edit(self.vae, req.init_image, req.mask, req.strength, (w, h), (gw, gh),
+                                                noise)
+                warnings += edit_warnings
             extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
 
             call, control_map = dit, None
@@ -360,11 +377,11 @@ class PixSigmaPipeline:
                 return call(x, t, y, mask, **extra)
 
             latents = denoise(model_fn, scheduler, latents, steps, guidance, gen, callback,
-                              dit.config.learn_sigma)
+                              dit.config.learn_sigma, edit)
             images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
             if req.binning:
                 images = resize_and_crop(images, h, w)
-            pil = to_pil(images)
+            pil = to_pil(images) if edit is None else edit.finish(to_pil(images))
         finally:
             if own is not None:
                 dit.set_kv_compress(own)
@@ -383,6 +400,8 @@ class PixSigmaPipeline:
         if req.control_image is not None:
             params["control"] = {"type": req.control_type or default_control_type(self.controlnet),
                                  "scale": req.control_scale}
+        if edit is not None:
+            params["edit"] = edit.params
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
             params["expanded_prompts"] = prompts
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from PIL import Image
 
 from pixsigma.config import DiTConfig
 from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
+
+if TYPE_CHECKING:
+    from pixsigma.edit import Edit
 
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, latents)
@@ -80,14 +83,17 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype
 
 def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor, steps: int,
             guidance: float, generator: torch.Generator | None = None, callback: StepCallback | None = None,
-            learn_sigma: bool = True) -> Tensor:
+            learn_sigma: bool = True, edit: Edit | None = None) -> Tensor:
     """The sampling loop. ``model_fn(x, t)`` gets the CFG-doubled batch ([uncond; cond]) when guidance > 1
     and returns the model output; only its first half (ε or v, as the scheduler's ``prediction_type`` says)
-    is used when the model also predicts variance."""
+    is used when the model also predicts variance. ``edit`` (``pixsigma.edit``): start part way from a noised
+    input image, and keep it outside a mask after each step."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
+    if edit is not None:
+        latents, timesteps = edit.start(scheduler, latents, steps)
     step_params = inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if "generator" in step_params else {}
     cfg = guidance > 1.0
@@ -101,6 +107,8 @@ def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Te
             out = uncond + guidance * (cond - uncond)
         pred = out[:, :channels] if learn_sigma and out.shape[1] == 2 * channels else out
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if edit is not None:
+            latents = edit.after_step(scheduler, latents, timesteps, i)
         if callback is not None:
             callback(i + 1, len(timesteps), latents)
     return latents

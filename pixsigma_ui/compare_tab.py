@@ -18,6 +18,7 @@ from pixsigma_ui.control_panel import build_compare_control
 from pixsigma_ui.engine import ALPHA, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, layers_spec
 from pixsigma_ui.generate_tab import ASPECTS, expansion_note, parse_aspect
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_int, as_text, guarded, resolve_seed
+from pixsigma_ui.model_picker import build_model_picker, check_run, run_panel
 from pixsigma_ui.styles import examples_for
 
 DIFF_GAIN = 4  # |Σ − Σ_kv| is small; ×4 makes it visible
@@ -37,12 +38,14 @@ def panel_label(title: str, done: Done) -> str:
 
 
 def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
-    """Handler yielding the eight outputs as each run finishes (α, Σ, α|Σ slider, note, Σ full, Σ KV, diff, note)."""
+    """Handler yielding the nine outputs as each run finishes (α, Σ, α|Σ slider, note, Σ full, Σ KV, diff, note,
+    your run: ``model``, a finished run through the same prompt and seed; none when empty)."""
     sigma = engine.info(MAIN)
     alpha = engine.info(ALPHA) if engine.has(ALPHA) else None
 
     def compare(prompt: str, seed: int = 0, steps: int = sigma.steps, aspect_ratio: str = "1:1",
                 kv_ratio: int = 2, kv_layers: str = "", expand_prompt: bool = True,
+                model: str = "",  # last: a finished run (run:NAME, model_picker.py) beside α and Σ
                 progress: gr.Progress = gr.Progress(),  # noqa: B008
                 ) -> Iterator[tuple]:
         prompt, seed, steps = as_text(prompt, "prompt"), resolve_seed(seed), as_int(steps, "steps")
@@ -55,18 +58,21 @@ def make_compare_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]:
                 "kv": (MAIN, engine.make_request(prompt, kv=kv, **common))}
         if alpha is not None:
             runs["alpha"] = (ALPHA, engine.make_request(prompt, model=ALPHA, **common))
+        run = check_run(engine, model)
+        if run:
+            runs["run"] = (run, engine.make_request(prompt, model=run, **common))
         own = sigma.kv if sigma.kv.active else KVCompress()
         same_as = {"sigma": "full" if not own.active else ("kv" if own == kv else None)}
-        order = [k for k in ("alpha", "full", "kv", "sigma") if k in runs and not same_as.get(k)]
+        order = [k for k in ("alpha", "full", "kv", "sigma", "run") if k in runs and not same_as.get(k)]
         done: dict[str, Done] = {}
-        out = [gr.skip()] * 8
+        out = [gr.skip()] * 9
         for i, key in enumerate(order):
             progress((i, len(order)), desc=f"run {i + 1}/{len(order)}")
             model, request = runs[key]
             done[key] = engine.run(request, model)
             if key == "sigma" or same_as.get("sigma") == key:
                 done["sigma"] = done[key]
-            out = _panels(done, alpha.name if alpha else None, sigma.name, kv)
+            out = _panels(done, alpha.name if alpha else None, sigma.name, kv) + [run_panel(engine, run, done)]
             yield tuple(out)
 
     return guarded(compare)
@@ -115,11 +121,13 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
                 kv_layers = gr.Textbox(value=layers_spec(kv.layers), label=f"KV layers (0–{sigma.depth - 1})")
             expand = gr.Checkbox(value=True, label="Expand Σ's prompt (into the dense caption it was trained on)",
                                  visible=sigma.prompt_expander is not None, elem_id="compare-expand")
+            model = build_model_picker(engine, "compare-model", "Your run (beside α and Σ)", runs_only=True)
     button = gr.Button("Compare", variant="primary", elem_id="compare")
-    gr.Markdown("### PixArt-α vs PixArt-Σ")
+    gr.Markdown("### PixArt-α vs PixArt-Σ (and your run)")
     with gr.Row():
         alpha_img = gr.Image(label="PixArt-alpha", format="png", elem_id="alpha-image", visible=engine.has(ALPHA))
         sigma_img = gr.Image(label="PixArt-Sigma", format="png", elem_id="sigma-image")
+        run_img = gr.Image(label="your run (pick one above)", format="png", elem_id="run-image")  # model_picker.py
         slider = gr.ImageSlider(label="alpha vs sigma", format="png", visible=engine.has(ALPHA))
     ab_note = gr.Markdown(label="alpha vs sigma latency")
     gr.Markdown("### PixArt-Σ: full attention vs KV token compression")
@@ -130,8 +138,8 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
     kv_note = gr.Markdown(label="KV latency")
     gr.Examples([[p] for p in examples_for(sigma.is_xl)], inputs=[prompt], label="Example prompts")
     gr.on([button.click, prompt.submit], gpu(make_compare_fn(engine)),
-          [prompt, seed, steps, aspect, kv_ratio, kv_layers, expand],
-          [alpha_img, sigma_img, slider, ab_note, full_img, kv_img, diff_img, kv_note],
+          [prompt, seed, steps, aspect, kv_ratio, kv_layers, expand, model],
+          [alpha_img, sigma_img, slider, ab_note, full_img, kv_img, diff_img, kv_note, run_img],
           api_name="compare", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
           preprocess=False)  # inputs checked by name in the handler (inputs.py)
     build_compare_control(engine, gpu)  # Σ vs Σ + ControlNet (control_panel.py)

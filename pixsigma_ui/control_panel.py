@@ -9,14 +9,12 @@ are read (a payload naming any other file on the server is refused).
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pixsigma.control import (
     CONTROL_TYPES,
@@ -28,11 +26,20 @@ from pixsigma.control import (
 from pixsigma.controlnet_weights import load_controlnet
 from pixsigma.pipeline import GenerationRequest
 from pixsigma_ui.engine import MAIN, MAX_SEED, AppEngine, Done
-from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, guarded, resolve_seed
+from pixsigma_ui.inputs import (
+    RANDOM_SEED,
+    as_bool,
+    as_float,
+    as_int,
+    as_text,
+    guarded,
+    open_upload,
+    resolve_seed,
+    upload_path,
+)
 
 SCALE_RANGE = (0.0, 2.0)  # the slider's; the API accepts what the pipeline does (0-4)
 CANVAS = (256, 256)
-MAX_CONTROL_PIXELS = 4096 * 4096
 
 
 def has_controlnet(engine: AppEngine) -> bool:
@@ -46,42 +53,18 @@ def attach_controlnet(engine: AppEngine, path: str) -> None:
         pipe.controlnet = load_controlnet(path, pipe.transformer)
 
 
-def _file(payload: Any) -> Path | None:
-    if payload is None:
-        return None
-    if isinstance(payload, dict):
-        payload = payload.get("path")
-    if not isinstance(payload, str) or not payload:
-        raise ValueError(f"control_image: expected an uploaded image, got {reprlib.repr(payload)}")
-    from gradio.utils import get_upload_folder
-
-    path = Path(payload).resolve()
-    if not path.is_relative_to(Path(get_upload_folder()).resolve()):
-        raise ValueError("control_image must be an image uploaded to this app")
-    return path
-
-
 def read_control_image(value: Any) -> Image.Image | None:
     """The control image in a handler's raw input (None: no control). An ImageEditor value gives its composite
     (the upload with what was drawn on it), else its background."""
     if isinstance(value, dict) and ("composite" in value or "background" in value):
         value = value.get("composite") or value.get("background")
-    image = value.convert("RGB") if isinstance(value, Image.Image) else _open(_file(value))
+    if isinstance(value, Image.Image):
+        image = value.convert("RGB")
+    else:
+        image = open_upload(upload_path(value, "control_image"), "control_image")
     if image is None or image.getextrema() in (((0, 0),) * 3, ((255, 255),) * 3):
         return None  # no image, or an empty canvas: no control
     return image
-
-
-def _open(path: Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_CONTROL_PIXELS:
-                raise ValueError(f"control_image is {im.width}×{im.height}; at most {MAX_CONTROL_PIXELS} pixels")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise ValueError("control_image is not an image that can be read (PNG, JPEG, WebP…)") from None
 
 
 def engine_control_type(engine: AppEngine) -> str:

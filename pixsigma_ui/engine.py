@@ -212,6 +212,7 @@ class AppEngine:
                                                   self._configs[MAIN].resolution)
         # One lock per device: two requests never share a GPU's memory or a CPU's cores at once.
         self._locks = {str(torch.device(p.device)): threading.Lock() for p in self.pipes.values()}
+        self.runs: Any = None  # finished training runs, loaded when a request names one (run_models.RunModels)
 
     @classmethod
     def load(cls, model: str, alpha_model: str | None = None, device: str = "auto", dtype: str | None = None,
@@ -255,8 +256,22 @@ class AppEngine:
                          guidance=guidance, prompt_expander=pipe.sampling.prompt_expander)
 
     def _check_model(self, model: str) -> None:
+        if self.runs is not None and model not in self.pipes:
+            self.runs.attach(self, model)  # a finished run's pipeline (run_models.py); a bad name is refused there
         if model not in self.pipes:
             raise ValueError(f"model {model!r} is not loaded; loaded: {sorted(self.pipes)}")
+
+    def add_model(self, key: str, pipe: Pipeline, name: str) -> None:
+        """Serve ``pipe`` as ``key`` too (a run's pipeline, on a device this engine already has)."""
+        if str(torch.device(pipe.device)) not in self._locks:
+            raise ValueError(f"model {name} is on {pipe.device}, not on this engine's devices {self.devices}")
+        self.pipes[key], self.names[key], self._configs[key] = pipe, name, pipe.transformer.config
+
+    def drop_model(self, key: str) -> None:
+        if key == MAIN:
+            raise ValueError("the main model cannot be dropped")
+        for table in (self.pipes, self.names, self._configs):
+            table.pop(key, None)
 
     def unknown_words(self, prompt: str, model: str = MAIN) -> list[str]:
         self._check_model(model)

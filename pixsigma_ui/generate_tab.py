@@ -19,12 +19,15 @@ import gradio as gr
 from PIL import Image
 
 from pixsigma.config import KV_OPERATORS, parse_layers
+from pixsigma.edit import IMG2IMG_STRENGTH
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
 from pixsigma_ui.control_panel import build_control_inputs, build_control_map, with_control
+from pixsigma_ui.edit_panel import build_edit_inputs, with_edit
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
 from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
+from pixsigma_ui.model_picker import build_model_picker, check_model, link_resolution, resolution_for
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
@@ -102,10 +105,12 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  sampler: str = "default", seed: int = 0, randomize_seed: bool = True, num_images: int = 1,
                  kv_mode: str = "model", kv_ratio: int = 2, kv_layers: str = "", kv_operator: str = "conv",
                  expand_prompt: bool = True,
-                 # the edit helper's init_image, mask, strength go here, before loras (HELPERS.md API order)
+                 init_image: Any = None, mask: Any = None, strength: float = IMG2IMG_STRENGTH,  # edit_panel
                  loras: str = "",
                  control_image: Any = None, control_type: str = "", control_scale: float = 1.0,  # control_panel
+                 model: str = MAIN,  # last (HELPERS.md order): main, alpha or run:NAME (model_picker.py)
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
+        model = check_model(engine, model)
         prompt, negative_prompt = as_text(prompt, "prompt"), as_text(negative_prompt, "negative_prompt")
         styled, negative = style_by_name(as_text(style, "style"), info.is_xl).apply(prompt, negative_prompt)
         seed = resolve_seed(seed, randomize_seed)
@@ -116,18 +121,20 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
             kv = engine.kv_setting(kv_mode)
         request = engine.make_request(
             styled if prompt.strip() else "", negative_prompt=negative,
-            aspect_ratio=parse_aspect(aspect_ratio), resolution=as_int(resolution, "resolution"),
+            aspect_ratio=parse_aspect(aspect_ratio),
+            resolution=resolution_for(engine, model, as_int(resolution, "resolution"), info.resolution), model=model,
             steps=as_int(steps, "steps"), guidance=as_float(guidance, "guidance"), sampler=sampler, seed=seed,
             num_images=as_int(num_images, "num_images"), kv=kv, expand_prompt=as_bool(expand_prompt, "expand_prompt"),
             loras=resolve_loras(loras))
+        request = with_edit(request, init_image, mask, strength, as_int(resolution, "resolution"))
         request = with_control(engine, request, control_image, control_type, control_scale)
-        unknown = engine.unknown_words(styled)
+        unknown = engine.unknown_words(styled, model)
         if unknown:
             words = ", ".join(unknown)
             gr.Warning(cap(f"{len(unknown)} word(s) unknown to {info.name}, which it cannot draw: {words}"))
         every = max(1, request.steps // PREVIEWS_PER_RUN)
         done = None
-        for event in engine.stream(request, preview_every=every):
+        for event in engine.stream(request, model, preview_every=every):
             if isinstance(event, Step):
                 progress((event.step, event.total), desc="denoising")
                 if event.previews:
@@ -138,7 +145,8 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                 done = event
         for warning in done.result.warnings:
             gr.Warning(cap(warning))
-        paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt})
+        paths = save_images(done, outputs, {"style": style or NO_STYLE, "user_prompt": prompt,
+                                            **({"model": model} if model != MAIN else {})})
         if keep is not None:
             prune(outputs, keep)
         yield paths, summary(done), paths, done.result.seed
@@ -172,6 +180,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
                                  "this model was trained on (what it read is shown with the result)",
                                  visible=info.prompt_expander is not None, elem_id="expand")
+            edit = build_edit_inputs()
             loras = build_lora_picker()
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
@@ -182,6 +191,8 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                     kv_layers = gr.Textbox(value=layers_spec(kv.layers), label="Layers")
                     kv_operator = gr.Dropdown(list(KV_OPERATORS), value=kv.operator, label="Operator")
             control = build_control_inputs(engine)
+            model = build_model_picker(engine, "generate-model")
+            link_resolution(engine, model, resolution)  # model_picker.py
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="gallery",
@@ -195,7 +206,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                       queue=False, api_visibility="private")
     inputs = [prompt, negative, style, aspect, resolution, steps, guidance, sampler, seed, randomize, num_images,
               kv_mode, kv_ratio, kv_layers, kv_operator, expand,
-              loras, *control]  # the edit helper's inputs go before loras
+              *edit, loras, *control, model]  # the API order: edit, loras, control, model last
     outputs_ = [gallery, stats, files, seed]
     gr.on([button.click, prompt.submit], gpu(make_generate_fn(engine, outputs, keep)), inputs, outputs_,
           api_name="generate", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,

@@ -15,9 +15,11 @@ import math
 import random
 import reprlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image, UnidentifiedImageError
 
 from pixsigma.pipeline import OutOfMemory
 from pixsigma_ui.engine import MAX_SEED
@@ -26,6 +28,7 @@ log = logging.getLogger("pixsigma.app")
 MAX_MESSAGE_CHARS = 300  # a refusal is read by a person; a longer one only echoes abuse back
 # Values are quoted in messages with reprlib.repr: shortened, so a 10 MB string never comes back.
 RANDOM_SEED = -1  # "any seed": the API's way to ask for randomize_seed
+MAX_UPLOAD_PIXELS = 4096 * 4096  # an uploaded image larger than the largest output is refused before decoding
 
 
 def cap(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -73,6 +76,36 @@ def resolve_seed(seed: Any, randomize: Any = False) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for a random one, got {seed}")
     return seed
+
+
+def upload_path(payload: Any, name: str) -> Path | None:
+    """The file an image input names (a FileData dict or a path; None: none), only inside gradio's upload folder:
+    a payload naming any other file on the server is refused."""
+    if payload is None:
+        return None
+    if isinstance(payload, dict):
+        payload = payload.get("path")
+    if not isinstance(payload, str) or not payload:
+        raise ValueError(f"{name}: expected an uploaded image, got {reprlib.repr(payload)}")
+    from gradio.utils import get_upload_folder
+
+    path = Path(payload).resolve()
+    if not path.is_relative_to(Path(get_upload_folder()).resolve()):
+        raise ValueError(f"{name} must be an image uploaded to this app")
+    return path
+
+
+def open_upload(path: Path | None, name: str, mode: str = "RGB") -> Image.Image | None:
+    """The uploaded image at ``path`` in ``mode`` (None: None); too large or unreadable is refused naming ``name``."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_UPLOAD_PIXELS:
+                raise ValueError(f"{name} is {im.width}×{im.height}; at most {MAX_UPLOAD_PIXELS} pixels")
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError):
+        raise ValueError(f"{name} is not an image that can be read (PNG, JPEG, WebP…)") from None
 
 
 def refuse(message: str) -> gr.Error:

@@ -9,7 +9,6 @@ under the runs folder again.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,79 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
-import yaml
 
 from pixsigma.io import atomic_write_json
 from pixsigma_ui.inputs import as_bool, as_float, as_int, as_text, guarded
-from train.runfiles import LAUNCH, LIVE_STATES, LOG, METRICS, STATUS, STDOUT, STOP
+from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame: the tab's readers, imported from here
+    LAB_FOLDER,
+    config_stage,
+    log_tail,
+    metrics_frame,
+    pid_alive,
+    read_json,
+    read_metrics,
+    read_run,
+)
+from pixsigma_ui.lab_tab import build_lab
+from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
+from train.userdata import read_user_data
 
 POLL_SECONDS = 2.0
-PLOT_ROWS = 5000  # the loss plot's last steps: enough to see a run's trend, few enough to redraw every poll
-MAX_STEPS, MAX_BATCH = 100_000, 256
+EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
+SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
+WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
+UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
+MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
 REPO = Path(__file__).resolve().parent.parent
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """{} when missing or caught mid-write (the trainer replaces it atomically, but be lenient)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_metrics(folder: Path) -> pd.DataFrame:
-    """step/loss of the last ``PLOT_ROWS`` lines of metrics.jsonl (a half-written last line is skipped)."""
-    rows = []
-    try:
-        lines = (folder / METRICS).read_text().splitlines()[-PLOT_ROWS:]
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            m = json.loads(line)
-            rows.append({"step": int(m["step"]), "loss": float(m["loss"])})
-        except (ValueError, KeyError, TypeError):
-            continue
-    return metrics_frame(rows)
-
-
-def metrics_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
-    """Typed even when empty: the plot fixes its axis kinds on the first frame it gets, and an empty object
-    column reads as categorical (losses would then be drawn as unordered labels)."""
-    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
-
-
-def log_tail(folder: Path, lines: int = 40) -> str:
-    for name in (LOG, STDOUT):  # stdout.txt holds what the trainer printed before it opened its log
-        try:
-            with open(folder / name, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        # A progress bar rewrites its line with \r: keep what the terminal would show.
-        shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
-        shown = [line for line in shown if line.strip()]
-        if shown:
-            return "\n".join(shown[-lines:])
-    return ""
-
-
-def pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # a zombie (exited, not yet reaped) answers kill(0) but is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass(frozen=True)
@@ -105,23 +57,6 @@ class Recipe:
     @property
     def title(self) -> str:
         return self.label or self.config.name
-
-
-def config_stage(path: Path, _depth: int = 0) -> str | None:
-    """The stage a training config names (``stage: NAME`` or ``stage: {name: NAME}``), through its ``base:``."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(raw, dict):
-        return None
-    stage = raw.get("stage")
-    stage = stage.get("name") if isinstance(stage, dict) else stage
-    if isinstance(stage, str):
-        return stage
-    if isinstance(raw.get("base"), str) and _depth < 8:
-        return config_stage(path.parent / raw["base"], _depth + 1)
-    return None
 
 
 def find_recipes(folders: list[Path], finetune_from: str | None = None,
@@ -146,12 +81,15 @@ def find_recipes(folders: list[Path], finetune_from: str | None = None,
 
 @dataclass
 class RunManager:
-    """Run folders under ``runs_dir`` and the trainer processes this app started."""
+    """Run folders under ``runs_dir`` and the trainer processes this app started. A run launches as
+    ``python -m train.prepare``: its inputs are made first (data, features, starting weights), then it trains;
+    ``precheck`` resolves them at Start (``train.prepare.check_stage``) so what cannot be made is refused there."""
 
     runs_dir: Path
     recipes: dict[str, list[Recipe]]
-    module: str = "train"
+    module: str = "train.prepare"
     python: str = sys.executable
+    precheck: bool = True
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def runs(self) -> list[str]:
@@ -174,7 +112,8 @@ class RunManager:
         child = self._children.get(folder.name)
         if child is not None and child.poll() is not None:  # reap it; a dead child must not stay a zombie
             self._children.pop(folder.name, None)
-        alive = (child is not None and child.poll() is None) or pid_alive(status.get("pid"))
+        alive = ((child is not None and child.poll() is None) or pid_alive(status.get("pid"))
+                 or pid_alive(read_json(folder / LAUNCH).get("pid")))  # preparing: no status.json yet
         state = status.get("state") or ("starting" if alive else "not started")
         if state in LIVE_STATES and not alive:
             exit_code = child.returncode if child is not None else None
@@ -197,9 +136,15 @@ class RunManager:
                 return r
         raise ValueError(f"no config {title!r} for stage {stage}; accepted: {', '.join(r.title for r in found)}")
 
+    @property
+    def lab_dir(self) -> Path:
+        """The chain's folder (``train.chain``'s runs folder)."""
+        return self.runs_dir / LAB_FOLDER
+
     def start(self, stage: str, config: str | None = None, data: str = "", steps: int = 100, lr: float = 1e-4,
-              batch: int = 4, lora_rank: int = 0) -> str:
-        """``lora_rank`` > 0: train a LoRA of that rank on the loaded model (train/lora.py), not its weights."""
+              batch: int = 4, lora_rank: int = 0, images: int = WORLD_IMAGES) -> str:
+        """``lora_rank`` > 0: train a LoRA of that rank on the loaded model (train/lora.py), not its weights.
+        ``images``: shapes-world images the run reads when ``data`` is empty (made once, shared by runs)."""
         recipe = self.recipe(stage, config)
         lora = lora_overrides(stage, lora_rank)
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -208,22 +153,32 @@ class RunManager:
             raise ValueError(f"batch size must be an integer from 1 to {MAX_BATCH}, got {batch!r}")
         if not isinstance(lr, int | float) or not 0 < lr <= 1:
             raise ValueError(f"learning rate must be a number in (0, 1], e.g. 1e-4, got {lr!r}")
+        if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= MAX_IMAGES:
+            raise ValueError(f"images must be an integer from 1 to {MAX_IMAGES}, got {images!r}")
         if data and not Path(data).expanduser().exists():
             raise ValueError(f"data {data!r} does not exist: give an image folder or a metadata .jsonl, or leave "
                              "it empty for the stage config's data (the shapes world)")
-        self._refuse_second_run()
-        folder = self._new_folder(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-        name = folder.name
+        self.refuse_second_run()
+        name = self._free_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder = self.runs_dir / name
         overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
-                     f"optim.lr={lr:g}", f"batch_size={batch}", *lora]
-        if data:  # the user's images, read directly: not the config's feature cache of the shapes world
+                     f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
+        if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
             overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
-        cmd = [self.python, "-m", self.module, str(recipe.config)]
+        else:
+            overrides.append(f"data.max_images={images}")
+        if self.precheck:  # what cannot be made is refused now, before a folder or a process exists
+            from train.prepare import check_stage
+
+            check_stage(recipe.config, self.runs_dir, overrides)
+        folder = self._new_folder(name)
+        cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
         for o in overrides:
             cmd += ["--set", o]
-        atomic_write_json({"cmd": cmd, "stage": stage, "created": time.time()}, folder / LAUNCH, indent=2)
-        self._spawn(name, cmd)
-        return name
+        atomic_write_json({"cmd": cmd, "stage": stage, "steps": steps, "created": time.time()}, folder / LAUNCH,
+                          indent=2)
+        self._spawn(folder.name, cmd)
+        return folder.name
 
     def stop(self, name: str) -> None:
         folder = self.folder(name)
@@ -237,12 +192,22 @@ class RunManager:
         if not launch.get("cmd"):
             raise ValueError(f"run {name} was not started from this app ({LAUNCH} missing): resume it with "
                              "`python -m train CONFIG --resume` from a shell")
-        if self.state(name)["alive"]:
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while (s := self.state(name))["alive"] and s["state"] not in LIVE_STATES and time.monotonic() < deadline:
+            time.sleep(0.2)  # stopped and checkpointed, the process still exiting: a moment, not a refusal
+        if s["alive"]:
             raise ValueError(f"run {name} is still running")
-        self._refuse_second_run()
+        self.refuse_second_run()
         (folder / STOP).unlink(missing_ok=True)
         cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
         self._spawn(name, cmd)
+
+    def _free_name(self, base: str) -> str:
+        for i in range(1, 100):
+            name = base if i == 1 else f"{base}-{i}"
+            if not (self.runs_dir / name).exists():
+                return name
+        raise ValueError(f"too many runs named {base}-* in {self.runs_dir}")
 
     def _new_folder(self, base: str) -> Path:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -255,10 +220,15 @@ class RunManager:
                 continue
         raise ValueError(f"too many runs named {base}-* in {self.runs_dir}")
 
-    def _refuse_second_run(self) -> None:
+    def refuse_second_run(self) -> None:
+        """One trainer at a time (a run or the chain): it shares the device with the app's own generation."""
+        from train.chain import chain_status
+
         live = self.live_run()
-        if live:  # one trainer at a time: it shares the device with the app's own generation
+        if live:
             raise ValueError(f"run {live} is still going: stop it first (one training run at a time)")
+        if chain_status(self.lab_dir)["state"] == "running":
+            raise ValueError("the chain is still going: stop it first (one training run at a time)")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         folder = self.runs_dir / name
@@ -267,6 +237,10 @@ class RunManager:
             # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
             self._children[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                     stderr=subprocess.STDOUT, start_new_session=True)
+        launch = read_json(folder / LAUNCH)  # the pid: a reloaded or restarted app sees it alive before status.json
+        if launch:
+            atomic_write_json({**launch, "pid": self._children[name].pid, "started": time.time()}, folder / LAUNCH,
+                              indent=2)
 
 
 def lora_overrides(stage: str, rank: int) -> list[str]:
@@ -280,7 +254,7 @@ def lora_overrides(stage: str, rank: int) -> list[str]:
 
 def status_line(name: str | None, s: dict[str, Any]) -> str:
     if not name:
-        return "No runs yet: pick a stage and press Start."
+        return "No runs yet: pick a stage and press Start stage (the defaults work as they are)."
     loss = s.get("last_loss")
     parts = [f"**{name}**", f"state: **{s.get('state')}**" + (" (stop requested)" if s.get("stopping") else ""),
              f"step {s.get('step', 0)}/{s.get('total_steps', '?')}"]
@@ -303,18 +277,28 @@ def samples_of(folder: Path, s: dict[str, Any]) -> list[str]:
 def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     """The tab's components and events; ``demo`` is the enclosing Blocks (a page load re-finds the runs)."""
     stage_choices = [s for s in STAGES if s in manager.recipes] or list(STAGES)
-    first = stage_choices[-1]  # finetune where it can run: the least setup
+    first = "finetune" if "finetune" in stage_choices else stage_choices[-1]  # the least setup
 
     def recipe_titles(stage_: str) -> list[str]:
         return [r.title for r in manager.recipes.get(stage_, [])]
 
+    build_lab(manager)
+    gr.Markdown("## One stage\nInputs are made on demand when it starts (shapes-world images, features, starting "
+                "weights: the previous stage's run in the lab, else the shipped model); Stop checkpoints, Resume "
+                "continues from there.")
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
                 stage = gr.Dropdown(stage_choices, value=first, label="Stage", elem_id="train-stage")
                 config = gr.Dropdown(recipe_titles(first), value=next(iter(recipe_titles(first)), None),
                                      label="Config", elem_id="train-config")
-            data = gr.Textbox(value="", label="Data (empty: the shapes world)", placeholder="folder or .jsonl")
+            with gr.Row():
+                data = gr.Textbox(value="", label="Data (empty: the shapes world)",
+                                  placeholder="folder of images + .txt captions, .jsonl or .zip", scale=3)
+                upload = gr.File(label="or upload a .zip", file_types=[".zip"], type="filepath", height=80,
+                                 elem_id="train-upload", scale=2)
+                images = gr.Number(value=WORLD_IMAGES, precision=0, minimum=1, maximum=MAX_IMAGES,
+                                   label="World images", elem_id="train-images")
             with gr.Row():
                 steps = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_STEPS, label="Steps",
                                   elem_id="train-steps")
@@ -324,7 +308,7 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
                 lora = gr.Checkbox(value=False, label="Train a LoRA (not the weights)", elem_id="train-lora")
                 rank = gr.Number(value=16, precision=0, minimum=1, maximum=MAX_LORA_RANK, label="LoRA rank")
             with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                start = gr.Button("Start stage", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                 resume = gr.Button("Resume", elem_id="train-resume")
             run = gr.Dropdown(manager.runs(), value=None, label="Run", allow_custom_value=False, elem_id="run")
@@ -341,14 +325,27 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
             folder, s = manager.folder(name), manager.state(name)
         except ValueError as e:
             return str(e), gr.skip(), gr.skip(), gr.skip()
-        return status_line(name, s), read_metrics(folder), samples_of(folder, s), log_tail(folder)
+        view = read_run(manager.runs_dir, folder)
+        line = status_line(name, s) if view.state != "preparing" else f"**{name}** · state: **preparing** · " \
+            f"{view.progress}"
+        return line, read_metrics(folder), samples_of(folder, s), log_tail(folder)
 
     @guarded
-    def on_start(stage_, config_, data_, steps_, lr_, batch_, lora_=False, rank_=16):
+    def on_start(stage_, config_, data_, steps_, lr_, batch_, lora_=False, rank_=16, images_=WORLD_IMAGES):
         name = manager.start(as_text(stage_, "stage"), as_text(config_, "config") or None,
                              as_text(data_, "data").strip(), as_int(steps_, "steps"), as_float(lr_, "learning rate"),
-                             as_int(batch_, "batch size"), as_int(rank_, "LoRA rank") if as_bool(lora_, "lora") else 0)
+                             as_int(batch_, "batch size"), as_int(rank_, "LoRA rank") if as_bool(lora_, "lora") else 0,
+                             as_int(images_, "world images"))
         return gr.Dropdown(choices=manager.runs(), value=name)
+
+    @guarded
+    def on_upload(path_):
+        """Unpacked once into RUNS/uploads (gradio's temp copy may be pruned before the run reads it), checked."""
+        if not path_:
+            return gr.skip()
+        found = read_user_data(path_, unpack_root=manager.runs_dir / UPLOADS)
+        gr.Info(f"{Path(path_).name}: {found.summary()}")
+        return str(found.source)
 
     @guarded
     def on_stop(name):
@@ -367,8 +364,9 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")
     stage.change(lambda s_: gr.Dropdown(choices=recipe_titles(s_), value=next(iter(recipe_titles(s_)), None)),
                  stage, config, **light)
-    start.click(on_start, [stage, config, data, steps, lr, batch, lora, rank], run, preprocess=False,  # checked by name
-                **light)
+    start.click(on_start, [stage, config, data, steps, lr, batch, lora, rank, images], run,
+                preprocess=False, **light)  # inputs checked by name
+    upload.upload(on_upload, upload, data, **light)
     stop.click(on_stop, run, None, **light)
     resume.click(on_resume, run, None, **light)
     run.change(refresh, run, views, **light)

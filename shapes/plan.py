@@ -158,6 +158,7 @@ class LabPlan:
     bench_n: int  # held-out ShapesBench prompts per scored point (the same prompts and seeds at every point)
     bench_steps: int  # sampler steps per scored image
     evals: int  # checkpoints scored inside each stage, besides its start and its export
+    checkpoint_every: int | None = None  # at most this many steps between checkpoints (None: the scored ones only)
 
 
 def _sized(alpha: tuple[int, int], sigma: tuple[int, int, int], b128: int, b256: int) -> list[StageRun]:
@@ -179,8 +180,9 @@ def lab_plan(name: str, start_from: str = "shipped") -> LabPlan:
         return LabPlan(name, start_from, _sized((2, 2), (2, 2, 2), 2, 2), images=8, bench_n=2, bench_steps=2,
                        evals=0)
     if name == "quick":
-        return LabPlan(name, start_from, _sized((300, 16), (100, 60, 60), 16, 8), images=1600, bench_n=48,
-                       bench_steps=10, evals=1)
+        # scoring dominates on CPU (7 points × 48 images): the stages are short, the inner points left out
+        return LabPlan(name, start_from, _sized((300, 16), (60, 40, 40), 16, 8), images=960, bench_n=48,
+                       bench_steps=8, evals=0, checkpoint_every=20)
     # the shipped pair's recipe: α 5000 × 128, each Σ stage a tenth of that (shapes.build --alpha-batch-scale 4)
     return LabPlan(name, start_from, stage_plan(5000, alpha_batch_scale=4), images=16000, bench_n=64,
-                   bench_steps=14, evals=4)
+                   bench_steps=14, evals=4, checkpoint_every=50)

@@ -28,6 +28,7 @@ from pathlib import Path
 ap = argparse.ArgumentParser()
 ap.add_argument("config")
 ap.add_argument("--resume", action="store_true")
+ap.add_argument("--runs-dir")
 ap.add_argument("--set", dest="overrides", action="append", default=[])
 args = ap.parse_args()
 o = dict(x.split("=", 1) for x in args.overrides)
@@ -73,7 +74,7 @@ def manager(tmp_path, monkeypatch):
     configs.mkdir()
     for stage in STAGES:
         (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
-    m = RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer")
+    m = RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer", precheck=False)
     yield m
     for child in m._children.values():  # never leave a trainer behind
         child.kill()
@@ -175,7 +176,7 @@ def test_a_reloaded_app_finds_runs_and_sees_dead_ones(manager, tmp_path):
     crashed.mkdir()
     (crashed / "status.json").write_text(json.dumps({"state": "running", "step": 7, "total_steps": 9,
                                                      "pid": dead.pid}))
-    again = RunManager(manager.runs_dir, manager.recipes, module="fake_trainer")  # a restarted app
+    again = RunManager(manager.runs_dir, manager.recipes, module="fake_trainer", precheck=False)  # a restarted app
     assert set(again.runs()) == {name, "finetune-crashed"}
     assert again.state(name)["state"] == "finished"
     assert again.state("finetune-crashed")["state"] == "died" and again.state("finetune-crashed")["step"] == 7

@@ -109,7 +109,8 @@ def test_compare_handler_fills_every_panel_with_its_latency(engine):
                                            kv_layers="1"))
     assert len(outs) == 3  # α, Σ full (= Σ: this model has no KV of its own), Σ KV
     last = outs[-1]
-    alpha, sigma, slider, ab_note, full, kv, diff, kv_note = last
+    alpha, sigma, slider, ab_note, full, kv, diff, kv_note, run = last
+    assert run is gr.skip() or run == gr.skip()  # no run asked: its panel is left as it was
     assert alpha.label.startswith("PixArt-α (tiny-alpha) · 256×256 · ") and alpha.label.endswith(" s")
     assert sigma.label.startswith("PixArt-Σ (tiny-sigma)") and full.label.startswith("Σ full attention")
     assert sigma.value == full.value  # the same run, shown twice rather than run twice
@@ -265,7 +266,7 @@ def test_api_two_simultaneous_requests_get_the_images_their_seeds_define(client,
 
 def test_api_compare(client):
     out = client.predict(prompt="a red circle", seed=1, steps=2, kv_layers="1", api_name="/compare")
-    alpha, sigma, slider, ab_note, full, kv, diff, kv_note = out
+    alpha, sigma, slider, ab_note, full, kv, diff, kv_note, run = out  # run: the model= panel (none asked)
     panels = (alpha, sigma, full, kv)  # updates carrying the image and a label with its latency
     assert all(p["label"].endswith(" s") for p in panels)
     assert all(Image.open(p).size == (256, 256) for p in (*(p["value"] for p in panels), diff, *slider))

@@ -7,7 +7,19 @@ import shutil
 
 import pytest
 
-from train.chain import CHAIN_JSON, CHAIN_PLOT, CHAIN_RUN, Chain, chain_status, run_chain, stop_chain
+from shapes.plan import StageRun
+from train.ablation import ABLATION_JSON, ABLATION_MD, run_kv_ablation, seconds_per_step
+from train.chain import (
+    CHAIN_JSON,
+    CHAIN_PLOT,
+    CHAIN_RUN,
+    Chain,
+    chain_status,
+    intervals,
+    run_chain,
+    stage_overrides,
+    stop_chain,
+)
 
 SCHEMA = {"name", "stage", "steps", "seconds", "final_loss", "shapesbench"}
 BENCH_KEYS = {"attribute", "count", "colour", "shape", "position", "n"}
@@ -60,6 +72,37 @@ def test_rerun_skips_finished_stages_and_finishes_an_interrupted_one(tiny_chain)
     assert states == [("sigma_vae", "skipped"), ("sigma_resup", "skipped"), ("sigma_kv", "running")]
     assert (runs / "sigma_kv" / "final").is_dir()
     assert [s["name"] for s in again["stages"]] == [s["name"] for s in summary["stages"]]
+
+
+def test_kv_ablation_trains_each_variant_from_the_same_resup_export(tiny_chain):
+    runs, _, _ = tiny_chain
+    result = run_kv_ablation("tiny", runs)
+    v = result["variants"]
+    assert list(v) == ["conv_deep", "pool_deep", "discard_deep", "conv_shallow"]
+    assert [(r["operator"], r["layers"]) for r in v.values()] == [("conv", "4-7"), ("pool", "4-7"),
+                                                                  ("discard", "4-7"), ("conv", "0-3")]
+    assert v["conv_deep"]["run_dir"] == str(runs / "sigma_kv")  # the chain's own KV run: the same variant
+    for name in ("pool_deep", "discard_deep", "conv_shallow"):
+        run = runs / "ablation_kv" / name
+        assert v[name]["run_dir"] == str(run) and (run / "final").is_dir()
+        assert f"operator: {v[name]['operator']}" in (run / "config.yaml").read_text()
+        assert str(runs / "sigma_resup") in (run / "config.yaml").read_text()
+    assert all(r["steps"] == 2 and r["shapesbench"]["n"] == 2 for r in v.values())
+    assert json.loads((runs / ABLATION_JSON).read_text()) == result
+    assert "| pool_deep | pool | 4-7 |" in (runs / ABLATION_MD).read_text()
+
+
+def test_checkpoints_are_saved_on_a_grid_through_the_scored_steps(tmp_path):
+    assert intervals(40, 1) == (20, 20) and intervals(60, 0, 20) == (20, 60) and intervals(60, 1, 20) == (15, 30)
+    assert intervals(500, 4, 50) == (50, 100) and intervals(40, 0, 100) == (40, 40)
+    st = StageRun("sigma_vae", "shapes_sigma_vae.yaml", "c", 60, "sigma", 128, 16, 960)
+    sets = stage_overrides(st, None, tmp_path, 0, None, 20)
+    assert {"save_every=20", "keep_last=5", "steps=60", "data.max_images=960"} <= set(sets)
+    rows = [{"step": 1, "time": 100.0}, {"step": 5, "time": 130.0}, {"step": 9, "time": 134.0}]
+    assert seconds_per_step(rows) == 4.25 and seconds_per_step(rows[:1]) is None
+    burst = [{"step": s, "time": 100 + s / 1e4} for s in range(1, 11)] + [{"step": s, "time": 120.0 + s / 1e4}
+                                                                         for s in range(11, 21)]
+    assert seconds_per_step(burst + [{"step": 30, "time": 130.002}]) == pytest.approx(1.5, abs=1e-3)
 
 
 def test_a_dead_chain_reads_as_failed_and_stop_asks_the_running_stage(tmp_path):

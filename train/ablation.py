@@ -10,11 +10,13 @@ conv 8.51, pool 9.42, discard 8.92).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 ABLATION_JSON, ABLATION_MD, ABLATION_DIR = "ablation_kv.json", "ablation_kv.md", "ablation_kv"
+BURST_S = 0.05  # metrics rows closer in time than this were written together
 # variant -> (operator, "deep"/"shallow", the paper's FID for the same comparison: Table 3)
 VARIANTS = {"conv_deep": ("conv", "deep", "8.51 (deep 8.53)"), "pool_deep": ("pool", "deep", "9.42"),
             "discard_deep": ("discard", "deep", "8.92"), "conv_shallow": ("conv", "shallow", "9.28")}
@@ -31,6 +33,7 @@ def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shippe
     """Train and score the KV variants (see the module docstring); returns ``ablation_kv.json``'s content."""
     from pixsigma.io import atomic_write_json, atomic_write_text
     from train.chain import Chain, read_metrics
+    from train.runfiles import BENCH
 
     runs_dir = Path(runs_dir)
     chain = Chain(preset, runs_dir, start_from, on_event, world)
@@ -41,18 +44,19 @@ def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shippe
     depth = _depth(runs_dir / resup.name)
     rows: dict[str, Any] = {}
     for name, (operator, where, paper) in VARIANTS.items():
-        variant = replace(kv_step, name=f"{ABLATION_DIR}/{name}")
-        extra = [f"stage.kv.operator={operator}", f"stage.kv.layers={variant_layers(depth, where)}",
-                 "stage.kv.ratio=2"]
-        bench = chain.run_stage(variant, resup, extra=extra)
-        if bench is None:
-            break
-        rows_ = read_metrics(runs_dir / variant.name)
-        rows[name] = {"operator": operator, "layers": variant_layers(depth, where), "where": where,
-                      "steps": bench["steps"], "seconds": bench.get("seconds"),
-                      "seconds_per_step": round(bench["seconds"] / bench["steps"], 4) if bench.get("seconds") else None,
-                      "steps_per_s": rows_[-1]["steps_per_s"] if rows_ else None,
-                      "start_shapesbench": bench["start"], "shapesbench": bench["final"], "paper_fid": paper}
+        layers = variant_layers(depth, where)
+        run = _same_run(runs_dir / kv_step.name, kv_step.steps, operator, layers)
+        if run is None:  # the chain's own KV run is this variant when it was trained alike: not trained twice
+            variant = replace(kv_step, name=f"{ABLATION_DIR}/{name}")
+            extra = [f"stage.kv.operator={operator}", f"stage.kv.layers={layers}", "stage.kv.ratio=2"]
+            if chain.run_stage(variant, resup, extra=extra) is None:
+                break
+            run = runs_dir / variant.name
+        bench = json.loads((run / BENCH).read_text())
+        rows[name] = {"operator": operator, "layers": layers, "where": where, "steps": bench["steps"],
+                      "seconds": bench.get("seconds"), "seconds_per_step": seconds_per_step(read_metrics(run)),
+                      "start_shapesbench": bench["start"], "shapesbench": bench["final"], "paper_fid": paper,
+                      "run_dir": str(run)}
     result = {"preset": preset, "start_from": start_from, "from": str(runs_dir / resup.name),
               "bench": {"n": chain.lab.bench_n, "steps": chain.lab.bench_steps}, "variants": rows}
     atomic_write_json(result, runs_dir / ABLATION_JSON, indent=1)
@@ -60,9 +64,41 @@ def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shippe
     return result
 
 
-def _depth(run_dir: Path) -> int:
-    import json
+def seconds_per_step(rows: list[dict[str, Any]]) -> float | None:
+    """Steady seconds per step from a run's metrics rows: the median over logged intervals, so a warm-up or a
+    resume after a kill does not count."""
+    from statistics import median
 
+    points: list[tuple[float, int]] = []  # rows are written in bursts (at a log step): a burst's last row is when
+    for r in rows:  # its steps were done
+        if not isinstance(r.get("time"), (int, float)):
+            continue
+        if points and r["time"] - points[-1][0] < BURST_S:
+            points[-1] = (r["time"], r["step"])
+        else:
+            points.append((r["time"], r["step"]))
+    rates = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(points, points[1:]) if s1 > s0]
+    return round(median(rates), 4) if rates else None
+
+
+def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
+    """``run`` when it is a finished, scored KV run of ``steps`` steps with ``operator`` on ``layers``."""
+    import yaml
+
+    from pixsigma.config import parse_layers
+    from train.runfiles import BENCH, FINAL
+
+    try:
+        bench = json.loads((run / BENCH).read_text())
+        kv = yaml.safe_load((run / "config.yaml").read_text())["stage"]["kv"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    want = (operator, list(parse_layers(layers)), 2)
+    same = (kv.get("operator"), list(kv.get("layers") or []), kv.get("ratio")) == want
+    return run if same and (run / FINAL).is_dir() and "final" in bench and bench.get("steps") == steps else None
+
+
+def _depth(run_dir: Path) -> int:
     from pixsigma.weights import PIXSIGMA_CONFIG
     from train.runfiles import FINAL
 

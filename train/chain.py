@@ -70,14 +70,27 @@ def _pid_alive(pid: Any) -> bool:
         return True
 
 
-def stage_overrides(step: Any, prev: Any | None, runs_dir: Path, evals: int, images: int | None = None) -> list[str]:
+def intervals(steps: int, evals: int, checkpoint_every: int | None = None) -> tuple[int, int]:
+    """(checkpoint interval, scored interval) of a stage: ``evals`` inner points are scored, and a checkpoint is
+    saved at least every ``checkpoint_every`` steps (what a ``kill -9`` can lose) on a grid through those points."""
+    every = max(1, steps // (evals + 1))
+    if not checkpoint_every or checkpoint_every >= every:
+        return every, every
+    k = -(-every // checkpoint_every)
+    save = max(1, every // k)
+    return save, save * k
+
+
+def stage_overrides(step: Any, prev: Any | None, runs_dir: Path, evals: int, images: int | None = None,
+                    checkpoint_every: int | None = None) -> list[str]:
     """The ``--set`` pairs that make a plan step's recipe the chain's run (``runs/NAME`` references are resolved
     by ``train.prepare``: the previous run in ``runs_dir``, else the shipped model)."""
     import torch
 
-    every = max(1, step.steps // (evals + 1))
+    save, scored = intervals(step.steps, evals, checkpoint_every)
+    keep = step.steps // save + 2 if save < scored else evals + 2  # the scored ones survive until scored
     sets = [f"output_dir={runs_dir / step.name}", f"steps={step.steps}", f"batch_size={step.batch_size}",
-            f"save_every={every}", f"keep_last={evals + 2}", f"sample_every={step.steps}",
+            f"save_every={save}", f"keep_last={keep}", f"sample_every={step.steps}",
             f"sample_prompts={json.dumps(SAMPLE_PROMPTS)}", "sample_steps=10", "data.num_workers=0",
             f"mixed_precision={'bf16' if torch.cuda.is_available() else 'no'}",
             f"optim.warmup_steps={min(100, max(0, step.steps // 10))}"]
@@ -127,6 +140,7 @@ class Chain:
         self.lab = self.world.preset(preset, start_from)
         self.preset, self.start_from, self.runs_dir = preset, start_from, Path(runs_dir)
         self.on_event = on_event or (lambda e: None)
+        self.checkpoint_every = getattr(self.lab, "checkpoint_every", None)
 
     def emit(self, **event: Any) -> None:
         self.on_event({**event, "time": time.time()})
@@ -146,9 +160,14 @@ class Chain:
                      "bench_n": self.lab.bench_n, "bench_steps": self.lab.bench_steps, "evals": self.lab.evals,
                      "stages": rows}, self.runs_dir / CHAIN_PLAN)
 
-    def score(self, pipeline: str, model: Any, resolution: int) -> dict[str, Any]:
-        return self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n,
-                                self.lab.bench_steps)
+    def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None) -> dict[str, Any]:
+        """ShapesBench of ``model``; its seconds are added to ``bench["score_seconds"]``."""
+        t0 = time.perf_counter()
+        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n,
+                             self.lab.bench_steps)
+        if bench is not None:
+            bench["score_seconds"] = round(bench.get("score_seconds", 0.0) + time.perf_counter() - t0, 2)
+        return s
 
     def shipped_alpha(self) -> dict[str, Any]:
         """α as shipped: scored, not trained."""
@@ -161,8 +180,9 @@ class Chain:
             weights = shipped_start("alpha", self.runs_dir, self.world.name)
             _write_shipped("alpha", weights, self.world.name)
             self.emit(event="stage", name=st.name, state="scoring")
-            s = self.score(st.pipeline, weights, st.resolution)
-            bench = {"start": s, "final": s, "curve": [[0, s["attribute"]]], "seconds": 0.0, "steps": 0,
+            timing: dict[str, Any] = {}
+            s = self.score(st.pipeline, weights, st.resolution, timing)
+            bench = {**timing, "start": s, "final": s, "curve": [[0, s["attribute"]]], "seconds": 0.0, "steps": 0,
                      "stage": "from_scratch", "source": "shipped", "weights": str(weights)}
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="final", step=0, shapesbench=s)
@@ -180,9 +200,12 @@ class Chain:
             self.emit(event="stage", name=st.name, state="skipped")
             return bench
         self.emit(event="stage", name=st.name, state="preparing")
-        sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images), *extra]
+        sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images, self.checkpoint_every),
+                *extra]
+        t0 = time.perf_counter()
         prepared = prepare_stage(st, self.runs_dir, sets, world=self.world.name,
                                  progress=lambda p: self.emit(event="progress", name=st.name, **p.as_dict()))
+        bench["prepare_seconds"] = round(bench.get("prepare_seconds", 0.0) + time.perf_counter() - t0, 2)
         cfg = prepared.config
         if "start" not in bench:  # the starting point, in this stage's model (new resolution, new KV layers)
             import torch
@@ -190,7 +213,7 @@ class Chain:
             torch.manual_seed(cfg.seed)
             self.emit(event="stage", name=st.name, state="scoring", point="start")
             net, _ = build_model(cfg)
-            bench["start"] = self.score(st.pipeline, net, net.config.resolution)
+            bench["start"] = self.score(st.pipeline, net, net.config.resolution, bench)
             bench.update(stage=cfg.stage.name, start_source=prepared.start, load_from=str(prepared.load_from))
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="start", step=0, shapesbench=bench["start"])
@@ -205,16 +228,18 @@ class Chain:
             if result["state"] != "finished":
                 return None
         curve = dict((int(k), v) for k, v in bench.get("curve_points", {}).items())
-        for ck in checkpoint_dirs(run_dir):  # the inner points of the curve: checkpoints before the end
+        scored = intervals(st.steps, self.lab.evals, self.checkpoint_every)[1]
+        for ck in checkpoint_dirs(run_dir):  # the inner points of the curve: scored checkpoints before the end
             step = checkpoint_step(ck)
-            if step < st.steps and step not in curve:
+            if step < st.steps and step % scored == 0 and step not in curve:
                 self.emit(event="stage", name=st.name, state="scoring", point=step)
                 net = checkpoint_model(ck)
-                curve[step] = self.score(st.pipeline, net, net.config.resolution)["attribute"]
+                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench)["attribute"]
                 bench["curve_points"] = {str(k): v for k, v in curve.items()}
                 _write_json(bench, run_dir / BENCH)
+        _prune(run_dir, scored)
         self.emit(event="stage", name=st.name, state="scoring", point="final")
-        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir))
+        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench)
         bench["curve"] = [[0, bench["start"]["attribute"]], *sorted([k, v] for k, v in curve.items()),
                           [st.steps, bench["final"]["attribute"]]]
         bench["steps"] = st.steps
@@ -233,7 +258,9 @@ class Chain:
                 continue
             shipped = bench.get("source") == "shipped"
             stages.append({"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
-                           "seconds": bench.get("seconds"), "final_loss": None if shipped else _final_loss(run_dir),
+                           "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
+                           "prepare_seconds": bench.get("prepare_seconds"),
+                           "final_loss": None if shipped else _final_loss(run_dir),
                            "shapesbench": bench["final"], "start_shapesbench": bench.get("start"),
                            "curve": bench.get("curve", []), "run_dir": str(run_dir),
                            "start": "shipped" if shipped else bench.get("start_source"),
@@ -251,6 +278,9 @@ class Chain:
 
     def run(self, until: str | None = None) -> dict[str, Any]:
         """Every stage in order (up to and including ``until``); returns ``chain.json``'s content."""
+        names = [st.name for st in self.lab.plan]
+        if until is not None and until not in names:
+            raise ValueError(f"until must be one of the plan's stages {', '.join(names)}, got {until!r}")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         (self.runs_dir / STOP).unlink(missing_ok=True)
         self.write_plan()
@@ -262,7 +292,7 @@ class Chain:
                 record["current"] = self.lab.plan[0].name
                 self.shipped_alpha()
             prev = self.lab.plan[0] if self.start_from == "shipped" else None
-            for st in self.steps():
+            for st in self.steps() if until != names[0] or self.start_from == "scratch" else []:
                 record["current"] = st.name
                 _write_json(record, self.runs_dir / CHAIN_RUN)
                 if self.run_stage(st, prev) is None:
@@ -286,6 +316,17 @@ class Chain:
         return summary
 
 
+def _prune(run_dir: Path, scored: int) -> None:
+    """Drop a finished run's resume-only checkpoints (the scored ones and the last stay)."""
+    import shutil
+
+    from train.checkpoint import checkpoint_dirs, checkpoint_step
+
+    for ck in checkpoint_dirs(run_dir)[:-1]:
+        if checkpoint_step(ck) % scored:
+            shutil.rmtree(ck, ignore_errors=True)
+
+
 def _resolution(run_dir: Path) -> int:
     """The base resolution of a run's export."""
     from pixsigma.config import DiTConfig
@@ -294,18 +335,18 @@ def _resolution(run_dir: Path) -> int:
 
 
 def run_chain(preset: str = "quick", runs_dir: str | Path = "runs/lab", start_from: str = "shipped",
-              on_event: EventFn | None = None, world: str | None = None) -> dict[str, Any]:
+              on_event: EventFn | None = None, world: str | None = None, until: str | None = None) -> dict[str, Any]:
     """Run (or continue) the chain of ``preset`` in ``runs_dir`` in this process; returns ``chain.json``'s content.
     ``on_event`` gets dicts: ``{"event": "stage", "name", "state"}`` (preparing, running, scoring, done, skipped),
     ``{"event": "progress", "name", "phase", "done", "total", "rate", "eta_s", "message"}``, ``{"event": "score",
     "name", "point", "step", "shapesbench"}`` and ``{"event": "chain", "state"}`` (done, stopped, failed)."""
-    return Chain(preset, runs_dir, start_from, on_event, world).run()
+    return Chain(preset, runs_dir, start_from, on_event, world).run(until)
 
 
 def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped", ablation: str | None = None,
-                 python: str = sys.executable) -> int:
+                 python: str = sys.executable, until: str | None = None) -> int:
     """Start ``python -m train.chain`` detached (its own session, output in ``DIR/chain.log``); returns its pid.
-    Refused while the folder's chain is running."""
+    ``until``: stop after that stage (a plan step's name). Refused while the folder's chain is running."""
     runs_dir = Path(runs_dir)
     if chain_status(runs_dir)["state"] == "running":
         raise ValueError(f"the chain in {runs_dir} is still running: stop it first")
@@ -316,6 +357,8 @@ def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped",
     cmd = [python, "-m", "train.chain", "--preset", preset, "--runs-dir", str(runs_dir), "--from", start_from]
     if ablation:
         cmd += ["--ablation", ablation]
+    if until:
+        cmd += ["--until", until]
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     with open(runs_dir / CHAIN_LOG, "ab") as out:
@@ -408,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="α: the shipped demo α, or trained from random weights")
     ap.add_argument("--ablation", choices=("kv",), default=None,
                     help="kv: after the res-up stage, train the KV stage with each operator and layer placement")
+    ap.add_argument("--until", default=None, help="stop after this stage (alpha, sigma_vae, sigma_resup, ...): "
+                    "the stages before it run first unless they are done")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -431,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_kv_ablation(args.preset, args.runs_dir, args.start_from, on_event=show)
         print(json.dumps(result["variants"], indent=1))
         return 0
-    summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show)
+    summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show, until=args.until)
     for s in summary["stages"]:
         print(f"{s['name']:12s} {s['stage'] or '':13s} steps {s['steps']:5d}  {s['seconds'] or 0:8.1f} s  "
               f"attribute {s['shapesbench']['attribute']:.3f}")

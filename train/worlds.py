@@ -38,6 +38,7 @@ class LabPreset(Protocol):
     bench_n: int  # held-out prompts per score
     bench_steps: int  # sampler steps per scored image
     evals: int  # checkpoints per stage scored between its start and its export (the curve's inner points)
+    checkpoint_every: int | None  # most steps between checkpoints (what a kill -9 loses); None: the scored ones
 
 
 class World(Protocol):
