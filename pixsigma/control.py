@@ -19,6 +19,7 @@ from PIL import Image
 Tensor = torch.Tensor
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2  # hysteresis thresholds on the gradient magnitude of [0, 1] grey levels
 REGION_LEVELS = 4  # levels per RGB channel of a flat colour-region map
+THICK_EDGE_WIDTH = 5  # px: a 1-px edge barely moves a small VAE's latent (the demo's); a 5-px one does
 
 
 def _grey(image: Image.Image) -> Tensor:
@@ -73,6 +74,13 @@ def canny(image: Image.Image) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
+def canny_thick(image: Image.Image) -> Image.Image:
+    """Canny edges dilated to ``THICK_EDGE_WIDTH`` pixels, white on black (the demo ControlNet's map)."""
+    from PIL import ImageFilter
+
+    return canny(image).filter(ImageFilter.MaxFilter(THICK_EDGE_WIDTH))
+
+
 def regions(image: Image.Image) -> Image.Image:
     """A flat colour-region map: each pixel snapped to ``REGION_LEVELS`` levels per channel, then a 5×5 mode
     filter so regions are flat and their borders clean (a sketch of flat colours passes through unchanged)."""
@@ -89,8 +97,14 @@ def raw(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-CONDITION_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {"canny": canny, "regions": regions, "raw": raw}
+CONDITION_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "canny": canny, "canny-thick": canny_thick, "regions": regions, "raw": raw}
 CONTROL_TYPES = tuple(CONDITION_MAKERS)
+
+
+def default_control_type(net) -> str:
+    """The control type a ControlNet was trained on, where its folder says (``control_type``), else canny."""
+    return getattr(net, "control_type", None) or "canny"
 
 
 def check_control_type(kind: str) -> str:
@@ -142,11 +156,12 @@ def control_latent(vae, images: list[Image.Image]) -> Tensor:
     return (mean.float() - shift) * float(vae.config.scaling_factor)
 
 
-def check_control_request(image: Image.Image | None, kind: str, scale: float) -> None:
+def check_control_request(image: Image.Image | None, kind: str | None, scale: float) -> None:
     """A request's control fields, refused before any work (the image only where one is given)."""
     if image is not None and not isinstance(image, Image.Image):
         raise ValueError(f"control_image must be a PIL image or None, got {type(image).__name__}")
-    check_control_type(kind)
+    if kind is not None:  # None: the ControlNet's own type (default_control_type)
+        check_control_type(kind)
     check_control_scale(scale)
 
 
@@ -169,7 +184,8 @@ def apply_control(pipe, req, height: int, width: int, batch: int,
     if pipe.controlnet is None:
         raise ValueError("this model has no ControlNet: pass one (--controlnet PATH, or "
                          "PixSigmaPipeline.from_pretrained(..., controlnet=PATH)) to use a control image")
-    cmap, warnings = control_map(req.control_image, req.control_type, width, height)
+    kind = req.control_type or default_control_type(pipe.controlnet)
+    cmap, warnings = control_map(req.control_image, kind, width, height)
     latent = control_latent(pipe.vae, [cmap]).to(pipe.device, pipe.dtype)  # (1, C, h, w)
     call = ControlledDiT(pipe.transformer, pipe.controlnet)
     return call, {**extra, "control": latent.expand(batch, -1, -1, -1), "scale": req.control_scale}, cmap, warnings

@@ -122,6 +122,16 @@ def read_controlnet(path: str | os.PathLike, base: PixArtDiT) -> tuple[ControlNe
                             f"{'; '.join(CONTROLNET_LAYOUTS)}")
 
 
+def trained_control_type(path: str | os.PathLike) -> str | None:
+    """The control type a pixsigma ControlNet folder (or a pipeline folder's) says it was trained on, else None."""
+    p = Path(path)
+    p = p / CONTROLNET_SUBFOLDER if (p / MODEL_INDEX).is_file() else p
+    if not (p / CONTROLNET_CONFIG).is_file():
+        return None
+    kind = json.loads((p / CONTROLNET_CONFIG).read_text()).get("control_type")
+    return kind if isinstance(kind, str) else None
+
+
 def load_controlnet(path: str | os.PathLike, base: PixArtDiT) -> ControlNet:
     """A ControlNet for ``base`` from any accepted layout, on the base's device and dtype, in eval mode.
     Copies compress KV as the base does; KV weights the file lacks start from the average init."""
@@ -129,6 +139,7 @@ def load_controlnet(path: str | os.PathLike, base: PixArtDiT) -> ControlNet:
     config.check_base(base.config, f"ControlNet {path}")
     net = ControlNet(config, base.config)
     load_weights(net, sd, str(path), allow_missing=_KV, allow_unexpected=_KV)
+    net.control_type = trained_control_type(path)
     ref = base.final_layer.linear.weight
     return net.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
 
@@ -146,8 +157,10 @@ def _tensors(net: ControlNet, dtype: torch.dtype | None) -> dict[str, Tensor]:
 
 def save_controlnet(net: ControlNet, folder: str | os.PathLike, dtype: torch.dtype | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
-    """A pixsigma ControlNet folder, each file written atomically; ``extra`` goes into the config json."""
+    """A pixsigma ControlNet folder, each file written atomically; ``extra`` goes into the config json (with the
+    net's ``control_type``, where it has one)."""
     folder = Path(folder)
+    extra = {**({"control_type": net.control_type} if net.control_type else {}), **(extra or {})}
     atomic_write(folder / CONTROLNET_WEIGHTS, lambda t: save_file(_tensors(net, dtype), t))
     atomic_write_json({"controlnet": net.config.to_dict(), **(extra or {})}, folder / CONTROLNET_CONFIG, indent=2)
     return folder
@@ -168,4 +181,4 @@ def save_official(net: ControlNet, path: str | os.PathLike, base: PixArtDiT | No
 
 __all__ = ["CONTROLNET_CONFIG", "CONTROLNET_LAYOUTS", "CONTROLNET_SUBFOLDER", "CONTROLNET_WEIGHTS",
            "ControlNetMismatch", "find_controlnet", "from_adapter_state_dict", "infer_controlnet_config",
-           "load_controlnet", "read_controlnet", "save_controlnet", "save_official"]
+           "load_controlnet", "read_controlnet", "save_controlnet", "save_official", "trained_control_type"]

@@ -25,7 +25,7 @@ from PIL import Image
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
-from pixsigma.control import apply_control, check_control_request, controlnet_for
+from pixsigma.control import apply_control, check_control_request, controlnet_for, default_control_type
 from pixsigma.diffusers_call import DiffusersCall, dtype_name
 from pixsigma.edit import check_edit_request, plan_edit
 from pixsigma.folder_settings import SamplingDefaults, check_sampling
@@ -82,7 +82,7 @@ class GenerationRequest:
     loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
     # ControlNet (pixsigma.control): an image the pipeline's ControlNet follows, how it becomes a map, how strongly
     control_image: Image.Image | None = None
-    control_type: str = "canny"
+    control_type: str | None = None  # None: the type the ControlNet was trained on (its folder's), else canny
     control_scale: float = 1.0
     # Image-to-image and inpainting (pixsigma.edit): the input (also the default output size), white = repaint,
     # how far the input is noised (None: 0.8, with a mask 1.0)
@@ -398,7 +398,8 @@ class PixSigmaPipeline(DiffusersCall):
         if self.t5_precision is not None:  # int8 T5 changes the image slightly
             params["t5"] = self.t5_precision
         if req.control_image is not None:
-            params["control"] = {"type": req.control_type, "scale": req.control_scale}
+            params["control"] = {"type": req.control_type or default_control_type(self.controlnet),
+                                 "scale": req.control_scale}
         if edit is not None:
             params["edit"] = edit.params
         if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")

@@ -16,7 +16,13 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from pixsigma.control import CONTROL_TYPES, check_control_scale, check_control_type, control_map
+from pixsigma.control import (
+    CONTROL_TYPES,
+    check_control_scale,
+    check_control_type,
+    control_map,
+    default_control_type,
+)
 from pixsigma.controlnet_weights import load_controlnet
 from pixsigma.pipeline import GenerationRequest
 from pixsigma_ui.engine import MAIN, MAX_SEED, AppEngine, Done
@@ -61,10 +67,15 @@ def read_control_image(value: Any) -> Image.Image | None:
     return image
 
 
+def engine_control_type(engine: AppEngine) -> str:
+    """The control type the app's ControlNet was trained on (its folder's), else canny: the inputs' default."""
+    return default_control_type(getattr(engine.pipes[MAIN], "controlnet", None))
+
+
 def with_control(engine: AppEngine, request: GenerationRequest, image: Any, control_type: Any,
                  control_scale: Any) -> GenerationRequest:
     """``request`` with the control fields (unchanged when no image is given)."""
-    kind = check_control_type(as_text(control_type, "control_type") or "canny")
+    kind = check_control_type(as_text(control_type, "control_type") or engine_control_type(engine))
     scale = check_control_scale(as_float(control_scale, "control_scale"))
     img = read_control_image(image)
     if img is None:
@@ -99,8 +110,10 @@ def build_control_inputs(engine: AppEngine) -> list[gr.components.Component]:
                                brush=gr.Brush(colors=["#000000", "#ffffff"], default_size=3),
                                elem_id="control-image", interactive=ready)
         with gr.Row():
-            kind = gr.Radio(list(CONTROL_TYPES), value="canny", label="Control type", elem_id="control-type",
-                            info="canny: edges of the image; regions: flat colour regions; raw: the image is the map")
+            kind = gr.Radio(list(CONTROL_TYPES), value=engine_control_type(engine), label="Control type",
+                            elem_id="control-type",
+                            info="canny: edges of the image (canny-thick: 5 px wide, the demo's); regions: flat "
+                                 "colour regions; raw: the image is the map")
             scale = gr.Slider(*SCALE_RANGE, value=1.0, step=0.05, label="Control scale", elem_id="control-scale")
     return [image, kind, scale]
 
@@ -121,7 +134,7 @@ def make_compare_control_fn(engine: AppEngine) -> Callable[..., Iterator[tuple]]
     """Handler yielding (Σ, Σ + ControlNet, control map, note) as each run finishes."""
     sigma = engine.info(MAIN)
 
-    def compare_control(prompt: str, control_image: Any = None, control_type: str = "canny",
+    def compare_control(prompt: str, control_image: Any = None, control_type: str = "",
                         control_scale: float = 1.0, seed: int = 0, steps: int = sigma.steps,
                         expand_prompt: bool = True) -> Iterator[tuple]:
         prompt, seed, steps = as_text(prompt, "prompt"), resolve_seed(seed), as_int(steps, "steps")
@@ -151,7 +164,7 @@ def build_compare_control(engine: AppEngine, gpu: Callable = lambda fn: fn) -> N
                                    brush=gr.Brush(colors=["#000000", "#ffffff"], default_size=3), elem_id="cc-image",
                                    interactive=has_controlnet(engine))
             with gr.Row():
-                kind = gr.Radio(list(CONTROL_TYPES), value="canny", label="Control type")
+                kind = gr.Radio(list(CONTROL_TYPES), value=engine_control_type(engine), label="Control type")
                 scale = gr.Slider(*SCALE_RANGE, value=1.0, step=0.05, label="Control scale")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=RANDOM_SEED, maximum=MAX_SEED, label="Seed")

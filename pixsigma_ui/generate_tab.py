@@ -107,7 +107,7 @@ def make_generate_fn(engine: AppEngine, outputs: Path, keep: Retention | None = 
                  expand_prompt: bool = True,
                  init_image: Any = None, mask: Any = None, strength: float = IMG2IMG_STRENGTH,  # edit_panel
                  loras: str = "",
-                 control_image: Any = None, control_type: str = "canny", control_scale: float = 1.0,  # control_panel
+                 control_image: Any = None, control_type: str = "", control_scale: float = 1.0,  # control_panel
                  model: str = MAIN,  # last (HELPERS.md order): main, alpha or run:NAME (model_picker.py)
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008 - gradio's injection idiom
         model = check_model(engine, model)

@@ -88,7 +88,7 @@ def test_api_refusals(client, engine, tmp_path):
 
     sketch = tmp_path / "sketch.png"
     _sketch().save(sketch)
-    with pytest.raises(AppError, match="unknown control type 'hed'; accepted: canny, regions, raw"):
+    with pytest.raises(AppError, match="unknown control type 'hed'; accepted: canny, canny-thick, regions, raw"):
         client.predict(prompt="a red circle", steps=1, control_image=_editor_value(sketch), control_type="hed",
                        api_name="/generate")
     with pytest.raises(AppError, match="upload or draw a control image"):

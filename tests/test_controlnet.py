@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from fixtures import random_dit
@@ -210,7 +211,7 @@ def test_pipeline_untrained_controlnet_gives_the_base_image_exactly(tiny_pipelin
 def test_bad_control_requests_are_refused_before_any_work():
     from pixsigma.pipeline import GenerationRequest
 
-    with pytest.raises(ValueError, match="unknown control type 'hed'; accepted: canny, regions, raw"):
+    with pytest.raises(ValueError, match="unknown control type 'hed'; accepted: canny, canny-thick, regions, raw"):
         GenerationRequest("x", control_image=_sketch(), control_type="hed")
     with pytest.raises(ValueError, match="control scale must be a number in 0-4"):
         GenerationRequest("x", control_image=_sketch(), control_scale=9.0)
@@ -219,12 +220,15 @@ def test_bad_control_requests_are_refused_before_any_work():
 
 
 def test_condition_makers():
-    from pixsigma.control import canny, canny_edges, control_map, regions
+    from pixsigma.control import THICK_EDGE_WIDTH, canny, canny_edges, canny_thick, control_map, regions
 
     edges = canny_edges(_sketch())
     assert edges.dtype == torch.bool and 20 < int(edges.sum()) < 300  # a thin outline, not a filled area
     assert not edges[:10].any()  # nothing where the image is flat
     assert canny(_sketch()).mode == "RGB"
+    thick = np.asarray(canny_thick(_sketch()))[..., 0] > 0
+    assert thick[edges.numpy()].all() and thick.sum() > 2 * int(edges.sum())  # the same edges, wider
+    assert thick[32].sum() >= 2 * THICK_EDGE_WIDTH  # the middle row crosses two vertical edges, each this wide
     flat = regions(_sketch())
     assert set(flat.getdata()) <= {(0, 0, 0), (255, 255, 255)}
     cmap, warnings = control_map(_sketch(100, 50), "raw", 64, 64)
@@ -233,7 +237,7 @@ def test_condition_makers():
 
 def test_cli_control_options(tiny_pipeline, tmp_path, capsys):
     from pixsigma.cli import main as cli
-    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.controlnet_weights import save_controlnet, trained_control_type
     from pixsigma.io import read_params
     from pixsigma.weights import load_dit
 
@@ -245,6 +249,14 @@ def test_cli_control_options(tiny_pipeline, tmp_path, capsys):
                 "--width", "64", "--height", "64", "--controlnet", str(tmp_path / "cn"), "--control", str(sketch),
                 "--control-type", "regions", "--control-scale", "0.5"]) == 0
     assert read_params(out)["control"] == {"type": "regions", "scale": 0.5}
+    trained = ControlNet.from_base(load_dit(tiny_pipeline))
+    trained.control_type = "canny-thick"  # a folder that says what it was trained on sets the default type
+    save_controlnet(trained, tmp_path / "thick")
+    assert trained_control_type(tmp_path / "thick") == "canny-thick" and trained_control_type(tmp_path / "cn") is None
+    assert cli(["generate", "a red star", "--model", str(tiny_pipeline), "--out", str(out), "--steps", "1",
+                "--width", "64", "--height", "64", "--controlnet", str(tmp_path / "thick"), "--control",
+                str(sketch)]) == 0
+    assert read_params(out)["control"] == {"type": "canny-thick", "scale": 1.0}
     assert cli(["generate", "x", "--model", str(tiny_pipeline), "--out", str(out), "--control",
                 str(tmp_path / "none.png")]) == 2
     assert "--control" in capsys.readouterr().err

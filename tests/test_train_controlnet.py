@@ -68,7 +68,7 @@ def test_controlnet_stage_online_with_regions(world):
 
 
 def test_bad_controlnet_stage_settings():
-    with pytest.raises(ValueError, match=r"control_type must be one of \('canny', 'regions'\), got 'raw'"):
+    with pytest.raises(ValueError, match=r"must be one of \('canny', 'canny-thick', 'regions'\), got 'raw'"):
         ControlNetStage(control_type="raw")
     with pytest.raises(ValueError, match="stage.controlnet.copies must be a positive integer or null, got 0"):
         ControlNetStage(copies=0)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.weights import KV_KEYS
 
-CONTROLNET_TRAIN_TYPES = ("canny", "regions")  # condition makers a run can derive from its own images
+CONTROLNET_TRAIN_TYPES = ("canny", "canny-thick", "regions")  # condition makers a run can derive from its own images
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ class ControlNet(nn.Module):
         super().__init__()
         config.check_base(base)
         self.config, self.kv = config, base.kv_compress
+        self.control_type: str | None = None  # the map it was trained on, where its folder says (pixsigma.control)
         d, kv = base.hidden_size, base.kv_compress
         self.controlnet = nn.ModuleList(
             ControlBlock(PixArtBlock(d, base.num_heads, base.mlp_ratio, kv.ratio_for(i), kv.operator), i, d)
