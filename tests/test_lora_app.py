@@ -95,9 +95,12 @@ def demo():
     return PixSigmaPipeline.from_pretrained("demo", device="cpu")
 
 
-@pytest.mark.skipif(not LORA_ALIASES["demo-tiny-huge"].is_dir(), reason="the demo LoRA is not built")
-def test_the_shipped_demo_lora_loads_and_changes_the_image(demo):
+def test_the_shipped_demo_lora_is_offered_loads_and_changes_the_image(demo):
     from pixsigma.pipeline import GenerationRequest
+    from pixsigma_ui.lora_panel import available_loras
+
+    assert "demo-tiny-huge" in available_loras()
+    assert sum(f.stat().st_size for f in LORA_ALIASES["demo-tiny-huge"].iterdir()) <= 2 * 2**20
 
     req = GenerationRequest("A tiny red star in the centre.", seed=0, steps=8, expand_prompt=False)
     base = np.asarray(demo.generate(req).images[0])
