@@ -70,9 +70,22 @@ def with_edit(request: GenerationRequest, init_image: Any, mask: Any, strength: 
     return replace(request, init_image=image, mask=mask_image, strength=strength, width=width, height=height)
 
 
-def build_edit_inputs() -> list[gr.components.Component]:
+def output_size_note(init_image: Any, resolution: Any) -> str:
+    """What the editor shows under an uploaded image: the output size it gives at ``resolution``."""
+    try:
+        image, _ = read_edit_inputs(init_image, None)
+        base = int(resolution)
+    except (TypeError, ValueError):
+        return ""
+    if image is None:
+        return ""
+    height, width = nearest_bucket(image.height, image.width, base)
+    return f"Output {width}×{height} px: the input's aspect ratio at the {base} px base resolution."
+
+
+def build_edit_inputs(resolution: gr.components.Component) -> list[gr.components.Component]:
     """The "Input image" accordion of the Generate tab (inside its left column): [image, mask (hidden, API only),
-    strength]."""
+    strength]; ``resolution`` is the tab's base-resolution dropdown (the output-size note reads it)."""
     with gr.Accordion("Input image (image-to-image, inpainting)", open=False, elem_id="edit"):
         gr.Markdown("Upload an image to redraw it from the prompt; paint over a part to repaint only that part "
                     "(pixels more than 8 px from the paint stay exactly as they are). The output takes the "
@@ -84,4 +97,8 @@ def build_edit_inputs() -> list[gr.components.Component]:
         strength = gr.Slider(STRENGTH_STEP, 1.0, value=IMG2IMG_STRENGTH, step=STRENGTH_STEP, label="Strength",
                              info="how far the input is noised: small keeps it nearly as it is, 1 redraws it "
                                   "from almost pure noise", elem_id="strength")
+        note = gr.Markdown(elem_id="edit-size")
+    # the editor only sends an upload to the server when a listener asks for it: without one the image is dropped
+    gr.on([image.upload, resolution.change], output_size_note, [image, resolution], note, queue=False,
+          api_visibility="private", preprocess=False)
     return [image, mask, strength]

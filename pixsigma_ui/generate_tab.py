@@ -180,7 +180,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             expand = gr.Checkbox(value=True, label="Expand prompt: write a short prompt as the dense caption "
                                  "this model was trained on (what it read is shown with the result)",
                                  visible=info.prompt_expander is not None, elem_id="expand")
-            edit = build_edit_inputs()
+            edit = build_edit_inputs(resolution)
             loras = build_lora_picker()
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "

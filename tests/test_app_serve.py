@@ -264,9 +264,13 @@ def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path, m
     served = Served(AppEngine({MAIN: pipe_}, {MAIN: "tiny"}), tmp_path, queue_size=1)
     try:
         running = served.client.submit(**GOOD, api_name="/generate")
+        for _ in range(2400):  # until it runs, held at its first step (sent at once, the second could be refused)
+            if len(pipe_.runs) == 1:
+                break
+            time.sleep(0.05)
         waiting = served.client.submit(**GOOD, api_name="/generate")
-        for _ in range(2400):  # until one runs (held at its first step) and one waits
-            if len(served.demo._queue) == 1 and len(pipe_.runs) == 1:
+        for _ in range(2400):  # until the second waits
+            if len(served.demo._queue) == 1:
                 break
             time.sleep(0.05)
         assert len(served.demo._queue) == 1, (pipe_.runs, running.status(), waiting.status())

@@ -78,6 +78,8 @@ def test_control_input_upload_map_and_generate(served):
         page.goto(url)
         page.wait_for_selector("#generate", timeout=30_000)
         page.get_by_text("Control (ControlNet)").first.click()
+        page.locator("#control-image").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)  # the opened accordion's inputs are live once shown
         page.locator("#control-image input[type=file]").first.set_input_files(str(tmp / "sketch.png"))
         page.wait_for_selector("#control-map img", timeout=90_000)  # the preprocessed map (slow on a loaded CPU)
         page.fill("#prompt textarea", "a red square")

@@ -70,10 +70,13 @@ def test_upload_paint_and_inpaint(served):
         page.goto(url)
         page.wait_for_selector("#generate", timeout=30_000)
         page.get_by_text("Input image (image-to-image, inpainting)").first.click()
+        page.locator("#init-image").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)  # the editor's canvas is set up once it is shown
         page.locator("#init-image input[type=file]").first.set_input_files(str(tmp / "photo.png"))
         canvas = page.locator("#init-image canvas").first
         canvas.wait_for(timeout=30_000)
-        page.wait_for_timeout(1000)
+        page.wait_for_function("document.querySelector('#edit-size').innerText.includes('Output 256×256 px')",
+                               timeout=30_000)  # the upload reached the server
         page.locator("#init-image button[aria-label='Brush']").first.click()
         box = canvas.bounding_box()
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
