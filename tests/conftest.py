@@ -36,3 +36,16 @@ def pipe(tiny_pipeline):
     from pixsigma.pipeline import PixSigmaPipeline
 
     return PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, through playwright (the browser tests; ``fixtures.NEEDS_CHROMIUM`` skips them
+    where it is missing)."""
+    from fixtures import BROWSER_ARGS, CHROMIUM
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
+        yield b
+        b.close()

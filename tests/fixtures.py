@@ -1,5 +1,6 @@
 """The tests' one set of builders: tiny random models saved in the real on-disk formats (no network, seconds on a
-CPU), tiny image folders and run configs for the trainer, and a pipeline stand-in that runs out of memory.
+CPU), tiny image folders and run configs for the trainer, a pipeline stand-in that runs out of memory, and the app
+served as a subprocess for the browser tests.
 
 Test modules import from here (``from fixtures import …``) and never from one another; pytest fixtures built on
 these live in ``conftest.py``.
@@ -8,9 +9,17 @@ these live in ``conftest.py``.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -169,3 +178,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: playwright cannot download its own here
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts"  # the browser tests' screenshots
+NEEDS_CHROMIUM = pytest.mark.skipif(not CHROMIUM.exists(),
+                                    reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+@contextmanager
+def served_app(args: list[str], tmp: Path, env: dict[str, str] | None = None,
+               start_timeout_s: float = 120) -> Iterator[str]:
+    """``python app.py ARGS`` on a free port as a subprocess (its output in ``tmp/app.log``); yields its URL once
+    it answers, stops it on exit."""
+    port = free_port()
+    log_path = tmp / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"app did not start:\n{log_path.read_text()[-3000:]}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(20)

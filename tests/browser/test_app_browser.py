@@ -9,22 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from fixtures import free_port
+from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = NEEDS_CHROMIUM
 
 FINETUNE = """\
 stage: {{name: finetune, load_from: {model}}}
@@ -51,29 +41,12 @@ def app_url(tiny_pipeline, tmp_path_factory):
     sigma = tmp / "sigma"  # Σ names a prompt expander, as the demo Σ does; α (the same weights) does not
     shutil.copytree(tiny_pipeline, sigma)
     SamplingDefaults(prompt_expander="shapes").write(sigma)
-    port = free_port()
-    cmd = [sys.executable, "app.py", "--model", str(sigma), "--alpha-model", str(tiny_pipeline),
-           "--device", "cpu", "--port", str(port), "--enable-training", "--runs-dir", str(tmp / "runs"),
-           "--train-configs", str(tmp / "configs"), "--outputs", str(tmp / "outputs")]
-    log = open(tmp / "app.log", "wb")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
+    args = ["--model", str(sigma), "--alpha-model", str(tiny_pipeline), "--device", "cpu", "--enable-training",
+            "--runs-dir", str(tmp / "runs"), "--train-configs", str(tmp / "configs"), "--outputs", str(tmp / "outputs")]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
-        yield url
+        with served_app(args, tmp) as url:
+            yield url
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
         for run in (tmp / "runs").glob("*/status.json"):  # leave no trainer behind
             pid = json.loads(run.read_text()).get("pid")
             if pid:
@@ -81,16 +54,6 @@ def app_url(tiny_pipeline, tmp_path_factory):
                     os.kill(pid, 15)
                 except ProcessLookupError:
                     pass
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -4,23 +4,10 @@ subprocess on a tiny random pipeline; screenshots go to ``test-artifacts/``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
-from fixtures import free_port
+from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = NEEDS_CHROMIUM
 
 
 @pytest.fixture(scope="module")
@@ -41,52 +28,30 @@ def served(tiny_pipeline, tmp_path_factory):
     sketch = Image.new("RGB", (200, 120), "white")  # another aspect ratio than the 1:1 bucket: cropped
     ImageDraw.Draw(sketch).rectangle((60, 20, 140, 100), outline="black", width=4)
     sketch.save(tmp / "sketch.png")
-    port = free_port()
-    cmd = [sys.executable, "app.py", "--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu",
-           "--port", str(port), "--controlnet", str(tmp / "controlnet"), "--outputs", str(tmp / "outputs")]
-    log = open(tmp / "app.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
+    args = ["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu",
+            "--controlnet", str(tmp / "controlnet"), "--outputs", str(tmp / "outputs")]
+    with served_app(args, tmp) as url:
         yield url, tmp
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
 
 
-def test_control_input_upload_map_and_generate(served):
-    from playwright.sync_api import sync_playwright
+def test_control_input_upload_map_and_generate(served, browser):
 
     from pixsigma.io import read_params
 
     url, tmp = served
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
-        page.goto(url)
-        page.wait_for_selector("#generate", timeout=30_000)
-        page.get_by_text("Control (ControlNet)").first.click()
-        page.locator("#control-image").first.scroll_into_view_if_needed()
-        page.wait_for_timeout(500)  # the opened accordion's inputs are live once shown
-        page.locator("#control-image input[type=file]").first.set_input_files(str(tmp / "sketch.png"))
-        page.wait_for_selector("#control-map img", timeout=90_000)  # the preprocessed map (slow on a loaded CPU)
-        page.fill("#prompt textarea", "a red square")
-        page.fill("input[aria-label='number input for Steps']", "2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#stats').innerText.includes('peak memory')", timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "app-control.png"), full_page=True)
-        browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(url)
+    page.wait_for_selector("#generate", timeout=30_000)
+    page.get_by_text("Control (ControlNet)").first.click()
+    page.locator("#control-image").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)  # the opened accordion's inputs are live once shown
+    page.locator("#control-image input[type=file]").first.set_input_files(str(tmp / "sketch.png"))
+    page.wait_for_selector("#control-map img", timeout=90_000)  # the preprocessed map (slow on a loaded CPU)
+    page.fill("#prompt textarea", "a red square")
+    page.fill("input[aria-label='number input for Steps']", "2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#stats').innerText.includes('peak memory')", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "app-control.png"), full_page=True)
     pngs = sorted((tmp / "outputs").glob("*.png"))
     assert pngs and read_params(pngs[-1])["control"] == {"type": "canny", "scale": 1.0}

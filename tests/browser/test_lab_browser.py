@@ -11,67 +11,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from fixtures import free_port
+from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
 IMAGES = "24"  # world images made and encoded for the run: the default's path, kept short
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = NEEDS_CHROMIUM
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lab_app")
     runs = tmp / "runs"
-    port = free_port()
-    cmd = [sys.executable, "app.py", "--device", "cpu", "--port", str(port), "--enable-training",
-           "--runs-dir", str(runs), "--outputs", str(tmp / "outputs")]
-    log = open(tmp / "app.log", "wb")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
+    args = ["--device", "cpu", "--enable-training", "--runs-dir", str(runs), "--outputs", str(tmp / "outputs")]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
-        yield url, runs
+        with served_app(args, tmp, env={"OMP_NUM_THREADS": "1"}) as url:
+            yield url, runs
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
         for launch in runs.glob("*/launch.json"):  # leave no trainer behind
             pid = json.loads(launch.read_text()).get("pid")
             try:
                 os.kill(pid, 15) if pid else None
             except ProcessLookupError:
                 pass
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 def status_step(page) -> int:
