@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -215,3 +216,19 @@ def served_app(args: list[str], tmp: Path, env: dict[str, str] | None = None,
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+@contextmanager
+def app_client(engine: Any, outputs: Path) -> Iterator[Any]:
+    """The app's Blocks over ``engine`` launched in this process on a free port; yields a gradio_client on it."""
+    from gradio_client import Client
+
+    from app import build_demo
+
+    demo = build_demo(engine, outputs=outputs)
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures import free_port
+from fixtures import app_client
 from PIL import Image, ImageDraw
 
-from app import build_demo
 from pixsigma.io import read_params
 from pixsigma.model.controlnet import ControlNet
 from pixsigma_ui.control_panel import make_compare_control_fn, preview_map, read_control_image
@@ -36,15 +35,8 @@ def engine(pipe):
 
 @pytest.fixture(scope="module")
 def client(engine, tmp_path_factory):
-    from gradio_client import Client
-
-    demo = build_demo(engine, outputs=tmp_path_factory.mktemp("outputs"))
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        demo.close()
+    with app_client(engine, tmp_path_factory.mktemp("outputs")) as c:
+        yield c
 
 
 def _editor_value(path) -> dict:

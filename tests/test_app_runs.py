@@ -10,10 +10,9 @@ import shutil
 
 import numpy as np
 import pytest
-from fixtures import free_port, make_images, write_config
+from fixtures import app_client, make_images, write_config
 from PIL import Image
 
-from app import build_demo
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.compare_tab import make_compare_fn
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
@@ -123,13 +122,7 @@ def test_compare_shows_sigma_the_run_and_alpha(engine, tiny_pipeline, runs_dir):
 
 
 def test_api_lists_runs_and_generates_with_one(engine, tiny_pipeline, runs_dir, tmp_path):
-    from gradio_client import Client
-
-    demo = build_demo(engine, outputs=tmp_path)
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with app_client(engine, tmp_path) as client:
         listed = client.predict(api_name="/runs")
         assert {r["model"] for r in listed} == {"run:ft-tiny", "run:chain/kv"}
         assert {r["stage"] for r in listed} == {"finetune"} and all(r["step"] == 2 for r in listed)
@@ -146,6 +139,4 @@ def test_api_lists_runs_and_generates_with_one(engine, tiny_pipeline, runs_dir, 
 
         with pytest.raises(AppError, match="is not a finished run"):
             client.predict(prompt="a blue circle", steps=2, model="run:nope", api_name="/generate")
-    finally:
-        demo.close()
 

@@ -10,7 +10,7 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from fixtures import FlakyPipe, free_port
+from fixtures import FlakyPipe, app_client
 from PIL import Image
 
 from app import QUEUE_SIZE, build_demo, parse_args
@@ -30,15 +30,8 @@ def engine(pipe):
 
 @pytest.fixture(scope="module")
 def client(engine, tmp_path_factory):
-    from gradio_client import Client
-
-    demo = build_demo(engine, outputs=tmp_path_factory.mktemp("outputs"))
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        demo.close()
+    with app_client(engine, tmp_path_factory.mktemp("outputs")) as c:
+        yield c
 
 
 def run_all(gen):

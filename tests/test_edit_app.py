@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import free_port
+from fixtures import app_client
 from PIL import Image, ImageDraw
 
-from app import build_demo
 from pixsigma.edit import FEATHER_PX
 from pixsigma.io import read_params
 from pixsigma_ui.edit_panel import painted_mask, read_edit_inputs
@@ -51,15 +50,8 @@ def engine(pipe):
 
 @pytest.fixture(scope="module")
 def client(engine, tmp_path_factory):
-    from gradio_client import Client
-
-    demo = build_demo(engine, outputs=tmp_path_factory.mktemp("outputs"))
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        demo.close()
+    with app_client(engine, tmp_path_factory.mktemp("outputs")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
