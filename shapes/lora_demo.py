@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from pixsigma.io import atomic_write, atomic_write_text
 from shapes.shapesbench import detect, score
-from shapes.world import Scene, long_caption, parse_prompt, render, sample_scene, scene_rng
+from shapes.world import Scene, long_caption, make_dataset, parse_prompt, sample_scene, scene_rng
 
 WORDS = {"small": "tiny", "large": "huge"}
 SIZES = ((256, 256), (224, 288), (288, 224))
@@ -39,21 +37,9 @@ def size_words(caption: str) -> str:
 
 
 def make_data(folder: str | Path, n: int, seed: int = 5) -> Path:
-    """``n`` scenes as PNGs + ``metadata.jsonl``; even records speak of tiny/huge, odd ones of small/large."""
-    out = Path(folder)
-    lines = []
-    for i in range(n):
-        rng = scene_rng("train", seed, i)
-        scene = sample_scene(rng)
-        w, h = SIZES[int(rng.integers(len(SIZES)))]
-        image = render(scene, w, h)
-        name = f"{i:06d}.png"
-        atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        caption = size_words(long_caption(scene)) if i % 2 == 0 else long_caption(scene)
-        lines.append(json.dumps({"path": name, "caption": caption, "long_caption": caption, "width": w,
-                                 "height": h}))
-    atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
-    return out
+    """``n`` world scenes (``world.make_dataset``); even records speak of tiny/huge, odd ones of small/large."""
+    return make_dataset(folder, n, seed=seed, sizes=SIZES,
+                        recaption=lambda i, caption: size_words(caption) if i % 2 == 0 else caption)
 
 
 def bench_scenes(n: int = BENCH_N) -> list[Scene]:

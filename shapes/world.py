@@ -415,13 +415,15 @@ def dataset_caption(scene: Scene, short: str = "raw") -> str:
 
 def make_dataset(folder: str | Path, n: int, seed: int = 0,
                  sizes: Sequence[tuple[int, int]] = ((128, 128),), short: str = "raw",
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+                 progress: Callable[[int, int], None] | None = None,
+                 recaption: Callable[[int, str], str] | None = None) -> Path:
     """Write ``n`` scenes as PNG + sidecar .txt (short caption) + ``metadata.jsonl``.
 
     Each metadata line is ``{"path", "caption", "long_caption", "width", "height", "scene"}`` with
     ``path`` relative to ``folder``. ``sizes`` lists (width, height) pairs, drawn per image. ``short``:
     the ``caption`` each record gets (``dataset_caption``: "raw", or "complete" where raw leaves objects out).
-    ``progress(done, n)`` is called after each image.
+    ``progress(done, n)`` is called after each image. ``recaption(i, caption)`` rewrites record ``i``'s captions
+    (a LoRA's new words: ``shapes/lora_demo.py``).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -438,9 +440,11 @@ def make_dataset(folder: str | Path, n: int, seed: int = 0,
         image = render(scene, w, h)
         name = f"{i:06d}.png"
         atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        caption = dataset_caption(scene, short)
+        caption, long = dataset_caption(scene, short), long_caption(scene)
+        if recaption is not None:
+            caption, long = recaption(i, caption), recaption(i, long)
         atomic_write_text(out / f"{i:06d}.txt", caption)
-        lines.append(json.dumps({"path": name, "caption": caption, "long_caption": long_caption(scene),
+        lines.append(json.dumps({"path": name, "caption": caption, "long_caption": long,
                                  "width": w, "height": h, "scene": scene.to_dict()}))
         if progress is not None:
             progress(i + 1, n)

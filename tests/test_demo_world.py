@@ -134,6 +134,18 @@ def test_make_dataset_writes_png_txt_and_metadata(tmp_path):
     assert set(SHAPES) <= set(caption_vocabulary())
 
 
+def test_the_lora_data_speaks_of_tiny_and_huge_in_every_other_record(tmp_path):
+    from shapes.lora_demo import make_data
+
+    rows = [json.loads(x) for x in (make_data(tmp_path / "ds", 8) / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        world = long_caption(Scene.from_dict(row["scene"]))
+        words = set(row["long_caption"].split())
+        assert words.isdisjoint({"small", "large"}) if i % 2 == 0 else row["long_caption"] == world
+        assert (row["long_caption"] != world) == (i % 2 == 0 and bool({"small", "large"} & set(world.split())))
+        assert (tmp_path / "ds" / row["path"]).with_suffix(".txt").read_text() == row["caption"]
+
+
 def test_complete_short_captions_name_every_object(tmp_path):
     obj = lambda shape, colour, size, cell: SceneObject(shape, colour, size, cell)  # noqa: E731
     two = Scene((obj("star", "red", "small", 0), obj("ring", "blue", "large", 8)))
