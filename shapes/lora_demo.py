@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="before/after on the held-out tiny/huge prompts")
     m.add_argument("lora", help="a LoRA file or folder (or a shipped name)")
     m.add_argument("--n", type=int, default=BENCH_N)
+    m.add_argument("--scale", type=float, default=1.0, help="the LoRA's scale (multiplies lora_alpha / r)")
     args = p.parse_args(argv)
     if args.command == "data":
         print(make_data(args.folder, args.n))
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = PixSigmaPipeline.from_pretrained("demo", device="cpu")
     print(f"| {args.n} held-out prompts | model | size accuracy | attribute |\n|---|---|---|---|")
     for words, new in (("with tiny/huge", True), ("with small/large", False)):
-        for name, lora in (("demo Σ", None), ("demo Σ + demo-tiny-huge", f"{args.lora}:1.0")):
+        tuned = f"demo Σ + demo-tiny-huge at {args.scale:g}"
+        for name, lora in (("demo Σ", None), (tuned, f"{args.lora}:{args.scale}")):
             r = measure(pipe, lora, args.n, new)
             print(f"| {words} | {name} | {100 * r['size']:.1f} % | {100 * r['attribute']:.1f} % |", flush=True)
     return 0
