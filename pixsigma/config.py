@@ -52,6 +52,14 @@ class KVCompress:
         return self.ratio if layer in self.layers else 1
 
 
+def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """A ValueError naming ``d``'s keys that are not fields of the dataclass ``cls`` (and the accepted ones)."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; accepted: {sorted(known)}")
+
+
 def parse_layers(spec: str, depth: int = MAX_DEPTH) -> tuple[int, ...]:
     """'14-27' or '14,15,20-22' -> layer indices, each below ``depth``. Raises ValueError naming the bad part.
 
@@ -156,10 +164,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}; accepted: {sorted(known)}")
+        check_fields(cls, d, "DiTConfig fields")
         d = dict(d)
         if "kv_compress" in d and isinstance(d["kv_compress"], dict):
             d["kv_compress"] = KVCompress(**d["kv_compress"])

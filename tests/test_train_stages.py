@@ -105,6 +105,10 @@ def test_stage_mistakes_are_named(world):
                                                                        "resolution": 64}, **base))
     with pytest.raises(ValueError, match="must differ"):
         model_config(cfg, PRESETS["tiny"])
+    cfg = load_config(write_config(world["root"] / "bad6.yaml", stage="from_scratch", model="tiny",
+                                   model_args={"depht": 2}, **base))
+    with pytest.raises(ValueError, match=r"unknown model_args \['depht'\]; accepted: .*'depth'"):
+        model_config(cfg, None)
     with pytest.raises(ValueError, match="stage.load_from"):
         load_config(write_config(world["root"] / "bad2.yaml", stage="res_up", **base))
     with pytest.raises(ValueError, match="unknown optim keys"):

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from pixsigma.config import PRESETS, DiTConfig, KVCompress, default_kv, parse_layers
+from pixsigma.config import PRESETS, DiTConfig, KVCompress, check_fields, default_kv, parse_layers
 from pixsigma.weights import KV_KEYS
 
 CONTROLNET_TRAIN_TYPES = ("canny", "canny-thick", "regions")  # condition makers a run can derive from its own images
@@ -134,10 +134,7 @@ def model_config(cfg: RunSpec, loaded: DiTConfig | None) -> DiTConfig:
     stage = cfg.stage
     if stage.name == "from_scratch":
         base = PRESETS[cfg.model]
-        known = set(DiTConfig.__dataclass_fields__)
-        bad = sorted(set(cfg.model_args) - known)
-        if bad:
-            raise ValueError(f"unknown model_args {bad}; accepted: {sorted(known)}")
+        check_fields(DiTConfig, cfg.model_args, "model_args")
         base = replace(base, **cfg.model_args)
         if stage.resolution and stage.resolution != base.resolution:
             base = base.at_resolution(stage.resolution)

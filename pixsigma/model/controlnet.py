@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixsigma.config import DiTConfig, KVCompress
+from pixsigma.config import DiTConfig, KVCompress, check_fields
 from pixsigma.model.dit import BlockContext, PixArtBlock, PixArtDiT, set_blocks_kv
 
 Tensor = torch.Tensor
@@ -69,10 +69,7 @@ class ControlNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ControlNetConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ControlNetConfig fields {unknown}; accepted: {sorted(known)}")
+        check_fields(cls, d, "ControlNetConfig fields")
         return cls(**d)
 
 
