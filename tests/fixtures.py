@@ -35,6 +35,8 @@ WORDS = ("a red blue green yellow star circle square ring triangle above below l
          "big cat dog photo an in with and white middle picture tall wide shape").split()
 TINY_DIT = DiTConfig(depth=2, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=300, sample_size=32,
                      pe_interpolation=0.5)
+CONTROL_DIT = DiTConfig(depth=4, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=16, sample_size=8,
+                        pe_interpolation=1.0)  # four blocks: room for a ControlNet's copies
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 # (height, width): three aspect-ratio buckets at 64 px
 SIZES = [(48, 48), (48, 48), (48, 48), (48, 48), (64, 32), (64, 32), (32, 64), (32, 64)]

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fixtures import random_dit
+from fixtures import CONTROL_DIT, random_dit
 from torch import nn
 
 from pixsigma.config import DiTConfig, KVCompress
@@ -22,9 +22,6 @@ from pixsigma.model.controlnet import (
     trainable_copy,
 )
 from pixsigma.model.embeddings import sincos_pos_embed, unpatchify
-
-CFG = DiTConfig(depth=4, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=16, sample_size=8,
-                pe_interpolation=1.0)
 
 
 class RefCopy(nn.Module):
@@ -95,7 +92,7 @@ def _trained_reference(base, n: int, seed: int = 7) -> RefControlPixArtHalf:
 @pytest.mark.parametrize("kv", [KVCompress(), KVCompress(2, (0, 1, 2, 3))])
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 def test_equals_reference_of_the_design(kv, scale):
-    base = random_dit(CFG.with_kv(kv), seed=1)
+    base = random_dit(CONTROL_DIT.with_kv(kv), seed=1)
     ref = _trained_reference(base, 2)
     net = ControlNet(ControlNetConfig.for_base(base.config, 2), base.config)
     net.load_state_dict({f"controlnet.{k}": v for k, v in ref.controlnet.state_dict().items()})
@@ -112,7 +109,7 @@ def test_equals_reference_of_the_design(kv, scale):
 
 
 def test_untrained_controlnet_gives_the_base_output_exactly():
-    base = random_dit(CFG, seed=2)
+    base = random_dit(CONTROL_DIT, seed=2)
     net = ControlNet.from_base(base)
     assert net.config.num_copies == 2  # half the depth
     x, t, y, mask, control = _inputs()
@@ -122,7 +119,7 @@ def test_untrained_controlnet_gives_the_base_output_exactly():
 
 
 def test_copies_start_as_the_base_blocks_and_only_they_train():
-    base = random_dit(CFG.with_kv(KVCompress(2, (1,))), seed=4)
+    base = random_dit(CONTROL_DIT.with_kv(KVCompress(2, (1,))), seed=4)
     net = trainable_copy(base, 3)
     for i, blk in enumerate(net.controlnet):
         own = base.blocks[i].state_dict()
@@ -137,7 +134,7 @@ def test_copies_start_as_the_base_blocks_and_only_they_train():
 
 
 def test_copies_follow_the_base_kv_compression():
-    base = random_dit(CFG, seed=5)
+    base = random_dit(CONTROL_DIT, seed=5)
     ref = _trained_reference(base, 2)
     net = ControlNet(ControlNetConfig.for_base(base.config, 2), base.config)
     net.load_state_dict({f"controlnet.{k}": v for k, v in ref.controlnet.state_dict().items()})
@@ -163,7 +160,7 @@ def test_mismatched_base_and_bad_configs_are_refused():
         ControlNetConfig(32, 4, 4)
     with pytest.raises(ValueError, match="unknown ControlNetConfig fields"):
         ControlNetConfig.from_dict({"base_hidden_size": 32, "base_depth": 4, "num_copies": 2, "x": 1})
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = ControlNet.from_base(base)
     x, t, y, mask, _ = _inputs()
     with pytest.raises(ValueError, match=r"control latent \(4, 4\) does not match the image latent \(8, 8\)"):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fixtures import random_dit
+from fixtures import CONTROL_DIT, random_dit
 from safetensors.torch import save_file
 
 from pixsigma.config import DiTConfig, KVCompress
@@ -19,9 +19,6 @@ from pixsigma.controlnet_weights import (
 )
 from pixsigma.model.controlnet import ControlNet, ControlNetMismatch, controlled_forward
 from pixsigma.weights import to_diffusers_state_dict
-
-CFG = DiTConfig(depth=4, hidden_size=32, num_heads=2, caption_channels=16, max_tokens=16, sample_size=8,
-                pe_interpolation=1.0)
 
 
 def _trained(base, copies: int = 2, seed: int = 5) -> ControlNet:
@@ -48,7 +45,7 @@ def _out(base, net):
 
 
 def test_pixsigma_folder_round_trip_and_fp16(tmp_path):
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = _trained(base)
     save_controlnet(net, tmp_path / "cn", extra={"train": {"steps": 1}})
     meta = json.loads((tmp_path / "cn" / "controlnet.json").read_text())
@@ -64,7 +61,7 @@ def test_pixsigma_folder_round_trip_and_fp16(tmp_path):
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_official_layout_with_or_without_base_model(tmp_path, with_base, suffix):
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = _trained(base, 3)
     path = save_official(net, tmp_path / f"control{suffix}", base if with_base else None)
     keys = torch.load(path, weights_only=True)["state_dict"].keys() if suffix == ".pth" else None
@@ -77,7 +74,7 @@ def test_official_layout_with_or_without_base_model(tmp_path, with_base, suffix)
 
 
 def test_diffusers_research_adapter_folder(tmp_path):
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = _trained(base)
     sd: dict[str, torch.Tensor] = {}
     for i, blk in enumerate(net.controlnet):
@@ -99,7 +96,7 @@ def test_diffusers_research_adapter_folder(tmp_path):
 
 
 def test_pipeline_folder_ships_its_controlnet(tmp_path):
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = _trained(base)
     (tmp_path / "model_index.json").write_text("{}")
     assert find_controlnet(tmp_path) is None
@@ -111,30 +108,30 @@ def test_pipeline_folder_ships_its_controlnet(tmp_path):
 
 
 def test_kv_weights_follow_the_base(tmp_path):
-    plain = random_dit(CFG)
+    plain = random_dit(CONTROL_DIT)
     net = _trained(plain)
     save_controlnet(net, tmp_path / "cn")
-    kv_base = random_dit(CFG.with_kv(KVCompress(2, (0, 1, 2, 3))))
+    kv_base = random_dit(CONTROL_DIT.with_kv(KVCompress(2, (0, 1, 2, 3))))
     loaded = load_controlnet(tmp_path / "cn", kv_base)  # no KV weights in the file: average init
     assert loaded.controlnet[1].copied_block.attn.kv_ratio == 2
     assert "controlnet.1.copied_block.attn.sr.weight" in loaded.state_dict()
 
 
 def test_wrong_width_or_depth_is_a_named_error(tmp_path):
-    base = random_dit(CFG)
+    base = random_dit(CONTROL_DIT)
     net = _trained(base)
     save_controlnet(net, tmp_path / "cn")
     save_official(net, tmp_path / "with_base.pth", base)
     save_official(net, tmp_path / "bare.safetensors")
     wide = random_dit(DiTConfig(depth=4, hidden_size=64, num_heads=2, caption_channels=16, sample_size=8))
-    deep = random_dit(CFG.__class__(**{**CFG.to_dict(), "depth": 6, "kv_compress": KVCompress()}))
+    deep = random_dit(CONTROL_DIT.__class__(**{**CONTROL_DIT.to_dict(), "depth": 6, "kv_compress": KVCompress()}))
     for path in (tmp_path / "cn", tmp_path / "with_base.pth", tmp_path / "bare.safetensors"):
         with pytest.raises(ControlNetMismatch, match="made for a base of width 32; this model has width 64"):
             load_controlnet(path, wide)
     for path in (tmp_path / "cn", tmp_path / "with_base.pth"):
         with pytest.raises(ControlNetMismatch, match="made for a base of depth 4; this model has depth 6"):
             load_controlnet(path, deep)
-    shallow = random_dit(CFG.__class__(**{**CFG.to_dict(), "depth": 2, "kv_compress": KVCompress()}))
+    shallow = random_dit(CONTROL_DIT.__class__(**{**CONTROL_DIT.to_dict(), "depth": 2, "kv_compress": KVCompress()}))
     with pytest.raises(ControlNetMismatch, match="copies 2 blocks; a base of depth 2 takes at most 1"):
         load_controlnet(tmp_path / "bare.safetensors", shallow)
     with pytest.raises(FileNotFoundError, match="not found or not a known layout"):
