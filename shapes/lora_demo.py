@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = PixSigmaPipeline.from_pretrained("demo", device="cpu")
     print(f"| {args.n} held-out prompts | model | size accuracy | attribute |\n|---|---|---|---|")
+    tuned = f"demo Σ + demo-tiny-huge at {args.scale:g}"
     for words, new in (("with tiny/huge", True), ("with small/large", False)):
-        tuned = f"demo Σ + demo-tiny-huge at {args.scale:g}"
         for name, lora in (("demo Σ", None), (tuned, f"{args.lora}:{args.scale}")):
             r = measure(pipe, lora, args.n, new)
             print(f"| {words} | {name} | {100 * r['size']:.1f} % | {100 * r['attribute']:.1f} % |", flush=True)
