@@ -96,7 +96,8 @@ def build_edit_inputs(resolution: gr.components.Component) -> list[gr.components
         mask = gr.Image(label="Mask (white = repaint)", type="pil", visible=False, elem_id="edit-mask")
         strength = gr.Slider(STRENGTH_STEP, 1.0, value=IMG2IMG_STRENGTH, step=STRENGTH_STEP, label="Strength",
                              info="how far the input is noised: small keeps it nearly as it is, 1 redraws it "
-                                  "from almost pure noise", elem_id="strength")
+                                  "from almost pure noise (to repaint a painted part freely, as the CLI does "
+                                  "with a mask, set 1)", elem_id="strength")
         note = gr.Markdown(elem_id="edit-size")
     # the editor only sends an upload to the server when a listener asks for it: without one the image is dropped
     gr.on([image.upload, resolution.change], output_size_note, [image, resolution], note, queue=False,
