@@ -220,6 +220,16 @@ def served_app(args: list[str], tmp: Path, env: dict[str, str] | None = None,
             proc.wait(20)
 
 
+def stop_pids(records: Iterator[Path]) -> None:
+    """SIGTERM the process each JSON record's ``pid`` names (a trainer a test started), if it still runs."""
+    for record in records:
+        pid = json.loads(record.read_text()).get("pid")
+        try:
+            os.kill(pid, 15) if pid else None
+        except ProcessLookupError:
+            pass
+
+
 @contextmanager
 def app_client(engine: Any, outputs: Path) -> Iterator[Any]:
     """The app's Blocks over ``engine`` launched in this process on a free port; yields a gradio_client on it."""

@@ -263,16 +263,15 @@ def test_queue_full_refusal_states_the_limit_and_when_to_retry(pipe, tmp_path, m
     pipe_ = GatedPipe(pipe, gate)
     served = Served(AppEngine({MAIN: pipe_}, {MAIN: "tiny"}), tmp_path, queue_size=1)
     try:
+        def until(done, timeout_s: float = 120) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
         running = served.client.submit(**GOOD, api_name="/generate")
-        for _ in range(2400):  # until it runs, held at its first step (sent at once, the second could be refused)
-            if len(pipe_.runs) == 1:
-                break
-            time.sleep(0.05)
+        until(lambda: len(pipe_.runs) == 1)  # it runs, held at step 1 (sent at once, the second could be refused)
         waiting = served.client.submit(**GOOD, api_name="/generate")
-        for _ in range(2400):  # until the second waits
-            if len(served.demo._queue) == 1:
-                break
-            time.sleep(0.05)
+        until(lambda: len(served.demo._queue) == 1)  # the second waits
         assert len(served.demo._queue) == 1, (pipe_.runs, running.status(), waiting.status())
         from gradio_client.exceptions import AppError
 

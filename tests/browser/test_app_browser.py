@@ -6,13 +6,11 @@ finetune config for the real trainer; screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 
 import pytest
-from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app
+from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app, stop_pids
 
 pytestmark = NEEDS_CHROMIUM
 
@@ -47,13 +45,7 @@ def app_url(tiny_pipeline, tmp_path_factory):
         with served_app(args, tmp) as url:
             yield url
     finally:
-        for run in (tmp / "runs").glob("*/status.json"):  # leave no trainer behind
-            pid = json.loads(run.read_text()).get("pid")
-            if pid:
-                try:
-                    os.kill(pid, 15)
-                except ProcessLookupError:
-                    pass
+        stop_pids((tmp / "runs").glob("*/status.json"))  # leave no trainer behind
 
 
 @pytest.fixture

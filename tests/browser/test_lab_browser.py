@@ -9,11 +9,10 @@ go to ``test-artifacts/``.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
-from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app
+from fixtures import ARTIFACTS, NEEDS_CHROMIUM, served_app, stop_pids
 
 IMAGES = "24"  # world images made and encoded for the run: the default's path, kept short
 
@@ -29,12 +28,7 @@ def app(tmp_path_factory):
         with served_app(args, tmp, env={"OMP_NUM_THREADS": "1"}) as url:
             yield url, runs
     finally:
-        for launch in runs.glob("*/launch.json"):  # leave no trainer behind
-            pid = json.loads(launch.read_text()).get("pid")
-            try:
-                os.kill(pid, 15) if pid else None
-            except ProcessLookupError:
-                pass
+        stop_pids(runs.glob("*/launch.json"))  # leave no trainer behind
 
 
 def status_step(page) -> int:
