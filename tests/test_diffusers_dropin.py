@@ -160,7 +160,7 @@ def test_clean_caption_without_its_modules_warns_as_diffusers_does(ours):
 
 def test_the_readme_snippet_is_diffusers_with_only_the_import_changed(tiny_pipeline, tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## A drop-in for diffusers"):]
+    section = text[text.index("## Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     ours_import = "from pixsigma import PixSigmaPipeline as PixArtSigmaPipeline"
     assert ours_import in code
