@@ -141,3 +141,20 @@ def test_controlnet_runs_inside_the_speed_modes_forward_and_follows_a_kv_overrid
         assert torch.allclose(fast.latents, want.latents, atol=1e-4)
     finally:
         optimize(p.transformer, "eager")
+
+
+@pytest.mark.parametrize("speed", ["eager", "sdpa"])
+def test_cli_controlnet_with_a_guidance_interval_and_a_speed_mode(tiny_pipeline, tmp_path, speed):
+    from pixsigma.cli import main as cli
+    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.io import read_params
+    from pixsigma.weights import load_dit
+
+    _sketch().save(tmp_path / "sketch.png")
+    save_controlnet(ControlNet.from_base(load_dit(tiny_pipeline)), tmp_path / "cn")
+    out = tmp_path / "out.png"
+    assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--out", str(out), "--steps", "2", "--width", "64",
+                "--height", "64", "--controlnet", str(tmp_path / "cn"), "--control", str(tmp_path / "sketch.png"),
+                "--guidance-interval", "0", "500", "--speed", speed]) == 0
+    params = read_params(out)
+    assert params["guidance_interval"] == [0, 500] and params["control"]["scale"] == 1.0
