@@ -158,3 +158,21 @@ def test_cli_controlnet_with_a_guidance_interval_and_a_speed_mode(tiny_pipeline,
                 "--guidance-interval", "0", "500", "--speed", speed]) == 0
     params = read_params(out)
     assert params["guidance_interval"] == [0, 500] and params["control"]["scale"] == 1.0
+
+
+def test_a_controlnets_copies_are_compiled_as_the_dits_blocks(used):
+    from pixsigma.speed import match_blocks
+
+    p = _with_controlnet(used)
+    copies = [blk.copied_block for blk in p.controlnet.controlnet]
+    optimize(p.transformer, "compile")  # torch.compile is lazy: nothing is compiled before a forward
+    try:
+        match_blocks(p.transformer, copies)
+        compiled = [b._compiled_call_impl for b in copies]
+        assert all(c is not None for c in compiled) and all(b._compiled_call_impl for b in p.transformer.blocks)
+        match_blocks(p.transformer, copies)  # every request asks again: compiled once
+        assert [b._compiled_call_impl for b in copies] == compiled
+    finally:
+        optimize(p.transformer, "eager")
+    match_blocks(p.transformer, copies)
+    assert all(b._compiled_call_impl is None for b in [*copies, *p.transformer.blocks])
