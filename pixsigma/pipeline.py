@@ -202,7 +202,8 @@ class PixSigmaPipeline(DiffusersCall):
         self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
+        # LoRA/LoHa/LoKr adapters through peft, never a reload (pixsigma.lora); T5 adapters make cached prompts stale
+        self.loras = LoraStack(transformer, text_encoder, self._text_cache.clear)
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
@@ -248,9 +249,10 @@ class PixSigmaPipeline(DiffusersCall):
         pipe.controlnet = controlnet_for(folder, controlnet, dit)
         return pipe
 
-    def set_loras(self, loras: str | list | None) -> None:
-        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none)."""
-        self.loras.set(parse_loras(loras))
+    def set_loras(self, loras: str | list | None) -> list[str]:
+        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none);
+        returns their files' warnings (skipped keys), which every result also carries while they are active."""
+        return self.loras.set(parse_loras(loras))
 
     # -- text ---------------------------------------------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -347,6 +349,7 @@ class PixSigmaPipeline(DiffusersCall):
             asked = [p for p in req.prompts for _ in range(req.num_images)]
             prompts = self.expand(asked, seed) if req.expand_prompt else asked
             cond, cmask, warnings = self.encode_prompts(prompts)
+            warnings = self.loras.warnings + warnings
             if guidance > 1.0:
                 uncond, umask, _ = self.encode_prompts([req.negative_prompt] * len(prompts))
                 y, mask = torch.cat([uncond, cond]), torch.cat([umask, cmask])  # (2B, L, C), (2B, L)

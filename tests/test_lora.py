@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from pixsigma.cli import main as cli
-from pixsigma.lora import LoraSpec, load_lora, parse_loras
+from pixsigma.lora import LoraSpec, parse_loras
+from pixsigma.lora import read_adapter as load_lora
 from pixsigma.pipeline import GenerationRequest
 
 PROMPT = "a red star above a blue ring"
