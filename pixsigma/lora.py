@@ -226,7 +226,9 @@ def to_diffusers_lora(pairs: dict[str, tuple[Tensor, Tensor]], model: nn.Module)
     out: dict[str, Tensor] = {}
     table = module_table(model)
     for module, (a, b) in pairs.items():
-        names = [(n, t) for n, t in table.items() if t.module == module and n != module] or [(module, table[module])]
+        # diffusers' names (not OMI's part indices); a Linear diffusers lacks keeps its own
+        names = [(n, t) for n, t in table.items() if t.module == module and n != module
+                 and not n.startswith(module + ".")] or [(module, table[module])]
         for name, t in names:
             rows = b.shape[0] // t.parts
             out[f"transformer.{name}.lora_A.weight"] = a.detach().cpu().clone()  # one tensor per key on disk
