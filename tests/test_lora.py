@@ -157,8 +157,8 @@ def test_unknown_dit_keys_are_counted_and_skipped(pipe, peft_lora, tmp_path, inp
         ref = pipe.transformer(*inputs)
         warnings = pipe.set_loras(path)
         assert torch.equal(pipe.transformer(*inputs), ref)
-    assert warnings == [f"LoRA diffusers.safetensors: 3 key(s) match no module of this DiT and were skipped "
-                        f"(e.g. 'transformer.pos_embed.bias_free.lora_A.weight')"]  # keys in file order
+    assert warnings == ["LoRA diffusers.safetensors: 3 key(s) match no module of this DiT and were skipped "
+                        "(e.g. 'transformer.pos_embed.bias_free.lora_A.weight')"]  # keys in file order
     res = pipe.generate(GenerationRequest(PROMPT, steps=1, seed=1, width=256, height=256))
     assert warnings[0] in res.warnings
     pipe.set_loras([])
@@ -195,7 +195,8 @@ def test_a_file_without_alpha_has_scale_one_and_rslora(pipe, peft_lora, tmp_path
     w = read_adapter(tmp_path / "plain.safetensors", pipe.transformer)
     assert {f.scale for fs in w.dit.values() for f in fs} == {1.0}
     (tmp_path / "rs").mkdir()
-    save_file({f"base_model.model.{k}": v for k, v in peft_lora[1].items()}, tmp_path / "rs" / "adapter_model.safetensors")
+    save_file({f"base_model.model.{k}": v for k, v in peft_lora[1].items()},
+              tmp_path / "rs" / "adapter_model.safetensors")
     (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True}))
     w = read_adapter(tmp_path / "rs", pipe.transformer)
     assert {f.scale for fs in w.dit.values() for f in fs} == {4.0}  # alpha / sqrt(r)
