@@ -141,8 +141,8 @@ def inject(model: nn.Module, adapter: str, kind: str, modules: dict[str, dict[st
             for role, t in tensors.items():
                 getattr(layer, role)[adapter].weight = nn.Parameter(t.to(dev), requires_grad=False)
             continue
-        for d in _LYCORIS_DICTS:
-            if adapter in getattr(layer, d):
+        for d in _LYCORIS_DICTS:  # peft made factors of its own shapes: the file's replace them
+            if adapter in getattr(layer, d, {}):
                 del getattr(layer, d)[adapter]
         for role, t in tensors.items():
             getattr(layer, role)[adapter] = nn.Parameter(t.to(dev), requires_grad=False)
