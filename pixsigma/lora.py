@@ -203,13 +203,13 @@ class LoraStack:
             self._cache.pop(k, None)
 
     def fuse(self) -> None:
-        """Merge the active adapters into the weights (no extra matmuls per step); ``unfuse`` restores exactly."""
+        """Merge the active adapters into the DiT's weights (no extra matmuls per step); ``unfuse`` restores them
+        exactly. T5's adapters stay unmerged: T5 runs once per prompt, and its weights may be 8-bit."""
         if self.fused:
             return
-        for side, chains in self._chains.items():
-            for path, chain in chains.items():
-                if getattr(chain.parent, chain.attr) is chain.outer:
-                    self._saved[(side, path)] = lora_peft.fuse(chain, list(chain.layers()[0].active_adapters))
+        for path, chain in self._chains["dit"].items():
+            if getattr(chain.parent, chain.attr) is chain.outer:
+                self._saved[("dit", path)] = lora_peft.fuse(chain, list(chain.layers()[0].active_adapters))
         self.fused = True
 
     def unfuse(self) -> None:
