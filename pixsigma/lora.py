@@ -109,7 +109,7 @@ class LoraStack:
         self._names: dict[tuple[str, int, int], list[str]] = {}  # file -> its peft adapter names (injected)
         self._chains: dict[str, dict[str, lora_peft.Chain]] = {"dit": {}, "te": {}}
         self._saved: dict[tuple[str, str], Tensor] = {}  # base weights of fused Linears
-        self._text_scales: dict[str, float] = {}
+        self._scales: dict[str, float] = {}  # active peft adapter -> scale
         self._count = 0
 
     def _models(self) -> dict[str, nn.Module]:
@@ -133,30 +133,42 @@ class LoraStack:
         loaded = [(self._key(s), self.load(s), s.scale) for s in specs]
         was_fused = self.fused
         self.unfuse()
-        warnings = []
-        for key, weights, _ in loaded:
-            if key not in self._names:
-                warnings += self._inject(key, weights)
-            warnings += [w for w in weights.warnings if w not in warnings]
+        try:
+            for key, weights, _ in loaded:
+                if key not in self._names:
+                    weights.warnings += self._inject(key, weights)
+        except Exception:
+            self._show(self._scales)  # the model as before the call
+            if was_fused:
+                self.fuse()
+            raise
         scales: dict[str, float] = {}
         for key, _, scale in loaded:
             for name in self._names[key]:
                 if scale != 0:  # scale 0: the adapter is off, and the model exactly the base
                     scales[name] = scales.get(name, 0.0) + scale
-        text_scales = {n: s for n, s in scales.items() if any(n in c.adapters() for c in self._chains["te"].values())}
+        te_before = self._text_adapters(self._scales)
+        self._show(scales)
+        self.active = [(s.path, s.scale) for s in specs]
+        self.warnings = list(dict.fromkeys(w for _, weights, _ in loaded for w in weights.warnings))
+        self._evict({k for k, _, _ in loaded})
+        if was_fused:
+            self.fuse()
+        if self._text_adapters(scales) != te_before and self.on_text_change is not None:
+            self.on_text_change()
+        return list(self.warnings)
+
+    def _show(self, scales: dict[str, float]) -> None:
+        """Activate exactly ``scales``' peft adapters; chains holding none of them give back the original Linear."""
+        self._scales = scales
         for chains in self._chains.values():
             for chain in chains.values():
                 chain.show(True)
                 chain.show(lora_peft.activate(chain, scales))
-        self.active = [(s.path, s.scale) for s in specs]
-        self.warnings = warnings
-        self._evict({k for k, _, _ in loaded})
-        if was_fused:
-            self.fuse()
-        if text_scales != self._text_scales and self.on_text_change is not None:
-            self.on_text_change()
-        self._text_scales = text_scales
-        return list(warnings)
+
+    def _text_adapters(self, scales: dict[str, float]) -> dict[str, float]:
+        held = {a for c in self._chains["te"].values() for a in c.adapters()}
+        return {n: s for n, s in scales.items() if n in held}
 
     def _inject(self, key: tuple[str, int, int], weights: AdapterWeights) -> list[str]:
         """Inject one file's adapters into the models (their existing chains shown while peft adds to them)."""
@@ -197,8 +209,8 @@ class LoraStack:
 
     def _evict(self, keep: set) -> None:
         """Delete the least recently used injected adapters beyond ``CACHE_SIZE`` (never those in use)."""
-        old = [k for k in self._names if k not in keep][:max(0, len(self._names) - CACHE_SIZE)]
-        for k in old:
+        old = [k for k in self._cache if k in self._names and k not in keep]  # least recently used first
+        for k in old[:max(0, len(self._names) - CACHE_SIZE)]:
             self._forget(self._names.pop(k))
             self._cache.pop(k, None)
 

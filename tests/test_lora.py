@@ -320,3 +320,36 @@ def test_train_a_lora_and_load_it_back(tiny_pipeline, pipe, tmp_path):
     assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--out", str(out), "--steps", "2",
                 "--seed", "1", "--lora", f"{final}:0.5"]) == 0
     assert read_params(out)["loras"] == [{"path": str(final), "scale": 0.5}]
+
+
+def test_bf16_dit_and_the_cache_bound(tiny_pipeline, peft_lora, tmp_path, inputs, monkeypatch):
+    """A bf16 DiT runs (and fuses) fp32 adapters close to the fp32 result; adapters beyond ``CACHE_SIZE`` leave the
+    layers and are read again when asked for."""
+    import pixsigma.lora as lora_mod
+    from pixsigma.weights import load_dit
+
+    paths = [lora_file(peft_lora[1], tmp_path / str(i), layout) for i, layout in enumerate(DIT_LAYOUTS[:3])]
+    ref32 = load_dit(tiny_pipeline / "transformer")
+    LoraStack(ref32).set([LoraSpec(paths[0])])
+    dit = load_dit(tiny_pipeline / "transformer", dtype=torch.bfloat16)
+    stack = LoraStack(dit)
+    x, t, y = inputs
+    with torch.no_grad():
+        want = ref32(x, t, y)
+        base = dit(x.bfloat16(), t, y.bfloat16())
+        stack.set([LoraSpec(paths[0])])
+        got = dit(x.bfloat16(), t, y.bfloat16())
+        tol = 0.02 * want.abs().max()  # bf16 keeps about 3 digits
+        assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < tol
+        stack.fuse()
+        assert (dit(x.bfloat16(), t, y.bfloat16()).float() - want).abs().max() < tol
+        stack.unfuse()
+        monkeypatch.setattr(lora_mod, "CACHE_SIZE", 1)
+        for p in paths[1:]:
+            stack.set([LoraSpec(p)])
+        held = {a for c in stack._chains["dit"].values() for a in c.adapters()}
+        assert len(stack._names) == 1 and held == set(*stack._names.values())  # the others left the layers
+        stack.set([LoraSpec(paths[0])])
+        assert torch.equal(dit(x.bfloat16(), t, y.bfloat16()), got)
+        stack.set([])
+        assert torch.equal(dit(x.bfloat16(), t, y.bfloat16()), base)
