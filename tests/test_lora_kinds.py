@@ -173,3 +173,18 @@ def test_text_encoder_keys_naming_no_t5_module_are_counted_never_refusing(pipe, 
                                            "text encoder to adapt; e.g. "
                                            "'lora_te_encoder_block_5_layer_0_SelfAttention_q.alpha')"]
     stack.set([])
+
+
+def test_text_encoder_keys_on_an_8bit_t5(tiny_pipeline, t5_lora, tmp_path):
+    from pixsigma.pipeline import PixSigmaPipeline
+
+    pipe = PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu", t5_precision="int8")
+    path = write(te_tensors("onetrainer_omi", t5_lora[1]), tmp_path, "onetrainer_omi")
+    with torch.no_grad():
+        before = pipe.encode_prompts(["a red star"])[0]
+        assert pipe.set_loras(path) == []
+        assert (pipe.encode_prompts(["a red star"])[0] - before).abs().max() > 1e-2
+        pipe.loras.fuse()  # the DiT's adapters only: T5's stay unmerged on 8-bit weights
+        pipe.loras.unfuse()
+        pipe.set_loras([])
+        assert torch.equal(pipe.encode_prompts(["a red star"])[0], before)
