@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,30 +183,35 @@ class LoraStack:
                 chain.show(True)
             linears = base_linears(model)
             out = {m: linears[m].out_features for m in factors}
+            done: list[str] = []
             try:
                 for kind, modules in lora_peft.slots(factors, out):
                     self._count += 1
-                    name = f"a{self._count}_{kind}"
-                    lora_peft.inject(model, name, kind, modules)
-                    names.append(name)
+                    done.append(f"a{self._count}_{kind}")
+                    lora_peft.inject(model, done[-1], kind, modules)
             except Exception as e:  # noqa: BLE001 -- peft refuses some Linears (an int8 T5): skip, say so
+                self._chains[side] = lora_peft.find_chains(model)
+                self._forget(done + (names if side == "dit" else []))
                 if side == "dit":
-                    self._forget(names)
                     raise ValueError(f"LoRA {weights.name}: peft could not apply it to the DiT: {e}") from e
                 warnings.append(f"LoRA {weights.name}: its {len(factors)} text-encoder module(s) were skipped "
                                 f"({type(e).__name__}: {e})")
-            finally:
-                self._chains[side] = lora_peft.find_chains(model)
+            else:
+                names += done
+            self._chains[side] = lora_peft.find_chains(model)
         self._names[key] = names
         return warnings
 
     def _forget(self, names: list[str]) -> None:
-        for chains in self._chains.values():
-            for chain in chains.values():
-                for layer in chain.layers():
-                    for n in names:
-                        if n in layer._all_available_adapter_names():
-                            layer.delete_adapter(n)
+        """Delete peft adapters from every layer (``_show`` then sets the active ones again)."""
+        with warnings.catch_warnings():  # peft warns that it picks another active adapter: _show decides
+            warnings.simplefilter("ignore")
+            for chains in self._chains.values():
+                for chain in chains.values():
+                    for layer in chain.layers():
+                        for n in names:
+                            if n in layer._all_available_adapter_names():
+                                layer.delete_adapter(n)
 
     def _evict(self, keep: set) -> None:
         """Delete the least recently used injected adapters beyond ``CACHE_SIZE`` (never those in use)."""

@@ -188,3 +188,46 @@ def test_text_encoder_keys_on_an_8bit_t5(tiny_pipeline, t5_lora, tmp_path):
         pipe.loras.unfuse()
         pipe.set_loras([])
         assert torch.equal(pipe.encode_prompts(["a red star"])[0], before)
+
+
+def test_peft_failing_midway_leaves_the_model_as_it_was(tiny_pipeline, t5_lora, tmp_path, monkeypatch):
+    """A DiT injection that fails after peft wrapped some Linears is undone; a T5 one is skipped with a warning."""
+    from transformers import T5EncoderModel
+
+    import pixsigma.lora_peft as lora_peft
+
+    torch.manual_seed(1)
+    first = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 32),
+             "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 2)}
+    save_file(first, tmp_path / "first.safetensors")
+    second = {f"lora_unet_transformer_blocks_1_attn1_to_q.hada_{w}": torch.randn(*s) for w, s in
+              (("w1_a", (32, 2)), ("w1_b", (2, 32)), ("w2_a", (32, 2)), ("w2_b", (2, 32)))}
+    second |= {"lora_unet_transformer_blocks_1_attn1_to_k.lora_down.weight": torch.randn(2, 32),
+               "lora_unet_transformer_blocks_1_attn1_to_k.lora_up.weight": torch.randn(32, 2)}
+    second |= te_tensors("onetrainer_omi", t5_lora[1])
+    save_file(second, tmp_path / "second.safetensors")
+    dit = load_dit(tiny_pipeline / "transformer")
+    t5 = T5EncoderModel.from_pretrained(tiny_pipeline / "text_encoder")
+    stack = LoraStack(dit, t5)
+    x, t, y = _inputs()
+    real = lora_peft.inject
+
+    def fail_after(model, adapter, kind, modules):
+        real(model, adapter, kind, modules)
+        if kind == "loha" or model is t5:
+            raise RuntimeError("peft says no")
+
+    with torch.no_grad():
+        stack.set([LoraSpec(str(tmp_path / "first.safetensors"))])
+        want, modules = dit(x, t, y), dict(dit.named_modules())
+        monkeypatch.setattr(lora_peft, "inject", fail_after)
+        with pytest.raises(ValueError, match="LoRA second: peft could not apply it to the DiT: peft says no"):
+            stack.set([LoraSpec(str(tmp_path / "second.safetensors"))])
+        assert torch.equal(dit(x, t, y), want) and dict(dit.named_modules()).keys() == modules.keys()
+        assert stack.active == [(str(tmp_path / "first.safetensors"), 1.0)]
+        second = {k: v for k, v in second.items() if "hada" not in k}
+        save_file(second, tmp_path / "second.safetensors")
+        warnings = stack.set([LoraSpec(str(tmp_path / "second.safetensors"))])
+        assert warnings == ["LoRA second: its 6 text-encoder module(s) were skipped (RuntimeError: peft says no)"]
+        assert not any("lora_" in n for n, _ in t5.named_modules())  # T5 is untouched
+        assert not torch.equal(dit(x, t, y), want)
