@@ -121,17 +121,17 @@ def inject(model: nn.Module, adapter: str, kind: str, modules: dict[str, dict[st
     """Add adapter ``adapter`` of ``kind`` to ``modules`` of ``model`` (whose existing chains must be shown) and
     set its tensors; peft's own scaling of it is 1 (alpha = r = 1), the user's scale goes through ``set_scale``."""
     peft, _ = _peft()
+    common = {"target_modules": sorted(modules), "inference_mode": True}
     config = {"lora": lambda: peft.LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, **common),
               "loha": lambda: peft.LoHaConfig(r=1, alpha=1, **common),
-              "lokr": lambda: peft.LoKrConfig(r=1, alpha=1, **common)}
-    common = {"target_modules": sorted(modules), "inference_mode": True}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+              "lokr": lambda: peft.LoKrConfig(r=1, alpha=1, **common)}[kind]()
+    grads = {id(p): p.requires_grad for p in model.parameters()}
     with quiet_torchao():
-        peft.inject_adapter_in_model(config[kind](), model, adapter_name=adapter)
+        peft.inject_adapter_in_model(config, model, adapter_name=adapter)
     if "peft_config" in model.__dict__:  # each adapter's config is ours to keep; the model stays as it was
         del model.peft_config
-    for name, p in model.named_parameters():  # peft freezes all but adapters: give the model back as it was
-        p.requires_grad_(grads.get(name, False))
+    for p in model.parameters():  # peft freezes all but its adapters: the model's own flags as they were
+        p.requires_grad_(grads.get(id(p), False))
     for module, tensors in modules.items():
         layer = model.get_submodule(module)
         while not _holds(layer, adapter):

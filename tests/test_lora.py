@@ -353,3 +353,17 @@ def test_bf16_dit_and_the_cache_bound(tiny_pipeline, peft_lora, tmp_path, inputs
         assert torch.equal(dit(x.bfloat16(), t, y.bfloat16()), got)
         stack.set([])
         assert torch.equal(dit(x.bfloat16(), t, y.bfloat16()), base)
+
+
+def test_adapters_leave_the_models_requires_grad_as_it_was(tiny_pipeline, peft_lora, tmp_path):
+    from pixsigma.weights import load_dit
+
+    dit = load_dit(tiny_pipeline / "transformer")
+    dit.blocks[1].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in dit.named_parameters()}
+    stack = LoraStack(dit)
+    stack.set([LoraSpec(lora_file(peft_lora[1], tmp_path))])
+    adapted = {n.replace(".base_layer", ""): p.requires_grad for n, p in dit.named_parameters() if ".lora_" not in n}
+    assert adapted == flags and not any(p.requires_grad for n, p in dit.named_parameters() if ".lora_" in n)
+    stack.set([])
+    assert {n: p.requires_grad for n, p in dit.named_parameters()} == flags
