@@ -367,3 +367,15 @@ def test_adapters_leave_the_models_requires_grad_as_it_was(tiny_pipeline, peft_l
     assert adapted == flags and not any(p.requires_grad for n, p in dit.named_parameters() if ".lora_" in n)
     stack.set([])
     assert {n: p.requires_grad for n, p in dit.named_parameters()} == flags
+
+
+def test_cli_refuses_a_nan_file_with_exit_2(tiny_pipeline, peft_lora, tmp_path, capsys):
+    tensors = dit_tensors("onetrainer_legacy", peft_lora[1], ALPHA)
+    key = "lora_transformer_transformer_blocks_0_ff_net_2.lora_down.weight"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    path = write(tensors, tmp_path, "onetrainer_legacy")
+    out = tmp_path / "x.png"
+    assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--out", str(out), "--steps", "1",
+                "--lora", f"{path}:0.5"]) == 2
+    assert not out.exists()
+    assert capsys.readouterr().err.strip().endswith(f"LoRA {path}: key {key!r} holds non-finite values (NaN or inf)")
