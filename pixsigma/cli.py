@@ -15,7 +15,7 @@ from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
 from pixsigma.edit_cli import add_edit_args, edit_from_args
 from pixsigma.io import numbered_paths, save_png
-from pixsigma.lora import LoraSpec, resolve_lora
+from pixsigma.lora import SCALE_RANGE, LoraSpec, resolve_lora
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline
 from pixsigma.sampling import SAMPLERS
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stores its weights in 8 bits: T5-XXL ~4.9 GB instead of ~9.5 GB (docs/t5.md)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable; "
                    "they add up): a .safetensors file, a PEFT folder or a shipped name such as demo-tiny-huge; SCALE "
-                   "(default 1) multiplies its alpha/r. Layouts: docs/lora.md")
+                   f"(default 1, within [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]) multiplies its alpha/r. LoRA, LoHa "
+                   "and LoKr files; layouts: docs/lora.md")
     c = sub.add_parser("convert", help="original checkpoint -> diffusers transformer folder (safetensors)")
     c.add_argument("checkpoint", help="original .pth/.safetensors (or any layout load accepts)")
     c.add_argument("--out", required=True, help="output folder")

@@ -1,57 +1,75 @@
-"""LoRA adapters on the DiT: read every layout (``pixsigma.lora_keys``), check them against the model, apply
-them as removable additive deltas, and write the diffusers ``transformer.`` layout.
+"""LoRA, LoHa and LoKr adapters at inference, through peft: several at once with their own scales, swapped per
+request without reloading the model, fused into the weights for speed.
 
-An adapter adds ``scale · alpha / r · B A x`` to a Linear's output (PEFT's LoRA; ``alpha`` = r where a file
-stores none, ``alpha / √r`` for rsLoRA). The base weights are never touched: a forward hook on each adapted Linear
-adds the summed deltas of the active adapters, so switching or removing adapters needs no reload and an empty
-set (or every scale 0) runs the base model exactly.
+Files are read and checked by ``pixsigma.lora_read`` (every layout of ``pixsigma.lora_keys``) and become peft
+tuner layers (``pixsigma.lora_peft``). ``LoraStack.set`` applies exactly the given adapters; an adapter is
+injected once per file (path, mtime, size) and switched on and off afterwards. While no adapter is active on a
+Linear, the model holds the original Linear itself, so with none active the DiT (and T5) are the never-adapted
+modules: same ``state_dict``, bit-identical outputs. ``fuse`` merges the active adapters into the weights
+(peft's ``merge``) and keeps the base weights, which ``unfuse`` (and any ``set``) puts back bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from pixsigma import lora_peft
 from pixsigma.io import atomic_write, atomic_write_json
-from pixsigma.lora_keys import LORA_LAYOUTS, Target, module_table, split_key, underscore_table
-from pixsigma.registry import LORA_ALIASES
-from pixsigma.weights import load_state_dict_file
+from pixsigma.lora_keys import base_linears, module_table
+from pixsigma.lora_read import (
+    ADAPTER_CONFIG,
+    LORA_FILES,
+    METADATA_KEY,
+    AdapterWeights,
+    read_adapter,
+    resolve_lora,
+)
 
 Tensor = torch.Tensor
-ADAPTER_CONFIG = "adapter_config.json"
-LORA_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry holding the LoraConfig
+SCALE_RANGE = (-4.0, 4.0)  # the one range of a LoRA's scale: CLI, API (GenerationRequest, parse_loras) and app
+CACHE_SIZE = 8  # adapters kept injected (switched off) after their last request
+__all__ = ["ADAPTER_CONFIG", "CACHE_SIZE", "LORA_FILES", "METADATA_KEY", "SCALE_RANGE", "LoraSpec", "LoraStack",
+           "parse_loras", "read_adapter", "resolve_lora", "save_lora", "to_diffusers_lora"]
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One adapter to apply: a file, a folder or a ``LORA_ALIASES`` name, and the user's scale."""
+    """One adapter to apply: a file, a folder or a ``LORA_ALIASES`` name, and the user's scale (finite, within
+    ``SCALE_RANGE``)."""
 
     path: str
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale != self.scale:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ValueError(f"LoRA scale must be a number, got {self.scale!r}")
+        lo, hi = SCALE_RANGE
+        if not (math.isfinite(self.scale) and lo <= self.scale <= hi):
+            raise ValueError(f"scale of {self.path!r} must be in [{lo}, {hi}], got {self.scale}")
         object.__setattr__(self, "scale", float(self.scale))
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """``PATH[:SCALE]`` (a colon followed by no number belongs to the path)."""
+        """``PATH[:SCALE]``: a tail that reads as a number (``nan`` and ``inf`` too) is the scale, checked;
+        a colon followed by no number belongs to the path."""
         path, sep, tail = str(text).strip().rpartition(":")
         if sep and path:
             try:
-                return cls(path, float(tail))
+                scale = float(tail)
             except ValueError:
                 pass
+            else:
+                return cls(path, scale)
         if not str(text).strip():
             raise ValueError("empty LoRA: use PATH[:SCALE], e.g. my_lora.safetensors:0.8")
         return cls(str(text).strip())
@@ -75,155 +93,149 @@ def parse_loras(value: str | list | tuple | None) -> list[LoraSpec]:
     return out
 
 
-def resolve_lora(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(weights file, adapter_config.json or None) of an alias, a file, or a folder holding one."""
-    p = LORA_ALIASES.get(str(path), Path(path)).expanduser()
-    if p.is_dir():
-        found = [p / n for n in LORA_FILES if (p / n).is_file()] or sorted(p.glob("*.safetensors"))
-        if len(found) != 1 and not (found and found[0].name in LORA_FILES):
-            raise FileNotFoundError(f"LoRA folder {p} must hold one of {', '.join(LORA_FILES)} (or exactly one "
-                                    f".safetensors file), found {[f.name for f in found] or 'none'}")
-        p = found[0]
-    elif not p.is_file():
-        known = ", ".join(LORA_ALIASES) or "none"
-        raise FileNotFoundError(f"LoRA {str(path)!r} not found: give a .safetensors file, a PEFT folder "
-                                f"(adapter_model.safetensors + {ADAPTER_CONFIG}) or a shipped name ({known})")
-    config = p.parent / ADAPTER_CONFIG
-    return p, config if config.is_file() and p.name in LORA_FILES else None
-
-
-def _file_config(path: Path, config: Path | None) -> dict:
-    """The LoraConfig fields a file or its folder stores (``lora_alpha``, ``r``, ``alpha_pattern``, …)."""
-    cfg: dict = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-        if raw:
-            cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
-    if config is not None:
-        cfg.update(json.loads(config.read_text()))
-    return cfg
-
-
-@dataclass
-class LoraWeights:
-    """An adapter checked against one model: per pixsigma Linear, its (A, B, alpha/r, target) pairs."""
-
-    name: str
-    layout: str
-    modules: dict[str, list[tuple[Tensor, Tensor, float, Target]]]
-
-    @property
-    def num_params(self) -> int:
-        return sum(a.numel() + b.numel() for pairs in self.modules.values() for a, b, _, _ in pairs)
-
-
-def _alpha_for(path: str, cfg: dict) -> float | None:
-    for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
-        if path == pattern or path.endswith("." + pattern):
-            return float(alpha)
-    return float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else None
-
-
-def load_lora(path: str | os.PathLike, model: nn.Module) -> LoraWeights:
-    """Read the adapter at ``path`` (any ``LORA_LAYOUTS``) and check every key against ``model``'s Linears;
-    a key in no layout, naming no module, or of the wrong shape is a ValueError naming it."""
-    file, config = resolve_lora(path)
-    sd = load_state_dict_file(file)
-    cfg = _file_config(file, config)
-    table = module_table(model)
-    underscored = underscore_table(table)
-    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    layouts = set()
-    for key, value in sd.items():
-        hit = split_key(key)
-        if hit is None:
-            raise ValueError(f"LoRA {file}: key {key!r} is in no known LoRA layout (DoRA and LoHa/LoKr are not "
-                             f"LoRA); accepted: {'; '.join(LORA_LAYOUTS)}")
-        layout, mod_path, role = hit
-        if layout == "kohya":
-            mod_path = underscored.get(mod_path, mod_path)
-        if mod_path not in table:
-            raise ValueError(f"LoRA {file}: key {key!r} matches no Linear of this model (module {mod_path!r}); "
-                             "is it a LoRA of another model? This model's Linears are named like "
-                             "'transformer_blocks.0.attn1.to_q' (diffusers) or 'blocks.0.attn.qkv' (original)")
-        layouts.add(layout)
-        parts.setdefault(mod_path, {})[role] = (key, value)
-    if not parts:
-        raise ValueError(f"LoRA {file} holds no tensors; accepted: {'; '.join(LORA_LAYOUTS)}")
-    modules: dict[str, list[tuple[Tensor, Tensor, float, Target]]] = {}
-    linears = dict(model.named_modules())
-    for mod_path, got in parts.items():
-        if "A" not in got or "B" not in got:
-            key = next(iter(got.values()))[0]
-            missing = "lora_B/lora_up" if "B" not in got else "lora_A/lora_down"
-            raise ValueError(f"LoRA {file}: key {key!r} has no {missing} partner; a LoRA module needs both matrices")
-        target = table[mod_path]
-        lin = linears[target.module]
-        (ka, a), (kb, b) = got["A"], got["B"]
-        rank = a.shape[0]
-        rows = lin.out_features // target.parts
-        for key, t, want in ((ka, a, (rank, lin.in_features)), (kb, b, (rows, rank))):
-            if tuple(t.shape) != want:
-                raise ValueError(f"LoRA {file}: key {key!r} has shape {tuple(t.shape)}, the model's "
-                                 f"{mod_path} expects {want} (rank {rank}); is it a LoRA of another model?")
-        alpha = float(got["alpha"][1].item()) if "alpha" in got else _alpha_for(mod_path, cfg)
-        alpha = rank if alpha is None else alpha
-        factor = alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
-        modules.setdefault(target.module, []).append((a.float(), b.float(), factor, target))
-    return LoraWeights(file.parent.name if file.name in LORA_FILES else file.stem, "+".join(sorted(layouts)),
-                       modules)
-
-
 class LoraStack:
-    """The adapters active on one model. ``set([(weights, scale), …])`` replaces them (they add up); files are
-    read once per (path, mtime) by ``load``, and the base weights are never modified."""
+    """The adapters active on one DiT (and its T5). ``set([LoraSpec, …])`` applies exactly those (their scales
+    add up; an empty list removes every one) and returns the warnings of their files, also kept as
+    ``warnings``; ``active`` lists (path, scale) as set. ``fuse()`` merges them into the weights until
+    ``unfuse()``; while fused, ``set`` re-fuses the new set. ``on_text_change`` is called whenever the text
+    encoder's adapters change (the pipeline's prompt cache is then stale)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, text_encoder: nn.Module | None = None,
+                 on_text_change: Callable[[], None] | None = None):
+        self.model, self.text_encoder, self.on_text_change = model, text_encoder, on_text_change
         self.active: list[tuple[str, float]] = []
-        self._hooks: list = []
-        self._cache: dict[tuple[str, int], LoraWeights] = {}
+        self.warnings: list[str] = []
+        self.fused = False
+        self._cache: dict[tuple[str, int, int], AdapterWeights] = {}
+        self._names: dict[tuple[str, int, int], list[str]] = {}  # file -> its peft adapter names (injected)
+        self._chains: dict[str, dict[str, lora_peft.Chain]] = {"dit": {}, "te": {}}
+        self._saved: dict[tuple[str, str], Tensor] = {}  # base weights of fused Linears
+        self._scales: dict[str, float] = {}  # active peft adapter -> scale
+        self._count = 0
 
-    def load(self, spec: LoraSpec) -> LoraWeights:
+    def _models(self) -> dict[str, nn.Module]:
+        return {"dit": self.model} | ({"te": self.text_encoder} if self.text_encoder is not None else {})
+
+    def _key(self, spec: LoraSpec) -> tuple[str, int, int]:
         file, _ = resolve_lora(spec.path)
-        key = (str(file.resolve()), file.stat().st_mtime_ns)
+        st = file.stat()
+        return str(file.resolve()), st.st_mtime_ns, st.st_size
+
+    def load(self, spec: LoraSpec) -> AdapterWeights:
+        """The file of ``spec`` read and checked against the model (once per path, mtime and size)."""
+        key = self._key(spec)
         if key not in self._cache:
-            self._cache[key] = load_lora(spec.path, self.model)
+            self._cache[key] = read_adapter(spec.path, self.model, self.text_encoder)
+        self._cache[key] = self._cache.pop(key)  # most recently used last
         return self._cache[key]
 
-    def set(self, specs: list[LoraSpec]) -> None:
-        """Apply exactly ``specs`` (an empty list removes every adapter); all are read and checked first."""
-        loaded = [(self.load(s), s.scale) for s in specs]
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    def set(self, specs: list[LoraSpec]) -> list[str]:
+        """Apply exactly ``specs``; all are read and checked first, so a refused file changes nothing."""
+        loaded = [(self._key(s), self.load(s), s.scale) for s in specs]
+        was_fused = self.fused
+        self.unfuse()
+        try:
+            for key, weights, _ in loaded:
+                if key not in self._names:
+                    weights.warnings += self._inject(key, weights)
+        except Exception:
+            self._show(self._scales)  # the model as before the call
+            if was_fused:
+                self.fuse()
+            raise
+        scales: dict[str, float] = {}
+        for key, _, scale in loaded:
+            for name in self._names[key]:
+                if scale != 0:  # scale 0: the adapter is off, and the model exactly the base
+                    scales[name] = scales.get(name, 0.0) + scale
+        te_before = self._text_adapters(self._scales)
+        self._show(scales)
         self.active = [(s.path, s.scale) for s in specs]
-        linears = dict(self.model.named_modules())
-        per_module: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        for weights, scale in loaded:
-            if scale == 0:
+        self.warnings = list(dict.fromkeys(w for _, weights, _ in loaded for w in weights.warnings))
+        self._evict({k for k, _, _ in loaded})
+        if was_fused:
+            self.fuse()
+        if self._text_adapters(scales) != te_before and self.on_text_change is not None:
+            self.on_text_change()
+        return list(self.warnings)
+
+    def _show(self, scales: dict[str, float]) -> None:
+        """Activate exactly ``scales``' peft adapters; chains holding none of them give back the original Linear."""
+        self._scales = scales
+        for chains in self._chains.values():
+            for chain in chains.values():
+                chain.show(True)
+                chain.show(lora_peft.activate(chain, scales))
+
+    def _text_adapters(self, scales: dict[str, float]) -> dict[str, float]:
+        held = {a for c in self._chains["te"].values() for a in c.adapters()}
+        return {n: s for n, s in scales.items() if n in held}
+
+    def _inject(self, key: tuple[str, int, int], weights: AdapterWeights) -> list[str]:
+        """Inject one file's adapters into the models (their existing chains shown while peft adds to them)."""
+        names: list[str] = []
+        warnings: list[str] = []
+        for side, model in self._models().items():
+            factors = weights.dit if side == "dit" else weights.te
+            if not factors:
                 continue
-            for name, pairs in weights.modules.items():
-                out = linears[name].out_features
-                for a, b, factor, t in pairs:
-                    full = torch.zeros(out, a.shape[0])
-                    rows = out // t.parts
-                    full[t.part * rows:(t.part + 1) * rows] = b * (scale * factor)
-                    per_module.setdefault(name, []).append((a, full))
-        for name, pairs in per_module.items():
-            lin = linears[name]
-            a = torch.cat([p[0] for p in pairs]).to(lin.weight.device, lin.weight.dtype)  # (sum r, in)
-            b = torch.cat([p[1] for p in pairs], dim=1).to(lin.weight.device, lin.weight.dtype)  # (out, sum r)
-            self._hooks.append(lin.register_forward_hook(_delta_hook(a, b)))
+            for chain in self._chains[side].values():
+                chain.show(True)
+            linears = base_linears(model)
+            out = {m: linears[m].out_features for m in factors}
+            done: list[str] = []
+            try:
+                for kind, modules in lora_peft.slots(factors, out):
+                    self._count += 1
+                    done.append(f"a{self._count}_{kind}")
+                    lora_peft.inject(model, done[-1], kind, modules)
+            except Exception as e:  # noqa: BLE001 -- peft refuses some Linears (an int8 T5): skip, say so
+                self._chains[side] = lora_peft.find_chains(model)
+                self._forget(done + (names if side == "dit" else []))
+                if side == "dit":
+                    raise ValueError(f"LoRA {weights.name}: peft could not apply it to the DiT: {e}") from e
+                warnings.append(f"LoRA {weights.name}: its {len(factors)} text-encoder module(s) were skipped "
+                                f"({type(e).__name__}: {e})")
+            else:
+                names += done
+            self._chains[side] = lora_peft.find_chains(model)
+        self._names[key] = names
+        return warnings
 
+    def _forget(self, names: list[str]) -> None:
+        """Delete peft adapters from every layer (``_show`` then sets the active ones again)."""
+        with warnings.catch_warnings():  # peft warns that it picks another active adapter: _show decides
+            warnings.simplefilter("ignore")
+            for chains in self._chains.values():
+                for chain in chains.values():
+                    for layer in chain.layers():
+                        for n in names:
+                            if n in layer._all_available_adapter_names():
+                                layer.delete_adapter(n)
 
-def _delta_hook(a: Tensor, b: Tensor):
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        x = args[0]
-        return out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+    def _evict(self, keep: set) -> None:
+        """Delete the least recently used injected adapters beyond ``CACHE_SIZE`` (never those in use)."""
+        old = [k for k in self._cache if k in self._names and k not in keep]  # least recently used first
+        for k in old[:max(0, len(self._names) - CACHE_SIZE)]:
+            self._forget(self._names.pop(k))
+            self._cache.pop(k, None)
 
-    return hook
+    def fuse(self) -> None:
+        """Merge the active adapters into the DiT's weights (no extra matmuls per step); ``unfuse`` restores them
+        exactly. T5's adapters stay unmerged: T5 runs once per prompt, and its weights may be 8-bit."""
+        if self.fused:
+            return
+        for path, chain in self._chains["dit"].items():
+            if getattr(chain.parent, chain.attr) is chain.outer:
+                self._saved[("dit", path)] = lora_peft.fuse(chain, list(chain.layers()[0].active_adapters))
+        self.fused = True
+
+    def unfuse(self) -> None:
+        """Put back the base weights saved by ``fuse`` (bit for bit); adapters run unmerged again."""
+        for (side, path), saved in self._saved.items():
+            lora_peft.unfuse(self._chains[side][path], saved)
+        self._saved = {}
+        self.fused = False
 
 
 def to_diffusers_lora(pairs: dict[str, tuple[Tensor, Tensor]], model: nn.Module) -> dict[str, Tensor]:
@@ -232,7 +244,9 @@ def to_diffusers_lora(pairs: dict[str, tuple[Tensor, Tensor]], model: nn.Module)
     out: dict[str, Tensor] = {}
     table = module_table(model)
     for module, (a, b) in pairs.items():
-        names = [(n, t) for n, t in table.items() if t.module == module and n != module] or [(module, table[module])]
+        # diffusers' names (not OMI's part indices); a Linear diffusers lacks keeps its own
+        names = [(n, t) for n, t in table.items() if t.module == module and n != module
+                 and not n.startswith(module + ".")] or [(module, table[module])]
         for name, t in names:
             rows = b.shape[0] // t.parts
             out[f"transformer.{name}.lora_A.weight"] = a.detach().cpu().clone()  # one tensor per key on disk

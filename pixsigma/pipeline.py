@@ -116,7 +116,9 @@ class PixSigmaPipeline(DiffusersCall):
         self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
         self._text_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.loras = LoraStack(transformer)  # the pipeline's own LoRAs (set_loras); a request's apply during it only
+        # LoRA/LoHa/LoKr adapters through peft, never a reload (pixsigma.lora): the pipeline's own set
+        # (set_loras); a request's apply during it only. T5 adapters make cached prompts stale.
+        self.loras = LoraStack(transformer, text_encoder, self._text_cache.clear)
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
@@ -156,9 +158,10 @@ class PixSigmaPipeline(DiffusersCall):
         pipe.controlnet = controlnet_for(folder, controlnet, dit)
         return pipe
 
-    def set_loras(self, loras: str | list | None) -> None:
-        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none)."""
-        self.loras.set(parse_loras(loras))
+    def set_loras(self, loras: str | list | None) -> list[str]:
+        """Apply exactly these LoRAs (``"PATH[:SCALE], …"``, a list of those, or ``LoraSpec``s; empty: none);
+        returns their files' warnings (skipped keys), which every result also carries while they are active."""
+        return self.loras.set(parse_loras(loras))
 
     # -- text ---------------------------------------------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -258,6 +261,7 @@ class PixSigmaPipeline(DiffusersCall):
         seed, (h, w, gh, gw) = self.seed_for(req), self.plan_size(req)
         with request_scope(self, req):  # LoRAs, KV: this request's, the pipeline's own again after
             prompts, cond, control, cmap, warnings = self.condition(req, seed, guidance, gh, gw)
+            warnings = self.loras.warnings + warnings  # skipped keys of the active adapters' files
             scheduler = make_scheduler(req.sampler, self.scheduler_config, self.transformer.config.prediction_type)
             steps = set_schedule(scheduler, steps, self.device, req.timesteps, req.sigmas)
             shape = (cond.cond.shape[0], self.transformer.config.in_channels, gh // VAE_SCALE_FACTOR,

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from pixsigma.lora import LORA_FILES, LoraSpec, parse_loras
+from pixsigma.lora import LORA_FILES, SCALE_RANGE, LoraSpec, parse_loras
 from pixsigma.registry import LORA_ALIASES
 
 LORA_DIR_ENV = "PIXSIGMA_LORA_DIR"
 MAX_LORAS = 4  # adapters one request may stack
-SCALE_RANGE = (-4.0, 4.0)
 
 
 def lora_dir() -> Path:
@@ -41,7 +40,8 @@ def available_loras(folder: Path | None = None) -> dict[str, str]:
 
 
 def resolve_loras(value: str | list | None, offered: dict[str, str] | None = None) -> tuple[LoraSpec, ...]:
-    """The API's ``loras`` as specs the pipeline reads; a name not offered, a bad scale or too many: ValueError."""
+    """The API's ``loras`` as specs the pipeline reads; a name not offered, a bad scale (``LoraSpec`` checks it
+    against ``SCALE_RANGE``) or too many: ValueError."""
     offered = available_loras() if offered is None else offered
     try:
         specs = parse_loras(value or None)
@@ -55,9 +55,6 @@ def resolve_loras(value: str | list | None, offered: dict[str, str] | None = Non
             raise ValueError(f"loras: unknown LoRA {reprlib.repr(s.path)}; accepted: "
                              f"{', '.join(offered) or 'none offered'} (as 'name:scale, …'; files go in "
                              f"{LORA_DIR_ENV} = {lora_dir()})")
-        lo, hi = SCALE_RANGE
-        if not lo <= s.scale <= hi:
-            raise ValueError(f"loras: scale of {s.path!r} must be in [{lo}, {hi}], got {s.scale}")
         out.append(LoraSpec(offered[s.path], s.scale))
     return tuple(out)
 
