@@ -22,18 +22,15 @@ import torch
 from torch import nn
 
 from pixsigma.lora_read import Factors
-from pixsigma.t5 import quiet_torchao
+from pixsigma.quiet import quiet_torchao
+
+with quiet_torchao():  # peft imports torchao, when installed
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 Tensor = torch.Tensor
 _LYCORIS_DICTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
                   "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-
-
-def _peft():
-    with quiet_torchao():  # peft imports torchao, when installed
-        import peft
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    return peft, BaseTunerLayer
 
 
 def _rows(f: Factors, t: Tensor) -> Tensor:
@@ -108,10 +105,9 @@ class Chain:
 
 def find_chains(model: nn.Module) -> dict[str, Chain]:
     """The outermost peft layers in ``model`` by module path."""
-    _, base_tuner = _peft()
     out: dict[str, Chain] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, base_tuner) and not any(name.startswith(p + ".") for p in out):
+        if isinstance(mod, BaseTunerLayer) and not any(name.startswith(p + ".") for p in out):
             parent_name, _, attr = name.rpartition(".")
             out[name] = Chain(model.get_submodule(parent_name), attr, mod.get_base_layer(), mod)
     return out
@@ -120,7 +116,6 @@ def find_chains(model: nn.Module) -> dict[str, Chain]:
 def inject(model: nn.Module, adapter: str, kind: str, modules: dict[str, dict[str, Tensor]]) -> None:
     """Add adapter ``adapter`` of ``kind`` to ``modules`` of ``model`` (whose existing chains must be shown) and
     set its tensors; peft's own scaling of it is 1 (alpha = r = 1), the user's scale goes through ``set_scale``."""
-    peft, _ = _peft()
     common = {"target_modules": sorted(modules), "inference_mode": True}
     config = {"lora": lambda: peft.LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, **common),
               "loha": lambda: peft.LoHaConfig(r=1, alpha=1, **common),
