@@ -10,7 +10,7 @@ from pathlib import Path
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
-from pixsigma.edit_cli import add_edit_args, edit_from_args
+from pixsigma.edit_cli import add_edit_args, edit_from_args, output_size_warning
 from pixsigma.sampling import SAMPLERS
 from pixsigma.speed import MODES as SPEED_MODES
 from pixsigma.t5 import T5_PRECISIONS
@@ -123,6 +123,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         resolve_lora(spec.path)
     control = control_from_args(args)  # the image is read (and refused) before any model loads
     edit = edit_from_args(args)  # --init-image, --mask, --strength: likewise (pixsigma.edit_cli)
+    if (tiny := output_size_warning(args.width, args.height)) is not None:
+        log.warning(tiny)
     pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
                                             speed=args.speed, t5_precision=args.t5, controlnet=args.controlnet)
     pipe.set_loras(loras)
