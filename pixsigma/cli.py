@@ -115,8 +115,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--out {out} must end in .png")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise ValueError(f"--guidance must be >= 0 and finite (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
     loras = [LoraSpec.parse(t) for t in args.lora]  # bad input refused before the model loads
     for spec in loras:
