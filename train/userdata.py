@@ -93,8 +93,10 @@ def read_user_data(path: str | Path, unpack_root: str | Path | None = None, budg
         folder = unpack_zip(p, unpack_root if unpack_root is not None else p.parent, budget)
         try:
             return _check(folder, "zip", max_pixels)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
+            if isinstance(e, ValueError):  # named by its folder alone: an upload's message shows no server path
+                raise ValueError(str(e).replace(str(folder), folder.name)) from None
             raise
     elif p.is_file() and p.suffix.lower() == ".jsonl":
         kind = "jsonl"
