@@ -7,6 +7,7 @@ docs/app.md "Limits and security".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import reprlib
 import shutil
@@ -32,6 +33,9 @@ DEFAULT_MEMBERS = 10_000  # entries of one .zip
 DEFAULT_UNPACKS = 2  # .zip files unpacked at once, app-wide (and one per browser session)
 DEFAULT_KEEP_UPLOADS_MB = 4096.0  # RUNS/uploads in all, oldest unused upload removed first
 DATA_SOURCE = "data.source="  # how a run's launch command names its data
+FLAGS = {"upload_mb": "max-upload-mb", "unpacked_mb": "max-unpacked-mb", "member_mb": "max-member-mb",
+         "members": "max-zip-members", "image_pixels": "max-image-pixels", "unpacks": "max-unpacks",
+         "keep_mb": "keep-uploads-mb"}  # UploadLimits' fields and the app.py flags that set them
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,12 @@ class UploadLimits:
     data_roots: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        self.budget  # noqa: B018 - the zip budget checks its own numbers
-        for name in ("image_pixels", "unpacks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
-        Retention(mb=self.keep_mb)
+        for name, flag in FLAGS.items():
+            v, whole = getattr(self, name), name in ("members", "image_pixels", "unpacks")
+            low_ok = v >= 0 if name == "keep_mb" else v > 0  # keep none: allowed
+            if isinstance(v, bool) or not isinstance(v, int if whole else int | float) or not (low_ok and v < math.inf):
+                raise ValueError(f"--{flag} must be a {'whole ' if whole else ''}number "
+                                 f"{'>= 0' if name == 'keep_mb' else '> 0'}, got {v!r}")
         object.__setattr__(self, "data_roots", tuple(Path(r).resolve() for r in self.data_roots))
 
     @property
