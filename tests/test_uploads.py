@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from bad_images import huge_paletted_png
@@ -260,3 +261,24 @@ def test_uploads_are_pruned_by_age_and_size_never_one_a_live_run_reads(tmp_path)
     removed = uploads.prune(Retention(hours=24), now)
     assert removed == [folders[1], folders[2]]  # u0: a live run reads it; u3: being unpacked (too young)
     assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["u0", "u3"]
+
+
+def test_the_train_tabs_upload_event_refuses_in_its_own_words(tmp_path, monkeypatch):
+    import gradio as gr
+    import gradio.utils
+
+    from pixsigma_ui.train_tab import RunManager, build_train_tab
+
+    monkeypatch.setattr(gradio.utils, "get_upload_folder", lambda: str(tmp_path / "gradio"))
+    (tmp_path / "gradio").mkdir()
+    manager = RunManager(tmp_path / "runs", {}, uploads=Uploads(tmp_path / "runs", UploadLimits(member_mb=2)))
+    with gr.Blocks() as demo:
+        build_train_tab(demo, manager)
+    on_upload = next(f.fn for f in demo.fns.values() if f.name == "on_upload")
+    request = gr.Request(session_hash="s1")
+    with pytest.raises(gr.Error) as e:
+        on_upload(str(bomb(tmp_path / "gradio" / "bomb.zip", 8)), request)
+    assert e.value.message == "user data bomb.zip: zeros.png inflates to 8.0 MB; at most 2 MB per file are accepted"
+    folder = on_upload(str(captioned_zip(tmp_path / "gradio" / "ok.zip", tmp_path)), request)
+    assert Path(folder).parent == (tmp_path / "runs" / "uploads").resolve()
+    assert list((tmp_path / "gradio").iterdir()) == []  # gradio's copies removed, refused or not
