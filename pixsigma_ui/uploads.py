@@ -130,7 +130,11 @@ class Uploads:
         p = (p if p.is_absolute() else self.runs_dir / p).resolve()  # links resolved: no way out through one
         if not any(p.is_relative_to(root) for root in self.roots):
             raise refusal
-        if not p.exists():
+        try:
+            found = p.exists()
+        except OSError:  # a name too long, say
+            found = False
+        if not found:
             raise ValueError(f"data {reprlib.repr(text)} does not exist: give an image folder or a metadata .jsonl, "
                              "or leave it empty for the stage config's data (the shapes world)")
         if p.suffix.lower() == ".jsonl" or (p / "metadata.jsonl").is_file():
@@ -171,6 +175,8 @@ class Uploads:
             age = now - mtime
             if age <= keep.max_age_s and total <= int(self.limits.keep_mb * 2**20):
                 break
+            if child.name.startswith(".") and age <= keep.max_age_s:
+                continue  # an unpack under way (new_folder's temp): only a day-old leftover goes
             if age < GRACE_S or any(u == child.resolve() or u.is_relative_to(child.resolve()) for u in used):
                 continue
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)

@@ -233,6 +233,8 @@ def test_the_data_box_takes_the_runs_folder_and_operator_roots_not_links_or_list
     assert uploads.confine(str(mine)) == str(mine.resolve())
     assert uploads.confine("uploads/set-1") == str(mine.resolve())  # relative: to the runs folder
     assert uploads.confine(str(shared)) == str(shared.resolve())
+    with pytest.raises(ValueError, match=r"^data 'aaaa.*' does not exist"):  # too long a name: no server fault
+        uploads.confine("a" * 5000)
     (runs / "link").symlink_to("/usr/share")
     with pytest.raises(ValueError, match="is not a folder this app reads"):
         uploads.confine(str(runs / "link"))
@@ -248,8 +250,8 @@ def test_uploads_are_pruned_by_age_and_size_never_one_a_live_run_reads(tmp_path)
     uploads = Uploads(runs, UploadLimits(keep_mb=0.01))  # 10 KiB
     now = time.time()
     folders = []
-    for i, age in enumerate([30 * 3600, 3 * 3600, 2 * 3600, 10]):
-        f = runs / "uploads" / f"u{i}"
+    for i, age in enumerate([30 * 3600, 3 * 3600, 2 * 3600, 10, 4 * 3600]):
+        f = runs / "uploads" / (f"u{i}" if i < 4 else ".u4.tmp")  # .u4.tmp: new_folder's, an unpack under way
         f.mkdir(parents=True)
         (f / "a.png").write_bytes(bytes(4096))
         os.utime(f, (now - age, now - age))
@@ -260,7 +262,7 @@ def test_uploads_are_pruned_by_age_and_size_never_one_a_live_run_reads(tmp_path)
                                                                                f"data.source={folders[0]}"]}))
     removed = uploads.prune(Retention(hours=24), now)
     assert removed == [folders[1], folders[2]]  # u0: a live run reads it; u3: being unpacked (too young)
-    assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["u0", "u3"]
+    assert sorted(p.name for p in (runs / "uploads").iterdir()) == [".u4.tmp", "u0", "u3"]
 
 
 def test_the_train_tabs_upload_event_refuses_in_its_own_words(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ class ZipBudget:
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
                 raise ValueError(f"zip budget {name} must be a finite number > 0, got {v!r}")
 
-    def bytes(self, name: str) -> int:
+    def nbytes(self, name: str) -> int:
         return int(getattr(self, name) * MB)
 
 
@@ -71,11 +71,11 @@ def check_headers(archive: zipfile.ZipFile, label: str, budget: ZipBudget) -> li
         raise ZipRefused(f"{label} holds {len(infos):,} entries; at most {budget.members:,} are accepted")
     members = [m for m in infos if not m.is_dir() and _wanted(PurePosixPath(m.filename))]
     for m in members:
-        if m.file_size > budget.bytes("member_mb"):
+        if m.file_size > budget.nbytes("member_mb"):
             raise ZipRefused(f"{label}: {m.filename} inflates to {m.file_size / MB:,.1f} MB; at most "
                              f"{budget.member_mb:g} MB per file are accepted")
     total = sum(m.file_size for m in members)
-    if total > budget.bytes("total_mb"):
+    if total > budget.nbytes("total_mb"):
         raise ZipRefused(f"{label} inflates to {total / MB:,.1f} MB; at most {budget.total_mb:g} MB in all are "
                          "accepted")
     return members
@@ -103,7 +103,7 @@ def unpack_zip(zip_path: str | Path, unpack_root: str | Path, budget: ZipBudget 
     zip_path, budget = Path(zip_path), budget or ZipBudget()
     label = f"user data {zip_path.name}"
     size = zip_path.stat().st_size
-    if size > budget.bytes("zip_mb"):
+    if size > budget.nbytes("zip_mb"):
         raise ZipRefused(f"{label} is {size / MB:,.1f} MB; at most {budget.zip_mb:g} MB per .zip are accepted")
     try:
         archive = zipfile.ZipFile(zip_path)
@@ -121,8 +121,8 @@ def unpack_zip(zip_path: str | Path, unpack_root: str | Path, budget: ZipBudget 
                 try:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with archive.open(m) as src, open(out, "xb") as dst:
-                        total += copy_capped(src, dst, label, m.filename, budget.bytes("member_mb"),
-                                             budget.bytes("total_mb") - total, budget)
+                        total += copy_capped(src, dst, label, m.filename, budget.nbytes("member_mb"),
+                                             budget.nbytes("total_mb") - total, budget)
                 except ZipRefused:
                     raise
                 except _ZIP_FAULTS as e:
