@@ -85,10 +85,13 @@ def test_a_zip_whose_headers_lie_is_refused_as_damaged(tmp_path):
     assert left_behind(tmp_path / "up") == []
 
 
-def test_too_many_members_and_too_big_a_zip_are_refused(tmp_path):
+def test_too_many_members_and_too_big_a_zip_are_refused(tmp_path, monkeypatch):
     many = captioned_zip(tmp_path / "many.zip", tmp_path, extra=[(f"n{i}.txt", "x") for i in range(60)])
+    assert train.unzip.entry_count(many) == 64 and train.unzip.entry_count(tmp_path / "nope.zip") is None
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # refused from the end record: the directory is never parsed
     with pytest.raises(ZipRefused, match=r"^user data many.zip holds 64 entries; at most 50 are accepted"):
         read_user_data(many, tmp_path / "up", TIGHT)
+    monkeypatch.undo()
     with pytest.raises(ZipRefused, match=r"^user data many.zip is 0.0 MB; at most 0.0001 MB per .zip"):
         read_user_data(many, tmp_path / "up", ZipBudget(zip_mb=0.0001))
     with pytest.raises(ValueError, match="zip budget members must be a finite number > 0, got 0"):

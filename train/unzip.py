@@ -58,6 +58,18 @@ def zip_folder(zip_path: Path, unpack_root: Path) -> Path:
     return unpack_root / f"{stem}-{digest.hexdigest()[:10]}"
 
 
+def entry_count(zip_path: Path) -> int | None:
+    """The entries a zip's end record declares (ZIP64 too), read before ``ZipFile`` parses its whole central
+    directory: a 200 MB zip of empty entries would otherwise hold millions of ZipInfo objects in memory. None: no
+    end record (``ZipFile`` then refuses the file itself)."""
+    try:
+        with open(zip_path, "rb") as f:
+            end = zipfile._EndRecData(f)  # the stdlib's own reader of the end record
+    except (OSError, *_ZIP_FAULTS):
+        return None
+    return int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else None
+
+
 def _wanted(name: PurePosixPath) -> bool:
     """Images and captions inside the folder: no absolute path, no '..', no macOS resource forks."""
     return (bool(name.parts) and not name.is_absolute() and ".." not in name.parts and name.parts[0] != "__MACOSX"
@@ -105,6 +117,9 @@ def unpack_zip(zip_path: str | Path, unpack_root: str | Path, budget: ZipBudget 
     size = zip_path.stat().st_size
     if size > budget.nbytes("zip_mb"):
         raise ZipRefused(f"{label} is {size / MB:,.1f} MB; at most {budget.zip_mb:g} MB per .zip are accepted")
+    declared = entry_count(zip_path)
+    if declared is not None and declared > budget.members:
+        raise ZipRefused(f"{label} holds {declared:,} entries; at most {budget.members:,} are accepted")
     try:
         archive = zipfile.ZipFile(zip_path)
     except (OSError, *_ZIP_FAULTS) as e:
