@@ -2,7 +2,7 @@
 
     python app.py [--model demo|FOLDER|HUB_ID] [--alpha-model demo-alpha|...|none] [--enable-training]
                   [--host 0.0.0.0] [--port 7860] [--share] [--devices cuda:0,cuda:1]
-                  [--keep-outputs-hours 24] [--keep-outputs-mb 1000]
+                  [--keep-outputs-hours 24] [--keep-outputs-mb 1000] [--data-root DIR] [--max-upload-mb 200] …
 
 Environment: PIXSIGMA_MODEL, PIXSIGMA_ALPHA_MODEL, PIXSIGMA_ENABLE_TRAINING=1 (same as the flags);
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as gradio reads them. Docs: docs/app.md.
@@ -21,7 +21,7 @@ import gradio as gr
 from pixsigma.constants import DTYPE_NAMES
 from pixsigma.pipeline import resolve_model
 from pixsigma.t5 import T5_PRECISIONS
-from pixsigma_ui import gpu_decorator
+from pixsigma_ui import gpu_decorator, inputs
 from pixsigma_ui.compare_tab import build_compare_tab
 from pixsigma_ui.control_panel import attach_controlnet
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
@@ -35,12 +35,14 @@ from pixsigma_ui.retention import (
     DEFAULT_KEEP_MB,
     Retention,
     Sweeper,
+    exit_on_sigterm,
     prune,
     prune_gradio_cache,
     temp_outputs_folder,
 )
 from pixsigma_ui.run_models import attach_runs
 from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
+from pixsigma_ui.uploads import Uploads, add_upload_args, limits_from_args
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
 CACHE_SWEEP_EVERY_S = 3600  # gradio's own age-based sweep of its cache
@@ -76,7 +78,10 @@ def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: Ru
         build_runs_api(engine)  # /runs: the finished training runs a request's `model` may name
     demo.queue(max_size=queue_size, default_concurrency_limit=engine.concurrency)
     explain_queue_full(demo, engine.concurrency)
-    demo.sweeper = Sweeper([lambda: prune(outputs, keep), lambda: prune_gradio_cache(demo, keep)]).start()
+    tasks = [lambda: prune(outputs, keep), lambda: prune_gradio_cache(demo, keep)]
+    if runs is not None and runs.uploads is not None:
+        tasks.append(lambda: runs.uploads.prune(keep))  # RUNS/uploads: unused unpacked .zip files
+    demo.sweeper = Sweeper(tasks).start()
     return demo
 
 
@@ -110,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs", help="training runs live here")
     p.add_argument("--train-configs", nargs="*", default=[str(REPO / "configs")],
                    help="folders of training configs (YAML; each names its stage)")
+    add_upload_args(p)  # uploads' budgets and --data-root (pixsigma_ui/uploads.py)
     return p.parse_args(argv)
 
 
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     alpha = None if opts.alpha_model.lower() in ("", "none") else opts.alpha_model
     try:
         keep = Retention(opts.keep_outputs_hours, opts.keep_outputs_mb)
+        limits = limits_from_args(opts)
         engine = load_engine(opts, alpha)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -152,9 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         except FileNotFoundError:
             model_dir = None
         recipes = find_recipes([Path(c) for c in opts.train_configs], model_dir, opts.model)
-        runs = RunManager(Path(opts.runs_dir).resolve(), recipes)
+        runs = RunManager(Path(opts.runs_dir).resolve(), recipes, uploads=Uploads(Path(opts.runs_dir), limits))
+    inputs.upload_pixels = limits.image_pixels  # Generate's input images
+    exit_on_sigterm()  # kill -TERM runs the atexit clean-up (the temp outputs folder)
     demo = build_demo(engine, outputs=opts.outputs, runs=runs, queue_size=opts.queue_size, keep=keep)
-    demo.launch(server_name=opts.host, server_port=opts.port, share=opts.share, css=CSS)
+    demo.launch(server_name=opts.host, server_port=opts.port, share=opts.share, css=CSS,
+                max_file_size=int(limits.upload_mb * 2**20))  # gradio refuses a bigger upload (HTTP 413)
 
 
 if __name__ == "__main__":

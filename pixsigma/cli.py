@@ -13,7 +13,7 @@ import transformers
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
-from pixsigma.edit_cli import add_edit_args, edit_from_args
+from pixsigma.edit_cli import add_edit_args, edit_from_args, output_size_warning
 from pixsigma.io import numbered_paths, save_png
 from pixsigma.lora import SCALE_RANGE, LoraSpec, resolve_lora
 from pixsigma.model.dit import PixArtDiT
@@ -120,14 +120,16 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--out {out} must end in .png")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise ValueError(f"--guidance must be >= 0 and finite (1 = off), got {args.guidance}")
     kv_arg = kv_from_args(args, depth=None)
     loras = [LoraSpec.parse(t) for t in args.lora]  # bad input refused before the model loads
     for spec in loras:
         resolve_lora(spec.path)
     control = control_from_args(args)  # the image is read (and refused) before any model loads
     edit = edit_from_args(args)  # --init-image, --mask, --strength: likewise (pixsigma.edit_cli)
+    if (tiny := output_size_warning(args.width, args.height)) is not None:
+        log.warning(tiny)
     pipe = PixSigmaPipeline.from_pretrained(args.model, args.transformer, args.device, args.dtype, args.offload_t5,
                                             speed=args.speed, t5_precision=args.t5, controlnet=args.controlnet)
     pipe.set_loras(loras)

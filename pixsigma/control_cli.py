@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from pixsigma.control import CONTROL_TYPES, check_control_scale
+from pixsigma.edit_cli import read_image
 
 CONTROL_HELP = """controlnet:
   --control IMAGE follows a control image with a ControlNet: --controlnet PATH (a pixsigma ControlNet folder, an
@@ -39,12 +37,5 @@ def control_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if args.control_type is not None or args.control_scale != 1.0:
             raise ValueError("--control-type and --control-scale need --control IMAGE")
         return {}
-    path = Path(args.control)
-    if not path.is_file():
-        raise FileNotFoundError(f"--control {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--control {path} is not an image PIL can read ({type(e).__name__})") from None
+    image = read_image("--control", args.control, "a control image (a sketch, a photo or a map; any size)")
     return {"control_image": image, "control_type": args.control_type, "control_scale": args.control_scale}

@@ -97,6 +97,17 @@ def infer_controlnet_config(sd: dict[str, Tensor], base: PixArtDiT, base_depth: 
     return ControlNetConfig(width, depth, copies)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A ControlNet's JSON file as a dict; broken JSON (or not an object) is a CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); rewrite it or pass another --controlnet") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_controlnet(path: str | os.PathLike, base: PixArtDiT) -> tuple[ControlNetConfig, dict[str, Tensor]]:
     """(config, official-layout state dict) of any accepted layout."""
     p = Path(path)
@@ -106,10 +117,12 @@ def read_controlnet(path: str | os.PathLike, base: PixArtDiT) -> tuple[ControlNe
                                     f"--controlnet PATH: {'; '.join(CONTROLNET_LAYOUTS)}")
         p = p / CONTROLNET_SUBFOLDER
     if p.is_dir() and (p / CONTROLNET_CONFIG).is_file():
-        meta = json.loads((p / CONTROLNET_CONFIG).read_text())
+        meta = read_json(p / CONTROLNET_CONFIG)
+        if not isinstance(meta.get("controlnet"), dict):
+            raise CheckpointError(f"{p / CONTROLNET_CONFIG} has no \"controlnet\" object (the ControlNetConfig)")
         return ControlNetConfig.from_dict(meta["controlnet"]), load_state_dict_file(p / CONTROLNET_WEIGHTS)
     if p.is_dir() and (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
+        cfg = read_json(p / "config.json")
         if cfg.get("_class_name") not in (None, "PixArtControlNetAdapterModel"):
             raise CheckpointError(f"{p}/config.json is a {cfg.get('_class_name')}, not a "
                                   "PixArtControlNetAdapterModel")
@@ -128,7 +141,7 @@ def trained_control_type(path: str | os.PathLike) -> str | None:
     p = p / CONTROLNET_SUBFOLDER if (p / MODEL_INDEX).is_file() else p
     if not (p / CONTROLNET_CONFIG).is_file():
         return None
-    kind = json.loads((p / CONTROLNET_CONFIG).read_text()).get("control_type")
+    kind = read_json(p / CONTROLNET_CONFIG).get("control_type")
     return kind if isinstance(kind, str) else None
 
 

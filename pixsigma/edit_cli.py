@@ -4,12 +4,14 @@ share): read and refused before any model loads."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from pixsigma.edit import FEATHER_PX, IMG2IMG_STRENGTH, INPAINT_STRENGTH, check_strength
+from pixsigma.image_load import MAX_PIXELS, TINY_SIDE, load_image, tiny_warning
+
+log = logging.getLogger("pixsigma")
 
 EDIT_HELP = f"""image-to-image and inpainting:
   --init-image IMAGE redraws an image (resized and centre-cropped to the output, which is the image's own size
@@ -30,17 +32,28 @@ def add_edit_args(g: argparse.ArgumentParser) -> None:
     g.epilog = (g.epilog or "") + "\n" + EDIT_HELP
 
 
-def _read(option: str, value: str, role: str) -> Any:
+def read_image(option: str, value: str, role: str, mode: str = "RGB") -> Any:
+    """``value``'s image in ``mode`` through the one loader (``pixsigma.image_load``: at most ``MAX_PIXELS``, 16-bit
+    scaled); a tiny one is warned about."""
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"{option} {value}: no such file; {option} takes {role}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{option} {value} is not an image PIL can read ({type(e).__name__}); {option} takes "
-                         f"{role}") from None
+        image = load_image(path, f"{option} {value}", mode, MAX_PIXELS)
+    except ValueError as e:
+        raise ValueError(f"{e}; {option} takes {role}") from None
+    if (warning := tiny_warning(image, f"{option} {value}")) is not None:
+        log.warning(warning)
+    return image
+
+
+def output_size_warning(width: int | None, height: int | None) -> str | None:
+    """A warning for an output under ``TINY_SIDE`` px a side (--width 1 --height 1 writes a 1×1 PNG)."""
+    small = [f"{name} {v}" for name, v in (("--width", width), ("--height", height)) if v is not None and v < TINY_SIDE]
+    if not small:
+        return None
+    return (f"{' and '.join(small)}: under {TINY_SIDE} px a side, the model draws at its nearest bucket and the PNG "
+            "is resized down to that size")
 
 
 def edit_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,8 +66,9 @@ def edit_from_args(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     if args.strength is not None:
         check_strength(args.strength, "--strength")
-    out = {"init_image": _read("--init-image", args.init_image, "a PNG, JPEG or WebP image").convert("RGB"),
+    out = {"init_image": read_image("--init-image", args.init_image, "a PNG, JPEG or WebP image"),
            "strength": args.strength}
     if args.mask is not None:
-        out["mask"] = _read("--mask", args.mask, "an image whose white pixels mark what to repaint (any size)")
+        out["mask"] = read_image("--mask", args.mask, "an image whose white pixels mark what to repaint (any size)",
+                                 "L")
     return out

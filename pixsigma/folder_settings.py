@@ -8,6 +8,7 @@ of caption the model was trained on. A request's own values always win.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def check_sampling(steps: int | None, guidance: float | None) -> None:
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be an integer >= 1 or null, got {steps!r}")
     if guidance is not None and (not isinstance(guidance, int | float) or isinstance(guidance, bool)
-                                 or not guidance >= 0):
-        raise ValueError(f"guidance must be a number >= 0 (1 = no guidance; PixArt's default {DEFAULT_GUIDANCE}) "
-                         f"or null (the default), got {guidance!r}")
+                                 or not 0 <= guidance < math.inf):
+        raise ValueError(f"guidance must be a number >= 0 and finite (1 = no guidance; PixArt's default "
+                         f"{DEFAULT_GUIDANCE}) or null (the default), got {guidance!r}")
 
 
 @dataclass(frozen=True)

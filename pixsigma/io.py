@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -71,14 +72,31 @@ def new_folder(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, nan) recorded as its string ("inf", "-inf", "nan"), so
+    ``json.dumps(allow_nan=False)`` holds: ``Infinity`` and ``NaN`` are not JSON, and other readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """The JSON a PNG carries: keys sorted, unknown objects as their str, non-finite numbers as strings."""
+    return json.dumps(finite_json(params), sort_keys=True, default=str, allow_nan=False)
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
-    """Write ``image`` to ``path`` with ``params`` as JSON in the PNG text chunk 'parameters'.
-    Written to a temp file in the same folder, then renamed: a crash never leaves half a PNG."""
+    """Write ``image`` to ``path`` with ``params`` as JSON in the PNG text chunk 'parameters' (``params_text``:
+    always valid JSON). Written to a temp file in the same folder, then renamed: a crash never leaves half a PNG."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must end in .png (the parameters travel in a PNG text chunk)")
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMS_CHUNK, json.dumps(params, sort_keys=True, default=str))
+    info.add_text(PARAMS_CHUNK, params_text(params))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 

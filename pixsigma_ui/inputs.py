@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from pixsigma.image_load import load_image, tiny_warning
 from pixsigma.pipeline import OutOfMemory
 from pixsigma_ui.engine import MAX_SEED
 
@@ -29,6 +30,8 @@ MAX_MESSAGE_CHARS = 300  # a refusal is read by a person; a longer one only echo
 # Values are quoted in messages with reprlib.repr: shortened, so a 10 MB string never comes back.
 RANDOM_SEED = -1  # "any seed": the API's way to ask for randomize_seed
 MAX_UPLOAD_PIXELS = 4096 * 4096  # an uploaded image larger than the largest output is refused before decoding
+# (the default of app.py's --max-image-pixels, which sets upload_pixels below)
+upload_pixels = MAX_UPLOAD_PIXELS
 
 
 def cap(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -96,16 +99,15 @@ def upload_path(payload: Any, name: str) -> Path | None:
 
 
 def open_upload(path: Path | None, name: str, mode: str = "RGB") -> Image.Image | None:
-    """The uploaded image at ``path`` in ``mode`` (None: None); too large or unreadable is refused naming ``name``."""
+    """The uploaded image at ``path`` in ``mode`` (None: None) through the one loader (``pixsigma.image_load``: over
+    ``upload_pixels`` refused before decoding, 16-bit scaled); unreadable ones are refused naming ``name``, a tiny
+    one is warned about on the page."""
     if path is None:
         return None
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_UPLOAD_PIXELS:
-                raise ValueError(f"{name} is {im.width}×{im.height}; at most {MAX_UPLOAD_PIXELS} pixels")
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError):
-        raise ValueError(f"{name} is not an image that can be read (PNG, JPEG, WebP…)") from None
+    image = load_image(path, name, mode, upload_pixels)
+    if (warning := tiny_warning(image, name)) is not None and mode != "RGBA":  # RGBA: the editor's brush layers
+        gr.Warning(warning)
+    return image
 
 
 def refuse(message: str) -> gr.Error:

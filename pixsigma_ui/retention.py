@@ -7,9 +7,13 @@ of them in its cache), so without this the disk fills and the app stops.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
+import signal
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -86,14 +90,46 @@ def prune_files(files: Iterable[str | Path], keep: Retention, now: float | None 
 
 
 def prune_gradio_cache(blocks: Any, keep: Retention, now: float | None = None) -> list[Path]:
-    """The same bounds on the files gradio cached for ``blocks`` (its ``temp_file_sets``: copies of outputs and
-    uploads, one hash-named folder each); only this app's files, as the cache folder may be shared."""
+    """Bounds on the files gradio cached for ``blocks`` (its ``temp_file_sets``: copies of results and uploads, one
+    hash-named folder each), never another app's (the cache folder may be shared): files older than
+    ``keep.hours`` go; beyond ``keep.mb`` only raw uploads (``upload_file_set``) are removed, the largest first,
+    so one big upload never evicts other users' live results."""
+    now = time.time() if now is None else now
     sets = list(getattr(blocks, "temp_file_sets", []))
-    removed = prune_files({f for s in sets for f in list(s)}, keep, now)
+    removed = prune_files({f for s in sets for f in list(s)}, Retention(keep.hours, float(2**40)), now)  # age only
+    gone = set(map(str, removed))
+    uploads = [f for f in list(getattr(blocks, "upload_file_set", ())) if f not in gone]
+    removed += _shrink_largest_first(uploads, keep.max_bytes, now)
     for path in removed:
         for s in sets:
             s.discard(str(path))
         _rmdir_if_empty(path.parent)
+    return removed
+
+
+def _shrink_largest_first(files: Iterable[str | Path], max_bytes: int, now: float) -> list[Path]:
+    """Remove the largest of ``files`` (ties: the oldest) until the rest fit ``max_bytes``, sparing files younger
+    than ``GRACE_S``."""
+    stats = []
+    for path in map(Path, files):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stats.append((-st.st_size, st.st_mtime, path))
+    total = -sum(size for size, _, _ in stats)
+    removed = []
+    for neg_size, mtime, path in sorted(stats):
+        if total <= max_bytes:
+            break
+        if now - mtime < GRACE_S:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total += neg_size
+        removed.append(path)
     return removed
 
 
@@ -136,10 +172,19 @@ class Sweeper:
 
 
 def temp_outputs_folder() -> Path:
-    """A fresh temp folder for PNGs that is removed when the process exits (no empty folders left behind)."""
-    import atexit
-    import tempfile
-
+    """A fresh temp folder for PNGs that is removed when the process exits (no empty folders left behind; a
+    ``kill -TERM`` too once :func:`exit_on_sigterm` is installed)."""
     folder = Path(tempfile.mkdtemp(prefix="pixsigma-outputs-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a container stop) a normal exit, so atexit's clean-up runs (Python's default for
+    SIGTERM ends the process at once, leaving the temp outputs behind). Call it from the main thread."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    log.info("signal %d: exiting", signum)
+    sys.exit(128 + signum)

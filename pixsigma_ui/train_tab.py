@@ -32,15 +32,14 @@ from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame:
     read_run,
 )
 from pixsigma_ui.lab_tab import build_lab
+from pixsigma_ui.uploads import Uploads, client_of
 from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
-from train.userdata import read_user_data
 
 POLL_SECONDS = 2.0
 EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
 SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
-UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +89,7 @@ class RunManager:
     module: str = "train.prepare"
     python: str = sys.executable
     precheck: bool = True
+    uploads: Uploads | None = None  # the Data box's roots and the uploads' budgets (None: the defaults)
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def runs(self) -> list[str]:
@@ -155,9 +155,7 @@ class RunManager:
             raise ValueError(f"learning rate must be a number in (0, 1], e.g. 1e-4, got {lr!r}")
         if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= MAX_IMAGES:
             raise ValueError(f"images must be an integer from 1 to {MAX_IMAGES}, got {images!r}")
-        if data and not Path(data).expanduser().exists():
-            raise ValueError(f"data {data!r} does not exist: give an image folder or a metadata .jsonl, or leave "
-                             "it empty for the stage config's data (the shapes world)")
+        data = (self.uploads or Uploads(self.runs_dir)).confine(data)  # only the runs folder and --data-root
         self.refuse_second_run()
         name = self._free_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
         folder = self.runs_dir / name
@@ -338,12 +336,14 @@ def build_train_tab(demo: gr.Blocks, manager: RunManager) -> None:
                              as_int(images_, "world images"))
         return gr.Dropdown(choices=manager.runs(), value=name)
 
+    uploads = manager.uploads or Uploads(manager.runs_dir)
+
     @guarded
-    def on_upload(path_):
-        """Unpacked once into RUNS/uploads (gradio's temp copy may be pruned before the run reads it), checked."""
+    def on_upload(path_, request: gr.Request):
+        """Unpacked once into RUNS/uploads within the budgets (pixsigma_ui.uploads), checked; gradio's copy removed."""
         if not path_:
             return gr.skip()
-        found = read_user_data(path_, unpack_root=manager.runs_dir / UPLOADS)
+        found = uploads.receive(path_, client_of(request))
         gr.Info(f"{Path(path_).name}: {found.summary()}")
         return str(found.source)
 

@@ -105,7 +105,8 @@ def test_every_default_selection_starts_on_a_fresh_clone(manager, stage):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"data": "/no/such/folder"}, "data '/no/such/folder' does not exist"),
+    ({"data": "/no/such/folder"}, "data '/no/such/folder' is not a folder this app reads"),
+    ({"data": "no/such/folder"}, "data 'no/such/folder' does not exist"),  # under the runs folder
     ({"images": 0}, "images must be an integer from 1 to 100000, got 0"),
 ])
 def test_what_cannot_be_made_is_refused_at_start_with_no_folder(manager, kwargs, message):
@@ -181,7 +182,11 @@ def test_an_uploaded_zip_is_unpacked_under_the_runs_folder_and_checked(tiny_pipe
     demo = build_demo(AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")}),
                       outputs=tmp_path / "out", runs=RunManager(runs, {}))
     demo.sweeper.stop()
-    upload = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload")
+    on_upload = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload")
+
+    def upload(path):
+        return on_upload(path, gr.Request(session_hash="s"))  # one unpack at a time per session
+
     folder = Path(upload(str(_zip(tmp_path / "mine.zip", captioned=True))))
     assert folder.parent == runs / "uploads" and sorted(p.name for p in folder.rglob("*.txt")) == \
         ["0.txt", "1.txt", "broken.txt"]

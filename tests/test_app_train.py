@@ -20,6 +20,7 @@ from app import build_demo
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import MAIN, AppEngine
 from pixsigma_ui.train_tab import STAGES, Recipe, RunManager, find_recipes, log_tail, read_metrics
+from pixsigma_ui.uploads import UploadLimits, Uploads
 
 FAKE_TRAINER = '''
 import argparse, json, os, sys, time
@@ -139,7 +140,8 @@ def test_one_live_run_at_a_time(manager, monkeypatch):
     (dict(steps=0), "steps must be an integer from 1 to 100000"),
     (dict(batch=1000), "batch size must be an integer from 1 to 256"),
     (dict(lr=5.0), "learning rate must be a number in \\(0, 1\\]"),
-    (dict(data="/no/such/folder"), "data '/no/such/folder' does not exist"),
+    (dict(data="/no/such/folder"), "data '/no/such/folder' is not a folder this app reads"),
+    (dict(data="no/such/folder"), "data 'no/such/folder' does not exist"),  # under the runs folder
 ])
 def test_bad_values_are_refused(manager, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -214,6 +216,7 @@ def test_a_recipe_launches_with_its_overrides_and_user_data_replaces_the_cache(m
     manager.recipes["finetune"] = [Recipe(manager.recipes["finetune"][0].config, ("stage.load_from=/m",), "ft")]
     data = tmp_path / "my_images"
     data.mkdir()
+    manager.uploads = Uploads(manager.runs_dir, UploadLimits(data_roots=(tmp_path,)))  # --data-root TMP
     name = manager.start("finetune", "ft", data=str(data), steps=1)
     cmd = json.loads((manager.folder(name) / "launch.json").read_text())["cmd"]
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from pixsigma.buckets import nearest_bucket
+from pixsigma.image_load import load_image, open_checked
 from pixsigma.sampling import from_pil
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -44,9 +45,17 @@ class DataStats:
         return asdict(self)
 
 
+def read_caption(path: Path) -> str:
+    """A caption or JSONL file's text; one that is not UTF-8 is refused naming the file (not a bare decode error)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); captions and .jsonl files must be UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_caption(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -69,8 +78,8 @@ def _read_folder(folder: Path, stats: DataStats) -> list[Record]:
         if not short.is_file():
             stats.missing_captions += 1
             continue
-        long_text = long.read_text(encoding="utf-8").strip() if long.is_file() else None
-        out.append(Record(img, short.read_text(encoding="utf-8").strip(), long_text or None))
+        long_text = read_caption(long).strip() if long.is_file() else None
+        out.append(Record(img, read_caption(short).strip(), long_text or None))
     return out
 
 
@@ -99,8 +108,8 @@ def choose_caption(record: Record, long_ratio: float, seed: int, epoch: int, ind
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the header only."""
-    with Image.open(path) as im:
+    """(height, width) after EXIF rotation, from the header only; over ``pixsigma.image_load.MAX_PIXELS`` refused."""
+    with open_checked(path, str(path)) as im:
         w, h = im.size
         # EXIF orientation of camera formats (their EXIF is in the header; PNG's would cost a full decode)
         if im.format in ("JPEG", "MPO", "WEBP", "TIFF") and im.getexif().get(0x0112) in (5, 6, 7, 8):
@@ -111,13 +120,12 @@ def image_size(path: Path) -> tuple[int, int]:
 def load_crop(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Resize to cover ``size`` (h, w), centre-crop to it -> (3, h, w) in [-1, 1]."""
     h, w = size
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        scale = max(h / im.height, w / im.width)
-        rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-        im = im.resize((rw, rh), Image.BICUBIC)
-        left, top = (rw - w) // 2, (rh - h) // 2
-        return from_pil([im.crop((left, top, left + w, top + h))])[0]
+    im = load_image(path, str(path))  # the edge's loader: pixel budget, 16-bit scaled, EXIF rotation
+    scale = max(h / im.height, w / im.width)
+    rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    im = im.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - w) // 2, (rh - h) // 2
+    return from_pil([im.crop((left, top, left + w, top + h))])[0]
 
 
 class ImageCaptionDataset(Dataset):

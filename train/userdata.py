@@ -2,27 +2,28 @@
 
 Accepted: a folder of images with ``x.txt`` captions beside them (optionally ``x.long.txt``), a ``.jsonl`` of
 ``{"image": …, "caption": …}`` rows (``path``/``file_name`` and ``text`` are read too; paths relative to the
-file), a folder holding ``metadata.jsonl``, or a ``.zip`` of images with ``.txt`` captions (unpacked once).
-Every image is opened and verified: unreadable ones are skipped and counted, images without a caption are
-counted, and a source with no captioned, readable image is refused with a ValueError saying what was found.
+file), a folder holding ``metadata.jsonl``, or a ``.zip`` of images with ``.txt`` captions (unpacked once, within
+a budget: ``train.unzip``; its ``metadata.jsonl`` may name only files inside it). Every image is opened and
+verified: unreadable ones are skipped and counted, one over the pixel budget refuses the source (naming it),
+images without a caption are counted, a caption that is not UTF-8 is refused naming its file, and a source with no
+captioned, readable image is refused with a ValueError saying what was found.
 ``write_clean_jsonl`` lists only the images that passed, so the trainer never meets a bad one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import zipfile
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from PIL import Image
-
-from pixsigma.io import atomic_write_text, new_folder
+from pixsigma.image_load import MAX_PIXELS, ImageTooLarge, open_checked
+from pixsigma.io import atomic_write_text
 from train.data import IMAGE_EXTS, METADATA, DataStats, Record, read_records
+from train.unzip import ZipBudget, unpack_zip
 
-MAX_ZIP_BYTES = 4 << 30  # unpacked size refused above this (a zip bomb, or data too big for a browser upload)
-MAX_ZIP_FILES = 200_000
+__all__ = ["UserData", "ZipBudget", "check_inside", "read_user_data", "unpack_zip", "write_clean_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -48,76 +49,78 @@ class UserData:
                 "skipped_images": self.skipped_images, "missing_captions": self.missing_captions}
 
 
-def _readable(path: Path) -> bool:
+def _readable(path: Path, name: str, max_pixels: int) -> bool:
+    """Whether ``path`` decodes; an image over ``max_pixels`` is refused (ImageTooLarge), not skipped."""
     try:
-        with Image.open(path) as im:
+        with open_checked(path, name, max_pixels) as im:
             im.verify()  # header and structure
-        with Image.open(path) as im:
+        with open_checked(path, name, max_pixels) as im:
             im.load()  # the pixels: a truncated file fails here
         return True
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except ImageTooLarge:
+        raise
+    except (OSError, ValueError, SyntaxError):
         return False
 
 
-def zip_folder(zip_path: Path, unpack_root: Path) -> Path:
-    """Where ``zip_path`` is unpacked under ``unpack_root``: one folder per archive content (its digest)."""
-    digest = hashlib.sha1()
-    with open(zip_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return unpack_root / f"{zip_path.stem}-{digest.hexdigest()[:10]}"
+def check_inside(records: Sequence[Record], base: Path, label: str, strict: bool = True) -> None:
+    """Refuse any record whose file is not inside ``base``, naming the entry. ``strict`` (an upload): the entry
+    must be a relative path below ``base`` with no '..' and no link on the way; otherwise (a folder the operator
+    allows) only where it resolves to counts."""
+    root = base.resolve()
+    for rec in records:
+        lexical = rec.path.is_relative_to(base) and ".." not in rec.path.relative_to(base).parts
+        inside = rec.path.resolve().is_relative_to(root)
+        if strict:
+            inside = lexical and inside and rec.path.resolve() == root.joinpath(*rec.path.relative_to(base).parts)
+        if not inside:
+            entry = _entry(rec.path, base)
+            raise ValueError(f"{label} names {str(entry)!r}, outside {base.name}/: every image must be a relative "
+                             "path inside the data's folder (no absolute path, '..' or link)")
 
 
-def unpack_zip(zip_path: str | Path, unpack_root: str | Path) -> Path:
-    """Unpack images and captions of ``zip_path`` once (reused when already there); returns the folder."""
-    zip_path = Path(zip_path)
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"user data {zip_path} is not a readable .zip ({e})") from None
-    dest = zip_folder(zip_path, Path(unpack_root))
-    if dest.is_dir():
-        return dest
-    with archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) > MAX_ZIP_FILES or sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-            raise ValueError(f"user data {zip_path}: at most {MAX_ZIP_FILES} files and {MAX_ZIP_BYTES >> 30} GiB "
-                             "unpacked are accepted")
-        with new_folder(dest) as tmp:
-            for m in members:
-                name = PurePosixPath(m.filename)
-                if name.is_absolute() or ".." in name.parts or name.parts[0] == "__MACOSX":
-                    continue  # never write outside the folder; macOS resource forks are not images
-                if name.suffix.lower() not in (*IMAGE_EXTS, ".txt", ".jsonl"):
-                    continue
-                out = tmp.joinpath(*name.parts)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(archive.read(m))
-    return dest
-
-
-def read_user_data(path: str | Path, unpack_root: str | Path | None = None) -> UserData:
-    """Read and check a user's data (see the module docstring); a ValueError names what is wrong."""
+def read_user_data(path: str | Path, unpack_root: str | Path | None = None, budget: ZipBudget | None = None,
+                   max_pixels: int = MAX_PIXELS) -> UserData:
+    """Read and check a user's data (see the module docstring); a ValueError names what is wrong. A zip is
+    unpacked within ``budget`` and its list confined to its folder; any image over ``max_pixels`` refuses the
+    source (naming it); a refused zip leaves no unpacked folder behind."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"user data {p} does not exist: give an image folder with .txt captions, a .jsonl of "
                          '{"image": ..., "caption": ...} rows, or a .zip of images with .txt captions')
     kind = "folder"
     if p.is_file() and p.suffix.lower() == ".zip":
-        p = unpack_zip(p, unpack_root if unpack_root is not None else p.parent)
-        kind = "zip"
+        folder = unpack_zip(p, unpack_root if unpack_root is not None else p.parent, budget)
+        try:
+            return _check(folder, "zip", max_pixels)
+        except BaseException as e:
+            shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
+            if isinstance(e, ValueError):  # named by its folder alone: an upload's message shows no server path
+                raise ValueError(str(e).replace(str(folder), folder.name)) from None
+            raise
     elif p.is_file() and p.suffix.lower() == ".jsonl":
         kind = "jsonl"
     elif p.is_file():
         raise ValueError(f"user data {p} is a {p.suffix or 'suffix-less'} file; accepted: a folder, a .jsonl or a .zip")
+    return _check(p, kind, max_pixels)
+
+
+def _check(p: Path, kind: str, max_pixels: int) -> UserData:
     stats = DataStats()
     try:
         records = read_records(p, stats)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
+    if kind == "zip":  # an upload's list may name only its own files
+        check_inside(records, p, f"user data {p.name}/{METADATA}")
     images = [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS] if p.is_dir() and kind != "jsonl" \
         and not (p / METADATA).is_file() else None
-    good = tuple(r for r in records if _readable(r.path) and r.caption.strip())
+    base = p if p.is_dir() else p.parent
+    try:
+        good = tuple(r for r in records
+                     if _readable(r.path, _entry(r.path, base), max_pixels) and r.caption.strip())
+    except ImageTooLarge as e:
+        raise ValueError(f"user data {p.name}: {e}") from None
     skipped = len(records) - len(good)
     if not good:
         if not records and (images is None or images):
@@ -127,6 +130,10 @@ def read_user_data(path: str | Path, unpack_root: str | Path | None = None) -> U
         raise ValueError(f"user data {p}: no readable image with a caption ({len(records)} listed, {skipped} "
                          "unreadable or with an empty caption)")
     return UserData(p, kind, good, skipped, stats.missing_captions)
+
+
+def _entry(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 def write_clean_jsonl(data: UserData, path: str | Path) -> Path:
