@@ -32,8 +32,9 @@ def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shippe
                     world: str | None = None) -> dict[str, Any]:
     """Train and score the KV variants (see the module docstring); returns ``ablation_kv.json``'s content."""
     from pixsigma.io import atomic_write_json, atomic_write_text
-    from train.chain import Chain, read_metrics
-    from train.runfiles import BENCH
+
+    from .chain import Chain, read_metrics
+    from .runfiles import BENCH
 
     runs_dir = Path(runs_dir)
     chain = Chain(preset, runs_dir, start_from, on_event, world)
@@ -86,7 +87,8 @@ def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
     import yaml
 
     from pixsigma.config import parse_layers
-    from train.runfiles import BENCH, FINAL
+
+    from .runfiles import BENCH, FINAL
 
     try:
         bench = json.loads((run / BENCH).read_text())
@@ -100,7 +102,8 @@ def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
 
 def _depth(run_dir: Path) -> int:
     from pixsigma.weights import PIXSIGMA_CONFIG
-    from train.runfiles import FINAL
+
+    from .runfiles import FINAL
 
     return int(json.loads((run_dir / FINAL / PIXSIGMA_CONFIG).read_text())["dit"]["depth"])
 

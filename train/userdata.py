@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from pixsigma.io import atomic_write_text, new_folder
-from train.data import IMAGE_EXTS, METADATA, DataStats, Record, read_records
+
+from .data import IMAGE_EXTS, METADATA, DataStats, Record, read_records
 
 MAX_ZIP_BYTES = 4 << 30  # unpacked size refused above this (a zip bomb, or data too big for a browser upload)
 MAX_ZIP_FILES = 200_000
