@@ -1,4 +1,4 @@
-"""The command line: ``python -m pixsigma generate|convert …``."""
+"""The command line: ``python -m pixsigma generate|convert|space …``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
 from pixsigma.edit_cli import add_edit_args, edit_from_args
 from pixsigma.sampling import SAMPLERS
+from pixsigma.space import add_space_parser, run_space
 from pixsigma.speed import MODES as SPEED_MODES
 from pixsigma.t5 import T5_PRECISIONS
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--base-resolution", type=int, help="base resolution if the file name does not say "
                    "(256, 512, 1024, 2048, 4096)")
+    add_space_parser(sub)  # pixsigma space OUT: a Hugging Face Space folder (pixsigma.space)
     return p
 
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "space":
+            run_space(args)
         else:
             run_convert(args)
     except (ValueError, FileNotFoundError, CheckpointError, OutOfMemory) as e:
