@@ -34,12 +34,13 @@ ZEROGPU_MEMORY = 70 * 2**30  # the GPU slice a ZeroGPU call gets: sets the per-r
 
 
 def step_seconds(resolution: int) -> float:
-    """The table's cost at ``resolution``, scaled by pixels from the nearest base resolution at or above it."""
+    """The table's cost at ``resolution``, scaled by pixels from the nearest base resolution at or above it (from
+    above: attention grows faster than pixels, so the smaller band's cost scaled up would underestimate)."""
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise ValueError(f"resolution must be a positive integer (px), got {resolution!r}")
     above = [r for r in STEP_SECONDS if r >= resolution] or [max(STEP_SECONDS)]
     base = min(above)
-    return STEP_SECONDS[base] * max(resolution / base, 1.0) ** 2
+    return STEP_SECONDS[base] * (resolution / base) ** 2
 
 
 def estimate_seconds(steps: int, resolution: int, images: int) -> int:
