@@ -215,6 +215,7 @@ print(json.dumps({"failed": failed, "file": pixsigma.__file__,
     out = json.loads(run([str(env / "bin" / "python"), "-c", script], tmp_path, offline_env()).stdout)
     assert out["file"].startswith(str(env))
     assert set(out["failed"].values()) <= {m.replace("-", "_") for m in TRAIN_ONLY}, out["failed"]
+    assert all(m.startswith(("pixsigma.train.", "pixsigma.shapes.")) for m in out["failed"]), out["failed"]
     assert "pixsigma.train.loop" in out["failed"]  # the trainer does need the extra: the check can see it
     assert all(v.startswith(str(env)) for v in out["models"].values()) and all(out["loras"].values())
     assert out["expander"] == "pixsigma.shapes.prompts" and out["world"] == "pixsigma.shapes.lab"
