@@ -16,10 +16,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from fixtures import TRAIN_ONLY, offline_env, wheel, wheel_env
 from packaging.requirements import Requirement
 from packaging.version import Version
 from PIL import Image
-from wheel_env import TRAIN_ONLY, offline_env, wheel, wheel_env
 
 from pixsigma.folder_settings import SAMPLING_FILE, SamplingDefaults
 from pixsigma.io import read_params

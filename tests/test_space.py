@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import free_port
-from wheel_env import offline_env, wheel
+from fixtures import free_port, offline_env, wheel
 
 from pixsigma.config import DiTConfig
 from pixsigma.space import SpaceOptions, front_matter, pins, write_space
