@@ -230,5 +230,5 @@ def run_space(args: argparse.Namespace) -> SpaceFiles:
                         tuple(args.lora), args.train, args.hardware, args.title)
     files = write_space(args.out, opts)
     print(f"wrote the Space {files.folder} ({len(files.vendored)} files of pixsigma; hardware "
-          f"{opts.suggested_hardware}); publish: hf upload --repo-type space USER/NAME {files.folder}")
+          f"{opts.suggested_hardware}); publish: hf upload --repo-type space USER/NAME {files.folder} .")
     return files
