@@ -21,7 +21,7 @@ import gradio as gr
 from pixsigma.constants import DTYPE_NAMES
 from pixsigma.pipeline import resolve_model
 from pixsigma.t5 import T5_PRECISIONS
-from pixsigma_ui import gpu_decorator, inputs
+from pixsigma_ui import inputs
 from pixsigma_ui.compare_tab import build_compare_tab
 from pixsigma_ui.control_panel import attach_controlnet
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
@@ -43,6 +43,7 @@ from pixsigma_ui.retention import (
 from pixsigma_ui.run_models import attach_runs
 from pixsigma_ui.train_tab import REPO, RunManager, build_train_tab, find_recipes
 from pixsigma_ui.uploads import Uploads, add_upload_args, limits_from_args
+from pixsigma_ui.zerogpu import gpu_decorator
 
 QUEUE_SIZE = 16  # waiting requests beyond this are refused ("queue full") instead of waiting for minutes
 CACHE_SWEEP_EVERY_S = 3600  # gradio's own age-based sweep of its cache
@@ -65,7 +66,7 @@ def build_demo(engine: AppEngine, *, outputs: str | Path | None = None, runs: Ru
     on: ``demo.sweeper``)."""
     keep = keep or Retention()
     outputs = Path(outputs) if outputs else temp_outputs_folder()
-    gpu = gpu_decorator()
+    gpu = gpu_decorator(engine)  # spaces.GPU with a per-request duration on a Space (zerogpu.py)
     with gr.Blocks(title="pixsigma · PixArt-Σ", delete_cache=(CACHE_SWEEP_EVERY_S, int(keep.max_age_s))) as demo:
         gr.Markdown(header(engine))
         with gr.Tab("Generate"):

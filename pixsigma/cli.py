@@ -1,4 +1,4 @@
-"""The command line: ``python -m pixsigma generate|convert …``."""
+"""The command line: ``python -m pixsigma generate|convert|space …``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pixsigma.lora import SCALE_RANGE, LoraSpec, resolve_lora
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline
 from pixsigma.sampling import SAMPLERS
+from pixsigma.space import add_space_parser, run_space
 from pixsigma.speed import MODES as SPEED_MODES
 from pixsigma.t5 import T5_PRECISIONS
 from pixsigma.weights import CheckpointError, load_weights, read_checkpoint, save_diffusers_transformer, save_dit
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--base-resolution", type=int, help="base resolution if the file name does not say "
                    "(256, 512, 1024, 2048, 4096)")
+    add_space_parser(sub)  # pixsigma space OUT: a Hugging Face Space folder (pixsigma.space)
     return p
 
 
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "space":
+            run_space(args)
         else:
             run_convert(args)
     except (ValueError, FileNotFoundError, CheckpointError, OutOfMemory) as e:

@@ -227,6 +227,23 @@ class AppEngine:
             names[ALPHA] = alpha_model
         return cls(pipes, names)
 
+    def move_to(self, device: str | torch.device) -> None:
+        """Every model onto ``device``, each keeping its lock (under the new device's name); the limits stay.
+        ZeroGPU loads on the CPU and moves to CUDA inside a GPU call (``zerogpu.py``)."""
+        locks = {id(lk): lk for lk in self._locks.values()}.values()
+        for lk in locks:  # no request runs while the models move
+            lk.acquire()
+        try:
+            moved = {}
+            for pipe in self.pipes.values():
+                lock = self._locks[str(torch.device(pipe.device))]
+                pipe.to(device)
+                moved[str(torch.device(pipe.device))] = lock
+            self._locks, self.device = moved, torch.device(self.pipes[MAIN].device)
+        finally:
+            for lk in locks:
+                lk.release()
+
     # -- what is loaded --------------------------------------------------------------------------
 
     @property

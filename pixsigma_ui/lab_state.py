@@ -20,21 +20,41 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from train.chain import CHAIN_JSON, CHAIN_PLAN, CHAIN_RUN
-from train.runfiles import (
-    BENCH,
-    CHECKPOINTS,
-    CONFIG,
-    FINAL,
-    LAUNCH,
-    LIVE_STATES,
-    LOG,
-    METRICS,
-    PREPARE,
-    STATUS,
-    STDOUT,
-    STOP,
-)
+from pixsigma.layout import CHECKOUT, DATA_ROOT
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.chain import CHAIN_JSON, CHAIN_PLAN, CHAIN_RUN
+    from train.runfiles import (
+        BENCH,
+        CHECKPOINTS,
+        CONFIG,
+        FINAL,
+        LAUNCH,
+        LIVE_STATES,
+        LOG,
+        METRICS,
+        PREPARE,
+        STATUS,
+        STDOUT,
+        STOP,
+    )
+else:
+    from pixsigma.train.chain import CHAIN_JSON, CHAIN_PLAN, CHAIN_RUN
+    from pixsigma.train.runfiles import (
+        BENCH,
+        CHECKPOINTS,
+        CONFIG,
+        FINAL,
+        LAUNCH,
+        LIVE_STATES,
+        LOG,
+        METRICS,
+        PREPARE,
+        STATUS,
+        STDOUT,
+        STOP,
+    )
+
 
 LAB_FOLDER = "lab"  # the app's chain lives in RUNS/lab (python -m train.chain's default: runs/lab)
 PLOT_ROWS = 5000  # the loss plot's last steps: enough to see a trend, few enough to redraw every poll
@@ -145,11 +165,9 @@ def config_stage(path: Path, _depth: int = 0) -> str | None:
 
 def _plan_stage(folder: Path) -> str | None:
     """The stage of a chain's run from the chain's plan (before the run has written anything of its own)."""
-    from train.prepare import REPO  # the plan names its configs by file in the checkout's configs/
-
     for row in read_json(folder.parent / CHAIN_PLAN).get("stages") or []:
         if isinstance(row, dict) and row.get("name") == folder.name and isinstance(row.get("config"), str):
-            return config_stage(REPO / "configs" / row["config"])
+            return config_stage(DATA_ROOT / "configs" / row["config"])  # a plan names its configs by file
     return None
 
 

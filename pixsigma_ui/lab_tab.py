@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from pixsigma.layout import CHECKOUT, DATA_ROOT
 from pixsigma_ui.inputs import as_text, guarded
 from pixsigma_ui.lab_state import (
     CHAIN_STAGES,
@@ -24,7 +25,11 @@ from pixsigma_ui.lab_state import (
     metrics_frame,
     read_metrics,
 )
-from train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
+else:
+    from pixsigma.train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
 
 POLL_SECONDS = 2.0
 PRESET_HELP = "tiny: seconds, a smoke test · quick: about 20 minutes on 2 CPU cores · full: the shipped pair's recipe"
@@ -82,12 +87,14 @@ def chain_line(status: dict[str, Any]) -> str:
 
 def plan_name(preset: str, start_from: str, stage: str) -> str:
     """The run name the chain's plan gives trainer stage ``stage`` (ValueError: the preset has no such stage)."""
-    from train.prepare import REPO
-    from train.worlds import DEFAULT_WORLD, load_world
+    if CHECKOUT is not None:
+        from train.worlds import DEFAULT_WORLD, load_world
+    else:
+        from pixsigma.train.worlds import DEFAULT_WORLD, load_world
 
     plan = load_world(DEFAULT_WORLD).preset(preset, start_from).plan
     for st in plan:
-        if config_stage(REPO / "configs" / st.config) == stage:
+        if config_stage(DATA_ROOT / "configs" / st.config) == stage:
             return st.name
     raise ValueError(f"the {preset} chain has no {stage} stage; its stages: {', '.join(st.name for st in plan)}")
 

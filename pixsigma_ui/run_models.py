@@ -21,13 +21,18 @@ from typing import Any
 
 import yaml
 
+from pixsigma.layout import CHECKOUT, DATA_ROOT
 from pixsigma.weights import PIXSIGMA_CONFIG
-from train.runfiles import CONFIG, FINAL
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.runfiles import CONFIG, FINAL
+else:
+    from pixsigma.train.runfiles import CONFIG, FINAL
 
 RUN_PREFIX = "run:"
 KEEP_LOADED = 2  # run pipelines held besides the shipped ones (each is a whole pipeline in memory)
 SEARCH_DEPTH = 2  # runs/NAME and runs/CHAIN/NAME (a chain keeps its stages in a folder of their own)
-REPO = Path(__file__).resolve().parent.parent
+REPO = DATA_ROOT  # where the trainer resolves a config's relative paths
 MODEL_INDEX = "model_index.json"
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 
 from pixsigma.io import atomic_write_json
+from pixsigma.layout import CHECKOUT, DATA_ROOT, child_env, companion
 from pixsigma_ui.inputs import as_bool, as_float, as_int, as_text, guarded
 from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame: the tab's readers, imported from here
     LAB_FOLDER,
@@ -33,8 +34,13 @@ from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame:
 )
 from pixsigma_ui.lab_tab import build_lab
 from pixsigma_ui.uploads import Uploads, client_of
-from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
-from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
+    from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
+else:
+    from pixsigma.train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
+    from pixsigma.train.stages import CONTINUING_STAGES as STAGES
 
 POLL_SECONDS = 2.0
 EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
@@ -42,7 +48,7 @@ SAMPLINGS = 5  # validation images drawn this many times per run, so a short run
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
 MAX_LORA_RANK = 256
-REPO = Path(__file__).resolve().parent.parent
+REPO = DATA_ROOT  # configs/ and assets/: the clone, or a wheel's copy of them
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class RunManager:
 
     runs_dir: Path
     recipes: dict[str, list[Recipe]]
-    module: str = "train.prepare"
+    module: str = companion("train.prepare")
     python: str = sys.executable
     precheck: bool = True
     uploads: Uploads | None = None  # the Data box's roots and the uploads' budgets (None: the defaults)
@@ -166,7 +172,10 @@ class RunManager:
         else:
             overrides.append(f"data.max_images={images}")
         if self.precheck:  # what cannot be made is refused now, before a folder or a process exists
-            from train.prepare import check_stage
+            if CHECKOUT is not None:
+                from train.prepare import check_stage
+            else:
+                from pixsigma.train.prepare import check_stage
 
             check_stage(recipe.config, self.runs_dir, overrides)
         folder = self._new_folder(name)
@@ -220,7 +229,10 @@ class RunManager:
 
     def refuse_second_run(self) -> None:
         """One trainer at a time (a run or the chain): it shares the device with the app's own generation."""
-        from train.chain import chain_status
+        if CHECKOUT is not None:
+            from train.chain import chain_status
+        else:
+            from pixsigma.train.chain import chain_status
 
         live = self.live_run()
         if live:
@@ -230,11 +242,11 @@ class RunManager:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         folder = self.runs_dir / name
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         with open(folder / STDOUT, "ab") as out:
             # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
-            self._children[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self._children[name] = subprocess.Popen(cmd, cwd=CHECKOUT or self.runs_dir, env=child_env(dict(os.environ)),
+                                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
         launch = read_json(folder / LAUNCH)  # the pid: a reloaded or restarted app sees it alive before status.json
         if launch:
             atomic_write_json({**launch, "pid": self._children[name].pid, "started": time.time()}, folder / LAUNCH,

@@ -18,12 +18,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixsigma.layout import CHECKOUT
 from pixsigma_ui.inputs import MAX_UPLOAD_PIXELS
 from pixsigma_ui.lab_state import pid_alive, read_json
 from pixsigma_ui.retention import GRACE_S, Retention
-from train.data import read_records
-from train.runfiles import LAUNCH, STATUS
-from train.userdata import UserData, ZipBudget, check_inside, read_user_data
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.data import read_records
+    from train.runfiles import LAUNCH, STATUS
+    from train.userdata import UserData, ZipBudget, check_inside, read_user_data
+else:
+    from pixsigma.train.data import read_records
+    from pixsigma.train.runfiles import LAUNCH, STATUS
+    from pixsigma.train.userdata import UserData, ZipBudget, check_inside, read_user_data
 
 UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
 DEFAULT_UPLOAD_MB = 200.0  # one upload (gradio's max_file_size) and one .zip, compressed

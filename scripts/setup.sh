@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -r requirements.txt
 # The project itself, editable: the `pixsigma` command and the prompt-expander entry points.
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# A clone imports its train/ and shapes/ by their folder names (pixsigma/layout.py; the wheel has them as
+# pixsigma.train and pixsigma.shapes): the checkout on this venv's path lets `python -m train` run from anywhere.
+pwd > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/pixsigma-checkout.pth"
 if ! [ -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; browser tests will be skipped" >&2

@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from shapes import CONFIGS, DEMO_DIR, REPO
-from shapes.build_parts import T5_STEPS
-from shapes.plan import (
+from pixsigma.layout import CHECKOUT
+
+from . import CONFIGS, DEMO_DIR, REPO
+from .build_parts import T5_STEPS
+from .plan import (
     ALPHA_STEPS,
     BENCH_N,
     POLISH_IMAGES,
@@ -38,7 +40,11 @@ from shapes.plan import (
     stage_plan,
     write_build_record,
 )
-from train.runfiles import FINAL
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.runfiles import FINAL
+else:
+    from pixsigma.train.runfiles import FINAL
 
 # (w, h) drawn per training image: square plus the 256 px buckets from 1:4 to 4:1.
 TRAIN_SIZES = ((256, 256), (256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 368), (368, 176),
@@ -72,7 +78,7 @@ def _run(cmd: list[str], log: Path, threads: int) -> None:
 
 def make_data(work: Path, n: int, seed: int, short: str = "raw") -> Path:
     """The build's world images (the same for both caption styles; "complete" data has its own folder)."""
-    from shapes.world import make_dataset
+    from .world import make_dataset
 
     data = work / ("data" if short == "raw" else f"data_{short}")
     if not (data / "metadata.jsonl").is_file():
@@ -121,7 +127,10 @@ def default_precision() -> str:
 def train_stage(st: StageRun, prev: StageRun | None, work: Path, data: Path, out: Path, evals: int,
                 threads: int, precision: str) -> Path:
     """Train one run of the plan after ``prev`` (skipped once it has ``final``; resumed from its last checkpoint)."""
-    from train.checkpoint import checkpoint_dirs
+    if CHECKOUT is not None:
+        from train.checkpoint import checkpoint_dirs
+    else:
+        from pixsigma.train.checkpoint import checkpoint_dirs
 
     run_dir = run_folder(work, st.name)
     if (run_dir / FINAL).is_dir():
@@ -204,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         _run([sys.executable, "-m", "shapes.build_parts", "--out", str(work / "parts"), "--parts",
               ",".join(missing), "--seed", str(args.seed), "--t5-steps", str(args.t5_steps)],
              work / "logs" / "parts.log", args.threads)
-    from shapes.build_parts import needs_refinement
-    from shapes.vae import VAE_SPECS
+    from .build_parts import needs_refinement
+    from .vae import VAE_SPECS
 
     for name, spec in VAE_SPECS.items():  # parts built before a spec gained its decoder phase get just that
         if needs_refinement(work / "parts" / f"vae_{name}", spec):

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from pixsigma.io import new_folder
-from shapes.text_encoder import build_tokenizer, train_text_encoder
-from shapes.vae import (
+
+from .text_encoder import build_tokenizer, train_text_encoder
+from .vae import (
     VAE_SPECS,
     VAESpec,
     finish_vae,

@@ -22,15 +22,22 @@ from PIL import Image
 
 from pixsigma.control import CONDITION_MAKERS, control_latent
 from pixsigma.controlnet_weights import save_controlnet
+from pixsigma.layout import CHECKOUT
 from pixsigma.model.controlnet import ControlNet, controlled_forward
 from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
 from pixsigma.registry import MODEL_ALIASES
 from pixsigma.sampling import decode, denoise, from_pil, initial_noise, make_scheduler, to_pil
-from shapes.prompts import expand_prompt
-from shapes.shapesbench import bench_items, detect, score
-from shapes.world import long_caption, parse_prompt, render, sample_scene, scene_rng, short_caption
-from train.controlnet import check_train_control_type, controlnet_losses, make_trainable, param_groups
-from train.diffusion import GaussianDiffusion
+
+from .prompts import expand_prompt
+from .shapesbench import bench_items, detect, score
+from .world import long_caption, parse_prompt, render, sample_scene, scene_rng, short_caption
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.controlnet import check_train_control_type, controlnet_losses, make_trainable, param_groups
+    from train.diffusion import GaussianDiffusion
+else:
+    from pixsigma.train.controlnet import check_train_control_type, controlnet_losses, make_trainable, param_groups
+    from pixsigma.train.diffusion import GaussianDiffusion
 
 Tensor = torch.Tensor
 SIZE = 256  # the shipped Σ's base resolution: the copies are conditioned where the base was trained

@@ -11,8 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from shapes import DEMO_ALPHA, DEMO_SIGMA
-from shapes.plan import LabPlan, lab_plan
+from . import DEMO_ALPHA, DEMO_SIGMA
+from .plan import LabPlan, lab_plan
 
 # The configs' data.source names this world makes (configs/_shapes_base.yaml, shapes_sigma_complete.yaml),
 # with the short-caption style and the seed their headers give.
@@ -43,8 +43,9 @@ class ShapesWorld:
     def make_data(self, folder: Path, n: int, source: str | Path | None = None,
                   progress: Callable[[int, int], None] | None = None) -> Path:
         from pixsigma.io import new_folder
-        from shapes.build import TRAIN_SIZES
-        from shapes.world import make_dataset
+
+        from .build import TRAIN_SIZES
+        from .world import make_dataset
 
         folder = Path(folder)
         meta = folder / "metadata.jsonl"
@@ -63,8 +64,9 @@ class ShapesWorld:
         """ShapesBench on the first ``n`` held-out prompts: ``attribute, count, colour, shape, position, n``."""
         from pixsigma.model.dit import PixArtDiT
         from pixsigma.weights import load_dit
-        from shapes import shapesbench
-        from shapes.report import generate_fn
+
+        from . import shapesbench
+        from .report import generate_fn
 
         pipe = _pipeline(str(pipeline))
         net = transformer if isinstance(transformer, PixArtDiT) else load_dit(transformer)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shapes.shapesbench import detect, score
-from shapes.world import Scene, long_caption, make_dataset, parse_prompt, sample_scene, scene_rng
+from .shapesbench import detect, score
+from .world import Scene, long_caption, make_dataset, parse_prompt, sample_scene, scene_rng
 
 WORDS = {"small": "tiny", "large": "huge"}
 SIZES = ((256, 256), (224, 288), (288, 224))

@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shapes.world import SHORT_STYLES
+from .world import SHORT_STYLES
 
 # The build's defaults: its work folder, α's steps and the table's prompts (the first and last the report's too).
 WORK, ALPHA_STEPS, BENCH_N = "runs/demo_build", 3000, 200

@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from shapes.world import (
+from .world import (
     CELL_WORDS,
     MAX_OBJECTS,
     NUMBER_WORDS,

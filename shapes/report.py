@@ -18,10 +18,16 @@ from typing import Any
 import numpy as np
 
 from pixsigma.config import DiTConfig, KVCompress
+from pixsigma.layout import CHECKOUT
 from pixsigma.model.dit import PixArtDiT
-from shapes import DEMO_DIR, shapesbench
-from shapes.plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record, run_folder
-from train.runfiles import FINAL, METRICS, read_status
+
+from . import DEMO_DIR, shapesbench
+from .plan import BENCH_N, WORK, StageRun, plan_to_json, read_build_record, run_folder
+
+if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.runfiles import FINAL, METRICS, read_status
+else:
+    from pixsigma.train.runfiles import FINAL, METRICS, read_status
 
 CURVE_N = 32  # prompts per checkpoint score (the curves); the table uses the full set
 # The curves' fixed sampling (every point of every stage alike, whatever the folders' own sampling becomes):
@@ -57,7 +63,10 @@ def _losses(run_dir: Path, offset: int) -> list[tuple[int, float]]:
 
 def stage_curves(work: Path, out: Path, plan: list[StageRun]) -> dict[str, Any]:
     """Loss per step and ShapesBench per checkpoint for each stage, on one step axis."""
-    from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
+    if CHECKOUT is not None:
+        from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
+    else:
+        from pixsigma.train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
 
     curves: dict[str, Any] = {}
     offset = 0
@@ -92,7 +101,10 @@ def extend_curves(out: Path, name: str, runs: list[Path], command: str) -> dict[
     pipeline (a refined decoder, say), not copied from the last stage's curve. Plateaus and the PNGs are redone;
     the table is left as it was (``--table-only`` re-scores it)."""
     from pixsigma.weights import load_dit
-    from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
+    if CHECKOUT is not None:
+        from train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
+    else:
+        from pixsigma.train.checkpoint import checkpoint_dirs, checkpoint_model, checkpoint_step
 
     summary = _read_summary(out, "--extend")
     curves = summary["curves"]

@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from shapes.world import (
+from .world import (
     BACKGROUNDS,
     CROSS_ARM,
     PALETTE,

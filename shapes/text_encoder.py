@@ -24,8 +24,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from pixsigma.text import word_level_tokenizer
-from shapes.fit import fit
-from shapes.world import (
+
+from .fit import fit
+from .world import (
     PALETTE,
     SHAPES,
     SIZES,

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from pixsigma.io import atomic_write, atomic_write_text
 from pixsigma.sampling import from_pil
-from shapes.fit import fit, warmup_cosine
-from shapes.world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
+
+from .fit import fit, warmup_cosine
+from .world import BACKGROUNDS, check_image_size, render, sample_scene, scene_rng
 
 HELDOUT_SEED = 0  # scenes from the world's "heldout" domain: never seen by any training
 EVAL_SIZE = 128  # the demo's base resolution

@@ -8,11 +8,16 @@ these live in ``conftest.py``.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +32,7 @@ from PIL import Image
 from pixsigma.config import DiTConfig, KVCompress
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import PIXART_BETAS
+from pixsigma.space import build_wheel
 from pixsigma.weights import save_diffusers_transformer, save_dit
 
 # The words the tests' prompts and make_images' captions use; the app tests rely on others (a style's "plain mint
@@ -244,3 +250,56 @@ def app_client(engine: Any, outputs: Path) -> Iterator[Any]:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         demo.close()
+
+
+# -- one non-editable wheel per session, and a throw-away environment it is installed into -------------------------
+# The environment reuses the shared interpreter's installed dependencies through a filtered view (symlinks), so
+# nothing is downloaded: the clone's editable install (its finder and dist-info) is left out so the wheel's pixsigma
+# is the only one, and so are the [train] extra's packages, so the engine and the app are seen to work without them.
+
+WHEEL_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_ONLY = ("came_pytorch", "came-pytorch", "matplotlib")  # pyproject's [train] extra (accelerate comes with peft)
+HIDDEN = ("pixsigma", "__editable__", "_pixsigma", *TRAIN_ONLY)
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the clone must not be on the path
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+@functools.cache
+def session_dir() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="pixsigma-wheel-"))
+    atexit.register(shutil.rmtree, folder, True)  # the wheel and its venv: ~70 MB per session
+    return folder
+
+
+@functools.cache
+def wheel() -> Path:
+    """The wheel ``pip wheel`` builds from this checkout (built once per session)."""
+    return build_wheel(WHEEL_ROOT, session_dir() / "dist")
+
+
+def _dependency_view(folder: Path) -> Path:
+    site = Path(sysconfig.get_path("purelib"))
+    folder.mkdir(parents=True)
+    for entry in site.iterdir():
+        name = entry.name.lower()
+        if name.startswith(HIDDEN) or name.endswith(".pth"):
+            continue
+        (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+@functools.cache
+def wheel_env() -> Path:
+    """A venv (no pip of its own) holding the wheel, installed by pip --python; deps through a .pth line."""
+    env = session_dir() / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    python = env / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "dependencies.pth").write_text(f"{_dependency_view(session_dir() / 'deps')}\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--no-index", str(wheel())], check=True, capture_output=True, text=True)
+    return env

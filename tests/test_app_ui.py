@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
@@ -16,7 +14,6 @@ from PIL import Image
 from app import QUEUE_SIZE, build_demo, parse_args
 from pixsigma.io import read_params
 from pixsigma.pipeline import PixSigmaPipeline
-from pixsigma_ui import gpu_decorator
 from pixsigma_ui.compare_tab import difference, make_compare_fn
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import aspect_choices, make_generate_fn, parse_aspect
@@ -202,19 +199,6 @@ def test_the_app_takes_an_unset_dtype_from_default_dtype(tiny_pipeline, monkeypa
     with pytest.raises(Built):  # no --dtype: the app's default
         app.main(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu"])
     assert engines[0].pipes[MAIN].dtype == torch.bfloat16 and asked == [torch.device("cpu")]
-
-
-def test_spaces_gpu_decorator_is_used_when_importable(monkeypatch):
-    def f():
-        return 1
-
-    assert gpu_decorator()(f) is f  # no `spaces` package here
-    marked = []
-    fake = types.ModuleType("spaces")
-    fake.GPU = lambda duration: (lambda fn: marked.append((fn, duration)) or fn)
-    monkeypatch.setitem(sys.modules, "spaces", fake)
-    gpu_decorator(90)(f)
-    assert marked == [(f, 90)]
 
 
 # -- the HTTP API, through gradio_client --------------------------------------------------------------

@@ -323,10 +323,15 @@ def test_build_and_report_share_the_plan_module_and_never_import_each_other():
 
     def imported(module: str) -> set[str]:  # every import in the file, at module or function level
         tree = ast.parse((CONFIGS.parent / (module.replace(".", "/") + ".py")).read_text())
+        package = module.split(".")[:-1]
+
+        def absolute(n: ast.ImportFrom) -> str:  # shapes/ imports its siblings relatively (docs/development.md)
+            base = package[: len(package) - n.level + 1] if n.level else []
+            return ".".join([*base, *([n.module] if n.module else [])])
+
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                  for a in n.names}
+        names |= {absolute(n) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        names |= {f"{absolute(n)}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         return names
 
     for module, other in (("shapes.build", "shapes.report"), ("shapes.report", "shapes.build")):

@@ -1,5 +1,6 @@
 """The installed project: pyproject's console script and entry points resolve, the demo is found from any working
-directory, and a fixed-seed image from ``python -m pixsigma`` is byte-identical to the one made before the layout."""
+directory, a fixed-seed image from ``python -m pixsigma`` is byte-identical to the one made before the layout, and
+the non-editable wheel claims only pixsigma's names and works from any directory without the training extra."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from fixtures import TRAIN_ONLY, offline_env, wheel, wheel_env
+from packaging.requirements import Requirement
+from packaging.version import Version
 from PIL import Image
 
 from pixsigma.folder_settings import SAMPLING_FILE, SamplingDefaults
 from pixsigma.io import read_params
-from pixsigma.registry import EXPANDER_GROUP, prompt_expanders
+from pixsigma.layout import local_target
+from pixsigma.registry import EXPANDER_GROUP, load_expander, prompt_expanders
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -28,8 +34,8 @@ PROMPT = "a red star above a blue ring"
 REFERENCE = ROOT / "tests" / "data" / "generate_demo_seed7.png"
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -47,11 +53,14 @@ def test_console_script_and_expanders_resolve_to_what_pyproject_names():
 
     assert installed["pixsigma"].load() is main
     declared = PYPROJECT["project"]["entry-points"][EXPANDER_GROUP]
-    assert prompt_expanders() == declared and "shapes" in declared
+    assert declared == {"shapes": "pixsigma.shapes.prompts:expand_prompt"}  # the wheel's name for shapes/
+    # A clone imports the same file by its folder's name: one module, whether the editable install is older or not.
+    installed = {name: local_target(value) for name, value in prompt_expanders().items()}
+    assert installed == {name: local_target(value) for name, value in declared.items()}
+    assert local_target(declared["shapes"]) == "shapes.prompts:expand_prompt"
     from shapes.prompts import expand_prompt
 
-    (ep,) = entry_points(group=EXPANDER_GROUP, name="shapes")
-    assert ep.load() is expand_prompt
+    assert load_expander("shapes") is expand_prompt
 
 
 @pytest.mark.parametrize("name", ["llm", "json", "shapes.prompts:expand_prompt"])
@@ -67,14 +76,53 @@ def test_an_unknown_expander_is_refused_by_name_and_nothing_imported(tmp_path, n
         SamplingDefaults(prompt_expander=name)
 
 
-def test_requirements_txt_pins_exactly_what_pyproject_declares():
-    """setup.sh installs requirements.txt, then the project without deps: the two lists must name the same."""
+def declared_requirements() -> dict[str, Requirement]:
     project = PYPROJECT["project"]
-    declared = requirement_names(project["dependencies"]) | requirement_names(PYPROJECT["build-system"]["requires"])
+    specs = list(project["dependencies"]) + list(PYPROJECT["build-system"]["requires"])
     for extra in project["optional-dependencies"].values():
-        declared |= requirement_names([r for r in extra if not r.startswith("pixsigma[")])
-    lines = [ln.split("#")[0] for ln in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert requirement_names([ln for ln in lines if ln.strip()]) == declared
+        specs += [r for r in extra if not r.startswith("pixsigma[")]
+    out: dict[str, Requirement] = {}
+    for spec in specs:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        out[name] = Requirement(f"{name}{out[name].specifier & req.specifier}") if name in out else req
+    return out
+
+
+def pinned_requirements() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier  # exactly one clause: ==VERSION
+            assert spec.operator == "==", f"requirements.txt must pin {req.name} exactly, got {line!r}"
+            pins[req.name.lower().replace("_", "-")] = Version(spec.version)
+    return pins
+
+
+def test_requirements_txt_pins_every_dependency_pyproject_declares_and_the_ranges_start_there():
+    """setup.sh installs requirements.txt, then the project without deps: the two lists name the same packages,
+    every one pinned; pyproject's range holds the pin and starts at it (nothing older is claimed untested)."""
+    declared, pinned = declared_requirements(), pinned_requirements()
+    assert set(pinned) == set(declared)
+    for name, req in declared.items():
+        assert pinned[name] in req.specifier, f"{name}=={pinned[name]} is outside pyproject's {req.specifier}"
+        lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        assert lower and max(lower) == pinned[name], f"{name}: pyproject's range must start at the tested pin"
+    from importlib.metadata import version
+
+    for name, pin in pinned.items():  # the pins are what this environment tests with
+        assert Version(version(name).split("+")[0]) == pin, f"{name} installed {version(name)}, pinned {pin}"
+
+
+def test_accelerate_and_the_training_packages_are_only_in_the_train_extra():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    base = {Requirement(r).name for r in PYPROJECT["project"]["dependencies"]}
+    assert "peft" in base  # the engine's LoRAs (pixsigma.lora); peft itself requires accelerate
+    for name in ("accelerate", "came-pytorch", "matplotlib"):
+        assert name not in base and Requirement(next(r for r in extras["train"] if r.startswith(name))).name == name
+        assert not any(r.startswith(name) for key, v in extras.items() if key != "train" for r in v)
 
 
 def test_ci_runs_the_readmes_commands_and_set_up_installs_the_project():
@@ -82,6 +130,7 @@ def test_ci_runs_the_readmes_commands_and_set_up_installs_the_project():
     assert "bash scripts/setup.sh" in ci and ci[-1] == "bash scripts/test.sh"  # the README's test command
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "pip install -q -r requirements.txt" in setup and "-e ." in setup.split("requirements.txt", 1)[1]
+    assert "pixsigma-checkout.pth" in setup  # a clone's venv imports train/ and shapes/ by name from anywhere
 
 
 def test_generate_is_byte_identical_to_before_the_layout(tmp_path):
@@ -101,3 +150,73 @@ def test_console_script_finds_the_demo_from_any_directory(tmp_path):
     params = read_params(tmp_path / "a.png")
     assert Image.open(tmp_path / "a.png").size == (256, 256) and params["model"] == "demo"
     assert params["steps"] == 2 and params["seed"] == 1
+
+
+# -- the non-editable wheel ------------------------------------------------------------------------------------
+
+ALLOWED_TOP = {"pixsigma", "pixsigma_ui", "pixsigma-0.1.0.dist-info"}
+
+
+def test_the_wheel_claims_only_pixsigmas_names_and_carries_the_demo_configs_and_entry_points():
+    with zipfile.ZipFile(wheel()) as z:
+        names = z.namelist()
+        entry = z.read("pixsigma-0.1.0.dist-info/entry_points.txt").decode()
+    assert {n.split("/", 1)[0] for n in names} == ALLOWED_TOP
+    shipped = {str(p.relative_to(ROOT)) for d in ("sigma", "alpha", "loras") for p in (ROOT / "assets" / "demo" / d)
+               .rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped and {f"pixsigma/data/{p}" for p in shipped} <= set(names)
+    configs = {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    assert {n.rsplit("/", 1)[1] for n in names if n.startswith("pixsigma/data/configs/")} == configs
+    for pkg in ("train", "shapes"):
+        modules = {p.name for p in (ROOT / pkg).glob("*.py")}
+        assert {n.rsplit("/", 1)[1] for n in names if n.startswith(f"pixsigma/{pkg}/")} == modules
+    assert not any(n.startswith(("pixsigma/bench", "pixsigma/tests")) for n in names)
+    assert "shapes = pixsigma.shapes.prompts:expand_prompt" in entry and "shapes = pixsigma.shapes.lab:WORLD" in entry
+
+
+def test_the_installed_wheel_generates_with_the_demo_from_any_directory_without_the_training_extra(tmp_path):
+    env = wheel_env()
+    (tmp_path / "assets").mkdir()  # an assets/ of the working directory is not what is read
+    done = run([str(env / "bin" / "pixsigma"), "generate", "a red star", "--model", "demo", "--steps", "2",
+                "--seed", "3", "--out", "x.png"], tmp_path, offline_env())
+    params = read_params(tmp_path / "x.png")
+    assert "wrote x.png" in done.stdout and params["steps"] == 2 and params["model"] == "demo"
+    assert params["expanded_prompts"], "the demo's prompt expander (an entry point into pixsigma.shapes) ran"
+
+
+def test_the_installed_wheel_imports_every_module_under_its_own_names_only(tmp_path):
+    """Every module of pixsigma, pixsigma.train, pixsigma.shapes and pixsigma_ui imports from a directory holding
+    foreign train/ and shapes/ packages that fail on import: nothing reaches for a generic top-level name.
+    Only modules needing the [train] extra (left out of this environment) may fail, and only on those."""
+    for foreign in ("train", "shapes"):
+        (tmp_path / foreign).mkdir()
+        (tmp_path / foreign / "__init__.py").write_text(f"raise RuntimeError('the foreign {foreign} was imported')\n")
+    script = """
+import importlib, json, pkgutil
+import pixsigma, pixsigma_ui, pixsigma.layout as layout
+assert layout.CHECKOUT is None and layout.DATA_ROOT.name == "data", layout.DATA_ROOT
+assert (layout.DATA_ROOT / "assets/demo/loras/tiny-huge").is_dir() and (layout.DATA_ROOT / "configs").is_dir()
+failed = {}
+for pkg in (pixsigma, pixsigma_ui):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if info.name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ModuleNotFoundError as e:
+            failed[info.name] = e.name
+from pixsigma.registry import LORA_ALIASES, MODEL_ALIASES, load_expander
+from pixsigma.train.worlds import load_world
+print(json.dumps({"failed": failed, "file": pixsigma.__file__,
+                  "models": {k: str(v) for k, v in MODEL_ALIASES.items()},
+                  "loras": {k: v.is_dir() for k, v in LORA_ALIASES.items()},
+                  "expander": load_expander("shapes").__module__, "world": type(load_world()).__module__}))
+"""
+    env = wheel_env()
+    out = json.loads(run([str(env / "bin" / "python"), "-c", script], tmp_path, offline_env()).stdout)
+    assert out["file"].startswith(str(env))
+    assert set(out["failed"].values()) <= {m.replace("-", "_") for m in TRAIN_ONLY}, out["failed"]
+    assert all(m.startswith(("pixsigma.train.", "pixsigma.shapes.")) for m in out["failed"]), out["failed"]
+    assert "pixsigma.train.loop" in out["failed"]  # the trainer does need the extra: the check can see it
+    assert all(v.startswith(str(env)) for v in out["models"].values()) and all(out["loras"].values())
+    assert out["expander"] == "pixsigma.shapes.prompts" and out["world"] == "pixsigma.shapes.lab"

@@ -6,8 +6,8 @@ import argparse
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.config import load_config
-    from train.loop import train
+    from .config import load_config
+    from .loop import train
 
     ap = argparse.ArgumentParser(prog="python -m train", description="Train a PixArt-Σ stage (see configs/).")
     ap.add_argument("config", help="a training config: .yaml, or .py defining `config`")

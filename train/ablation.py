@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from train.chain import Chain
+    from .chain import Chain
 
 ABLATION_JSON, ABLATION_MD, ABLATION_DIR = "ablation_kv.json", "ablation_kv.md", "ablation_kv"
 BURST_S = 0.05  # metrics rows closer in time than this were written together
@@ -35,7 +35,8 @@ def run_kv_ablation(chain: Chain) -> dict[str, Any]:
     """Train and score the KV variants of ``chain`` (see the module docstring); returns ``ablation_kv.json``'s
     content. The chain is given, not built here: ``train.chain``'s CLI runs this, so importing it would be a circle."""
     from pixsigma.io import atomic_write_json, atomic_write_text
-    from train.runfiles import BENCH, read_metrics
+
+    from .runfiles import BENCH, read_metrics
 
     preset, runs_dir, start_from = chain.preset, chain.runs_dir, chain.start_from
     steps = list(chain.lab.plan)
@@ -87,7 +88,8 @@ def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
     import yaml
 
     from pixsigma.config import parse_layers
-    from train.runfiles import BENCH, FINAL
+
+    from .runfiles import BENCH, FINAL
 
     try:
         bench = json.loads((run / BENCH).read_text())
@@ -101,7 +103,8 @@ def _same_run(run: Path, steps: int, operator: str, layers: str) -> Path | None:
 
 def _depth(run_dir: Path) -> int:
     from pixsigma.weights import PIXSIGMA_CONFIG
-    from train.runfiles import FINAL
+
+    from .runfiles import FINAL
 
     return int(json.loads((run_dir / FINAL / PIXSIGMA_CONFIG).read_text())["dit"]["depth"])
 

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from train.data import pick_long
+from .data import pick_long
 
 INDEX, EXTRAS, FORMAT = "index.json", "extras.safetensors", "pixsigma-features/1"
 Tensor = torch.Tensor

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
+from pixsigma.layout import CHECKOUT, child_env, companion
+
+from .runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 
 PRESETS = ("tiny", "quick", "full")
 STARTS = ("shipped", "scratch")
@@ -113,7 +115,7 @@ class Chain:
 
     def __init__(self, preset: str, runs_dir: str | Path, start_from: str = "shipped",
                  on_event: EventFn | None = None, world: str | None = None):
-        from train.worlds import DEFAULT_WORLD, load_world
+        from .worlds import DEFAULT_WORLD, load_world
 
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -154,7 +156,7 @@ class Chain:
 
     def shipped_alpha(self) -> dict[str, Any]:
         """α as shipped: scored, not trained."""
-        from train.prepare import _write_shipped, shipped_start
+        from .prepare import _write_shipped, shipped_start
 
         st = self.lab.plan[0]
         run_dir = self.runs_dir / st.name
@@ -173,9 +175,9 @@ class Chain:
 
     def run_stage(self, st: Any, prev: Any | None, extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any] | None:
         """Prepare, train and score one run (``extra``: more ``--set`` pairs); None when it was stopped."""
-        from train.checkpoint import build_model, checkpoint_dirs, checkpoint_model, checkpoint_step
-        from train.loop import train
-        from train.prepare import prepare_stage
+        from .checkpoint import build_model, checkpoint_dirs, checkpoint_model, checkpoint_step
+        from .loop import train
+        from .prepare import prepare_stage
 
         run_dir = self.runs_dir / st.name
         bench = _read_json(run_dir / BENCH)
@@ -254,7 +256,7 @@ class Chain:
     def finish(self) -> dict[str, Any]:
         summary = self.summary()
         _write_json(summary, self.runs_dir / CHAIN_JSON)
-        from train.chainplot import plot_chain
+        from .chainplot import plot_chain
 
         plot_chain(summary, self.runs_dir / CHAIN_PLOT)
         return summary
@@ -303,7 +305,7 @@ def _prune(run_dir: Path, scored: int) -> None:
     """Drop a finished run's resume-only checkpoints (the scored ones and the last stay)."""
     import shutil
 
-    from train.checkpoint import checkpoint_dirs, checkpoint_step
+    from .checkpoint import checkpoint_dirs, checkpoint_step
 
     for ck in checkpoint_dirs(run_dir)[:-1]:
         if checkpoint_step(ck) % scored:
@@ -337,16 +339,15 @@ def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped",
         raise ValueError(f"preset must be one of {', '.join(PRESETS)} and start_from one of {', '.join(STARTS)}, "
                          f"got {preset!r}, {start_from!r}")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [python, "-m", "train.chain", "--preset", preset, "--runs-dir", str(runs_dir), "--from", start_from]
+    cmd = [python, "-m", companion("train.chain"), "--preset", preset, "--runs-dir", str(runs_dir),
+           "--from", start_from]
     if ablation:
         cmd += ["--ablation", ablation]
     if until:
         cmd += ["--until", until]
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    with open(runs_dir / CHAIN_LOG, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    with open(runs_dir / CHAIN_LOG, "ab") as out:  # an installed child runs in the runs folder, not site-packages
+        proc = subprocess.Popen(cmd, cwd=CHECKOUT or runs_dir, env=child_env(dict(os.environ)),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _write_json({"pid": proc.pid, "preset": preset, "start_from": start_from, "state": "running",
                  "started": time.time(), "current": None, "error": None}, runs_dir / CHAIN_RUN)
     return proc.pid
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[chain] {json.dumps({k: v for k, v in e.items() if k != 'time'})}", flush=True)
 
     if args.ablation == "kv":
-        from train.ablation import run_kv_ablation
+        from .ablation import run_kv_ablation
 
         result = run_kv_ablation(Chain(args.preset, args.runs_dir, args.start_from, on_event=show))
         print(json.dumps(result["variants"], indent=1))

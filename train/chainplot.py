@@ -15,7 +15,8 @@ def plot_chain(summary: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     from pixsigma.io import atomic_write
-    from train.runfiles import read_metrics
+
+    from .runfiles import read_metrics
 
     fig, (ax, lx) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0

@@ -32,10 +32,11 @@ from pixsigma.weights import (
     save_diffusers_transformer,
     save_dit,
 )
-from train.config import TrainConfig
-from train.optim import EMA
-from train.runfiles import CHECKPOINTS, FINAL, FINAL_DIFFUSERS, step_name
-from train.stages import allowed_missing, model_config
+
+from .config import TrainConfig
+from .optim import EMA
+from .runfiles import CHECKPOINTS, FINAL, FINAL_DIFFUSERS, step_name
+from .stages import allowed_missing, model_config
 
 _STEP = re.compile(r"^step_(\d+)$")  # runfiles.step_name's folders
 

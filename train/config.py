@@ -17,8 +17,9 @@ import yaml
 
 from pixsigma.config import PRESETS
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
-from train.lora import LoraTrainConfig
-from train.stages import STAGE_NAMES, Stage, stage_overrides
+
+from .lora import LoraTrainConfig
+from .stages import STAGE_NAMES, Stage, stage_overrides
 
 OPTIMIZERS = ("came", "adamw")
 LR_SCHEDULES = ("constant", "cosine")

@@ -17,8 +17,9 @@ from PIL import Image
 from pixsigma.control import CONDITION_MAKERS, check_control_type
 from pixsigma.model.controlnet import ControlNet, controlled_forward, trainable_copy
 from pixsigma.model.dit import PixArtDiT
-from train.diffusion import GaussianDiffusion
-from train.stages import CONTROLNET_TRAIN_TYPES
+
+from .diffusion import GaussianDiffusion
+from .stages import CONTROLNET_TRAIN_TYPES
 
 Tensor = torch.Tensor
 
@@ -115,7 +116,8 @@ def export_controlnet(accelerator, model: torch.nn.Module, ema, config, run_dir:
     ``export_final``'s signature (``config``, the base's, is not needed)."""
     from pixsigma.controlnet_weights import save_controlnet
     from pixsigma.io import new_folder
-    from train.runfiles import FINAL
+
+    from .runfiles import FINAL
 
     state = accelerator.get_state_dict(model)
     out: dict[str, str] = {}

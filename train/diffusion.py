@@ -27,7 +27,8 @@ import torch
 
 from pixsigma.config import PREDICTION_TYPES
 from pixsigma.constants import NUM_TRAIN_TIMESTEPS
-from train.config import check_timestep_band
+
+from .config import check_timestep_band
 
 Tensor = torch.Tensor
 BETA_START, BETA_END = 1e-4, 0.02

@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader
 
 from pixsigma.config import DiTConfig
 from pixsigma.io import atomic_write_json
-from train import encoders
-from train.cache import EXTRAS, FORMAT, INDEX, trim
-from train.checkpoint import target_model_config
-from train.config import TrainConfig, load_config
-from train.controlnet import control_from_pixels
-from train.data import DataStats, ImageCaptionDataset, collate_images, read_records
-from train.fileio import atomic_save_tensors
+
+from . import encoders
+from .cache import EXTRAS, FORMAT, INDEX, trim
+from .checkpoint import target_model_config
+from .config import TrainConfig, load_config
+from .controlnet import control_from_pixels
+from .data import DataStats, ImageCaptionDataset, collate_images, read_records
+from .fileio import atomic_save_tensors
 
 
 def _bucket_chunks(buckets: list[tuple[int, int]], size: int) -> list[list[int]]:

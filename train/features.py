@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from pixsigma.config import DiTConfig
-from train import encoders
-from train.cache import FeatureCache, collate_cached
-from train.config import TrainConfig
-from train.data import DataStats, ImageCaptionDataset, collate_images, read_records
+
+from . import encoders
+from .cache import FeatureCache, collate_cached
+from .config import TrainConfig
+from .data import DataStats, ImageCaptionDataset, collate_images, read_records
 
 Tensor = torch.Tensor
 
@@ -84,7 +85,7 @@ class OnlineFeatures:
         return x0.to(device), y.to(device), mask.to(device)
 
     def control_latents(self, batch: dict[str, Any], device: torch.device) -> Tensor:
-        from train.controlnet import control_from_pixels
+        from .controlnet import control_from_pixels
 
         mean = control_from_pixels(self.vae, batch["pixels"], self.control_type)
         return ((mean - self.vae.shift) * self.vae.scaling).to(device)

@@ -25,17 +25,18 @@ from torch.utils.data import DataLoader
 from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb, to_pil
-from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
-from train.config import TrainConfig
-from train.controlnet import build_trainee, export_controlnet, optimizer_params
-from train.diffusion import GaussianDiffusion
-from train.features import open_features
-from train.lora import add_lora, export_lora
-from train.monitor import Monitor
-from train.optim import EMA, TrainState, build_optimizer, lr_schedule
-from train.runfiles import CONFIG, SAMPLES, sample_name
-from train.sample import generate_latents, micro_kwargs, pad_tokens
-from train.sampler import BucketBatchSampler
+
+from .checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .controlnet import build_trainee, export_controlnet, optimizer_params
+from .diffusion import GaussianDiffusion
+from .features import open_features
+from .lora import add_lora, export_lora
+from .monitor import Monitor
+from .optim import EMA, TrainState, build_optimizer, lr_schedule
+from .runfiles import CONFIG, SAMPLES, sample_name
+from .sample import generate_latents, micro_kwargs, pad_tokens
+from .sampler import BucketBatchSampler
 
 Tensor = torch.Tensor
 

@@ -21,7 +21,8 @@ from pixsigma.io import swap_in_folder
 from pixsigma.lora import save_lora, to_diffusers_lora
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.t5 import quiet_torchao
-from train.runfiles import FINAL
+
+from .runfiles import FINAL
 
 # The Linears of a block a LoRA may adapt (pixsigma's names; diffusers' to_q/to_k/to_v are rows of attn.qkv).
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",

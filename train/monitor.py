@@ -17,7 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pixsigma.io import atomic_write_json, atomic_write_text
-from train.runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD
+
+from .runfiles import LOG, METRICS, STATES, STATUS, STOP, TENSORBOARD
 
 __all__ = ["Monitor", "write_status"]
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from train.config import OptimConfig
+from .config import OptimConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig, build_config, read_config_file
-from train.runfiles import CHECKPOINTS, FINAL, PREPARE
+from pixsigma.layout import DATA_ROOT
 
-REPO = Path(__file__).resolve().parents[1]  # the checkout: configs name assets relative to it
+from .config import TrainConfig, build_config, read_config_file
+from .runfiles import CHECKPOINTS, FINAL, PREPARE
+
+REPO = DATA_ROOT  # the checkout (or a wheel's copy of its assets and configs): configs name assets relative to it
 RUNS_PREFIX = "runs"  # the recipes name earlier stages' runs as runs/NAME
 SHIPPED_FOR_STAGE = {"vae_adapt": "alpha", "res_up": "alpha", "kv_compress": "sigma", "finetune": "sigma"}
 WORLD_IMAGES = 2000  # world images made for a stage whose config sets no data.max_images
@@ -120,7 +122,7 @@ def _runs_ref(path: str | Path) -> str | None:
 
 
 def _has_weights(run: Path) -> bool:
-    from train.checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint
 
     return (run / FINAL).is_dir() or latest_checkpoint(run) is not None
 
@@ -129,7 +131,7 @@ def shipped_start(role: str, runs_dir: Path, world: str | None = None) -> Path:
     """Where the shipped ``role`` (``alpha``/``sigma``) model is as a stage's starting weights: its transformer
     folder when that is in the pixsigma layout, else a pixsigma-layout copy under ``RUNS/shipped/`` (a diffusers
     folder cannot say its prediction type or token budget: they are taken from its pipeline folder)."""
-    from train.worlds import DEFAULT_WORLD, load_world
+    from .worlds import DEFAULT_WORLD, load_world
 
     folder = load_world(world or DEFAULT_WORLD).pipelines()[role]
     if (folder / "transformer" / "pixsigma.json").is_file():
@@ -141,7 +143,8 @@ def _shipped_model(role: str, world: str | None):
     """The shipped ``role`` transformer with the prediction type and token budget of its pipeline folder."""
     from pixsigma.model.dit import PixArtDiT
     from pixsigma.weights import load_dit
-    from train.worlds import DEFAULT_WORLD, load_world
+
+    from .worlds import DEFAULT_WORLD, load_world
 
     folder = load_world(world or DEFAULT_WORLD).pipelines()[role]
     net = load_dit(folder / "transformer")
@@ -166,7 +169,8 @@ def _start_config(start: str, load_from: Path | None, world: str | None):
     """The DiTConfig of the starting weights (of the shipped model to be converted, when it is not yet)."""
     from pixsigma.config import DiTConfig
     from pixsigma.weights import PIXSIGMA_CONFIG, read_checkpoint
-    from train.checkpoint import resolve_load_from
+
+    from .checkpoint import resolve_load_from
 
     if load_from is None:
         return None
@@ -200,8 +204,8 @@ def check_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[str]
 
     ``stage_or_config``: a config file (or anything with a ``config`` attribute naming one, as a plan step does;
     a bare file name is looked up in ``configs/``). ``overrides``: ``--set`` pairs applied on top."""
-    from train.checkpoint import latest_checkpoint
-    from train.worlds import DEFAULT_WORLD, load_world
+    from .checkpoint import latest_checkpoint
+    from .worlds import DEFAULT_WORLD, load_world
 
     runs_dir = Path(runs_dir)
     sets = list(overrides)
@@ -269,7 +273,7 @@ def check_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[str]
             to_make.append("data")
         sets += [f"data.source={data_path}", f"data.max_images={n}"]
     elif source is not None:
-        from train.userdata import read_user_data
+        from .userdata import read_user_data
 
         user = read_user_data(source, runs_dir / "userdata")  # refuses no captions, counts unreadable images
         data_report = user.as_dict()
@@ -285,7 +289,7 @@ def check_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[str]
         if given_cache is not None and (given_cache / "index.json").is_file() and not made_by_world:
             cache = given_cache
         else:
-            from train.stages import model_config
+            from .stages import model_config
 
             dit = model_config(cfg, _start_config(start, load_from, world_name))
             digest = _digest(data_path, n, dit.resolution, cfg.data.max_tokens or dit.max_tokens,
@@ -313,7 +317,7 @@ def world_images(folder: Path) -> int:
 
 
 def _worlds() -> dict[str, str]:
-    from train.worlds import installed_worlds
+    from .worlds import installed_worlds
 
     return installed_worlds()
 
@@ -323,7 +327,7 @@ def prepare_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[st
     """``check_stage``, then make what it found missing: world images, the shipped starting weights, user-data
     lists and the feature cache. ``progress`` gets a ``Progress`` per report (also written to ``RUN/prepare.json``).
     Idempotent: what exists is reused."""
-    from train.worlds import DEFAULT_WORLD, load_world
+    from .worlds import DEFAULT_WORLD, load_world
 
     st = check_stage(stage_or_config, runs_dir, overrides, world)
     cfg, runs_dir = st.config, Path(runs_dir)
@@ -333,7 +337,7 @@ def prepare_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[st
         load_world(world or DEFAULT_WORLD).make_data(st.data, cfg.data.max_images, read_config_file(
             st.config_path)["data"].get("source"), progress=meter)
     if st.data_report.get("list"):
-        from train.userdata import read_user_data, write_clean_jsonl
+        from .userdata import read_user_data, write_clean_jsonl
 
         write_clean_jsonl(read_user_data(st.data_report["source"], runs_dir / "userdata"), st.data)
     if "weights" in st.to_make:
@@ -341,7 +345,7 @@ def prepare_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[st
         _write_shipped(st.start.split()[-1], st.load_from, world)
         _Meter("weights", progress, st.run_dir)(1, 1, "starting weights ready")
     if "features" in st.to_make:
-        from train.extract import extract
+        from .extract import extract
 
         meter = _Meter("features", progress, st.run_dir)
         extract(cfg, overwrite=True, progress=lambda done, total: meter(done, total, f"features: {done}/{total}"))
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[prepare] {st.run_dir}: starts from {st.start} ({st.load_from}); data {st.data}; features {st.cache}")
     if args.no_train or st.finished:
         return
-    from train.loop import train
+    from .loop import train
 
     result = train(st.config, resume=args.resume or st.resume)
     print(f"[train] {result['state']} at step {result['step']}: {result['run_dir']}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pixsigma.io import new_folder
-from train.data import IMAGE_EXTS
+
+from .data import IMAGE_EXTS
 
 UNPACKED_EXTS = (*IMAGE_EXTS, ".txt", ".jsonl")
 CHUNK = 1 << 20  # bytes inflated per read: memory stays flat whatever a member's size

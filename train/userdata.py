@@ -20,8 +20,9 @@ from pathlib import Path
 
 from pixsigma.image_load import MAX_PIXELS, ImageTooLarge, open_checked
 from pixsigma.io import atomic_write_text
-from train.data import IMAGE_EXTS, METADATA, DataStats, Record, read_records
-from train.unzip import ZipBudget, unpack_zip
+
+from .data import IMAGE_EXTS, METADATA, DataStats, Record, read_records
+from .unzip import ZipBudget, unpack_zip
 
 __all__ = ["UserData", "ZipBudget", "check_inside", "read_user_data", "unpack_zip", "write_clean_jsonl"]
 

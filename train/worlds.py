@@ -12,6 +12,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
+from pixsigma.registry import load_target
+
 WORLD_GROUP = "pixsigma.worlds"
 DEFAULT_WORLD = "shapes"
 
@@ -74,4 +76,4 @@ def load_world(name: str = DEFAULT_WORLD) -> World:
         listed = ", ".join(sorted(installed_worlds())) or "none installed"
         raise ValueError(f"unknown world {name!r}; accepted: {listed} (worlds come from the {WORLD_GROUP!r} entry "
                          "points; `pip install -e .` adds this repository's)")
-    return found[0].load()
+    return load_target(found[0].value)  # a clone's shapes.lab, an install's pixsigma.shapes.lab
