@@ -34,6 +34,7 @@ from train.lora import add_lora, export_lora
 from train.monitor import Monitor
 from train.optim import EMA, TrainState, build_optimizer, lr_schedule
 from train.runfiles import CONFIG, SAMPLES, sample_name
+from train.runlock import acquire
 from train.sample import generate_latents, micro_kwargs, pad_tokens
 from train.sampler import BucketBatchSampler
 
@@ -254,6 +255,8 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or ``resume``) one training run; returns ``{state, step, run_dir, exports}``."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # the run folder is this trainer's until it returns: a second trainer there is refused before writing anything
+    lease = acquire(cfg.run_dir, doing="training") if accelerator.is_main_process else None
     monitor = Monitor(Path(cfg.run_dir), cfg.steps, accelerator.is_main_process)
     try:
         return Trainer(cfg, accelerator, monitor, resume).run()
@@ -263,3 +266,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     except BaseException as e:
         monitor.close("error", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if lease is not None:
+            lease.release()
