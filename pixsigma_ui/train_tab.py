@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ from pixsigma_ui.lab_state import (  # noqa: F401 - read_metrics, metrics_frame:
 )
 from pixsigma_ui.lab_tab import build_lab
 from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
+from train.runlock import FolderBusy, Lease, acquire, spawn
 from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 from train.userdata import read_user_data
 
 POLL_SECONDS = 2.0
-EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
+EXIT_WAIT_S = 60.0  # Resume right after Stop waits this long for the stopping trainer to finish its step
 SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
@@ -90,6 +92,7 @@ class RunManager:
     module: str = "train.prepare"
     python: str = sys.executable
     precheck: bool = True
+    resume_wait_s: float = EXIT_WAIT_S
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def runs(self) -> list[str]:
@@ -158,26 +161,31 @@ class RunManager:
         if data and not Path(data).expanduser().exists():
             raise ValueError(f"data {data!r} does not exist: give an image folder or a metadata .jsonl, or leave "
                              "it empty for the stage config's data (the shapes world)")
+        base = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def overrides_for(name: str) -> list[str]:
+            sets = [*recipe.overrides, f"name={name}", f"output_dir={self.runs_dir / name}", f"steps={steps}",
+                    f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
+            if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
+                return [*sets, f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
+            return [*sets, f"data.max_images={images}"]
+
         self.refuse_second_run()
-        name = self._free_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-        folder = self.runs_dir / name
-        overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
-                     f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
-        if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
-            overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
-        else:
-            overrides.append(f"data.max_images={images}")
         if self.precheck:  # what cannot be made is refused now, before a folder or a process exists
             from train.prepare import check_stage
 
-            check_stage(recipe.config, self.runs_dir, overrides)
-        folder = self._new_folder(name)
-        cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
-        for o in overrides:
-            cmd += ["--set", o]
-        atomic_write_json({"cmd": cmd, "stage": stage, "steps": steps, "created": time.time()}, folder / LAUNCH,
-                          indent=2)
-        self._spawn(folder.name, cmd)
+            check_stage(recipe.config, self.runs_dir, overrides_for(self._free_name(base)))
+        with self._slot(base) as slot:  # from here to the trainer's start no other Start, Resume or chain runs
+            self.refuse_second_run()  # a trainer started from a shell, seen through its files
+            folder = self._new_folder(base)  # mkdir: the name is this call's even against another app
+            cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
+            for o in overrides_for(folder.name):
+                cmd += ["--set", o]
+            with acquire(folder, doing="training") as lease:
+                atomic_write_json({"cmd": cmd, "stage": stage, "steps": steps, "created": time.time()},
+                                  folder / LAUNCH, indent=2)
+                slot.note(run=folder.name, doing="training")
+                self._spawn(folder.name, cmd, [slot, lease])
         return folder.name
 
     def stop(self, name: str) -> None:
@@ -187,20 +195,80 @@ class RunManager:
         (folder / STOP).touch()
 
     def resume(self, name: str) -> None:
+        """Continue the run from its checkpoint. Right after Stop the trainer still finishes its step: Resume waits
+        up to ``resume_wait_s`` for it to exit (to let go of the run), then says how long it has been stopping."""
         folder = self.folder(name)
         launch = read_json(folder / LAUNCH)
         if not launch.get("cmd"):
             raise ValueError(f"run {name} was not started from this app ({LAUNCH} missing): resume it with "
                              "`python -m train CONFIG --resume` from a shell")
-        deadline = time.monotonic() + EXIT_WAIT_S
-        while (s := self.state(name))["alive"] and s["state"] not in LIVE_STATES and time.monotonic() < deadline:
-            time.sleep(0.2)  # stopped and checkpointed, the process still exiting: a moment, not a refusal
-        if s["alive"]:
+        s = self.state(name)
+        stopping = s["alive"] and (s["stopping"] or s["state"] not in LIVE_STATES)  # asked to stop, or exiting
+        if s["alive"] and not stopping:
             raise ValueError(f"run {name} is still running")
-        self.refuse_second_run()
-        (folder / STOP).unlink(missing_ok=True)
-        cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
-        self._spawn(name, cmd)
+        waiting_for = name if stopping else None
+        deadline = time.monotonic() + self.resume_wait_s
+        with self._slot(name, waiting_for, deadline) as slot, self._take(folder, waiting_for, deadline) as lease:
+            self.refuse_second_run()  # a trainer started from a shell, seen through its files
+            (folder / STOP).unlink(missing_ok=True)
+            cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
+            slot.note(run=name, doing="training")
+            self._spawn(name, cmd, [slot, lease])
+
+    def _slot(self, doing: str, waiting_for: str | None = None, deadline: float = 0.0) -> Lease:
+        """The runs folder's lock: one trainer at a time. Held from a Start's (Resume's, chain's) check to its
+        trainer's start, then by the trainer until it exits (``train.runlock.spawn`` hands it over)."""
+        return self._take(self.runs_dir, waiting_for, deadline, doing=f"starting {doing}")
+
+    def _take(self, folder: Path, waiting_for: str | None, deadline: float, doing: str = "training") -> Lease:
+        """``folder``'s lock; while run ``waiting_for``'s stopping trainer holds it (the same pid), retried until
+        ``deadline``."""
+        first: int | None = None
+        while True:
+            try:
+                return acquire(folder, doing=doing)
+            except FolderBusy as e:
+                ours = waiting_for is not None and (folder != self.runs_dir or e.info.get("run") == waiting_for)
+                first = e.pid if first is None else first
+                if not ours or e.pid != first:  # another run, or a new trainer of this one: refused now
+                    raise ValueError(self._busy(e, folder.name)) from None
+                if time.monotonic() >= deadline:
+                    raise ValueError(self._still_stopping(waiting_for, e)) from None
+                time.sleep(0.2)
+
+    def _busy(self, e: FolderBusy, asked: str) -> str:
+        """The refusal for a held lock, in the tab's words (``asked``: the run the caller wants)."""
+        run, pid = e.info.get("run"), f"pid {e.pid}" if e.pid is not None else "pid not yet written"
+        if e.folder != self.runs_dir.resolve():  # a run folder: its trainer (maybe started from a shell)
+            return f"run {e.folder.name} is still running ({pid})"
+        if run == LAB_FOLDER and e.info.get("chain"):
+            return f"the chain is still going: stop it first (one training run at a time; {pid})"
+        if run == asked:
+            return f"run {run} is still running ({pid}): it was just started or resumed"
+        if isinstance(run, str):
+            return f"run {run} is still going: stop it first (one training run at a time; {pid})"
+        doing = e.info.get("doing") if isinstance(e.info.get("doing"), str) else "starting a run"
+        return f"another request is {doing} ({pid}): one training run at a time, try again in a moment"
+
+    def _still_stopping(self, name: str, e: FolderBusy) -> str:
+        folder = self.runs_dir / name
+        try:
+            asked = (folder / STOP).stat().st_mtime
+        except OSError:
+            asked = read_json(folder / STATUS).get("updated")
+        since = f"was asked to stop {time.time() - asked:.0f} s ago and " if isinstance(asked, int | float) else ""
+        return (f"run {name} {since}is still finishing its step (its trainer, pid {e.pid}, has not exited after "
+                f"{self.resume_wait_s:.0f} s more): it checkpoints and exits at the end of the step in hand, which "
+                "can take minutes on a large model; press Resume again once its state reads stopped")
+
+    def start_chain(self, preset: str, start_from: str, until: str | None = None) -> int:
+        """Start (or continue) the chain in ``lab_dir``, atomically with the one-trainer check; returns its pid."""
+        from train.chain import launch_chain
+
+        with self._slot("the chain") as slot:
+            self.refuse_second_run()
+            slot.note(run=LAB_FOLDER, chain=True, doing="the chain")
+            return launch_chain(preset, self.lab_dir, start_from, python=self.python, until=until, held=[slot])
 
     def _free_name(self, base: str) -> str:
         for i in range(1, 100):
@@ -230,13 +298,14 @@ class RunManager:
         if chain_status(self.lab_dir)["state"] == "running":
             raise ValueError("the chain is still going: stop it first (one training run at a time)")
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], held: Sequence[Lease] = ()) -> None:
+        """Start the trainer detached, holding ``held``'s locks (it inherits them: they are its until it exits)."""
         folder = self.runs_dir / name
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         with open(folder / STDOUT, "ab") as out:
             # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
-            self._children[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self._children[name] = spawn(cmd, held, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         launch = read_json(folder / LAUNCH)  # the pid: a reloaded or restarted app sees it alive before status.json
         if launch:
             atomic_write_json({**launch, "pid": self._children[name].pid, "started": time.time()}, folder / LAUNCH,
