@@ -257,8 +257,8 @@ class RunManager:
         except OSError:
             asked = read_json(folder / STATUS).get("updated")
         since = f"was asked to stop {time.time() - asked:.0f} s ago and " if isinstance(asked, int | float) else ""
-        return (f"run {name} {since}is still finishing its step (its trainer, pid {e.pid}, has not exited after "
-                f"{self.resume_wait_s:.0f} s more): it checkpoints and exits at the end of the step in hand, which "
+        return (f"run {name} {since}is still finishing its step (its trainer, pid {e.pid}, had not exited after "
+                f"{self.resume_wait_s:g} s of waiting): it checkpoints and exits at the end of the step in hand, which "
                 "can take minutes on a large model; press Resume again once its state reads stopped")
 
     def start_chain(self, preset: str, start_from: str, until: str | None = None) -> int:
