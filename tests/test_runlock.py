@@ -17,6 +17,8 @@ import pytest
 from fixtures import make_encoders, make_images, write_config
 from test_app_train import FAKE_TRAINER, wait_for
 
+from train.config import load_config
+from train.extract import extract
 from train.runlock import EXIT_BUSY, LOCK, FolderBusy, acquire, holder, spawn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,15 +224,17 @@ def test_two_start_chain_clicks_give_one_chain(app, tmp_path):
 
 # --- the command lines -----------------------------------------------------------------------------------------
 
-def test_two_trainer_processes_on_one_folder_one_trains(tmp_path):
+def _cache(tmp_path: Path) -> Path:
+    """A tiny feature cache (8 images) for the trainer's command lines."""
     enc = make_encoders(tmp_path / "enc")
-    from train.config import load_config
-    from train.extract import extract
-
     data = {"source": str(make_images(tmp_path / "imgs")), "cache": str(tmp_path / "cache"),
             "text_encoder": str(enc), "vae": str(enc)}
     extract(load_config(write_config(tmp_path / "x.yaml", stage="from_scratch", data=data)))
-    cfg = write_config(tmp_path / "run.yaml", stage="from_scratch", data={"cache": str(tmp_path / "cache")},
+    return tmp_path / "cache"
+
+
+def test_two_trainer_processes_on_one_folder_one_trains(tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", stage="from_scratch", data={"cache": str(_cache(tmp_path))},
                        steps=100_000, save_every=100_000, sample_every=0)
     run = tmp_path / "same"
     cmd = [sys.executable, "-m", "train.prepare", str(cfg), "--runs-dir", str(tmp_path / "runs"),
@@ -269,3 +273,22 @@ def test_the_chain_command_is_refused_while_its_folder_is_held(tmp_path):
                               env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BUSY and f"{lab} is held by another trainer (pid {os.getpid()}" in proc.stderr
     assert sorted(p.name for p in lab.iterdir()) == [LOCK]  # nothing written by the refused chain
+
+
+def test_the_trainer_the_app_starts_adopts_the_locks_it_is_handed(tmp_path):
+    """What Start does: the runs folder's and the run's locks taken, handed to ``python -m train.prepare``, which
+    takes its run folder's lock itself (adopting the inherited one) and trains; both are free when it exits."""
+    cfg = write_config(tmp_path / "run.yaml", stage="from_scratch", data={"cache": str(_cache(tmp_path))}, steps=2,
+                       sample_every=0)
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "handed"
+    with acquire(runs, doing="starting") as slot, acquire(run, doing="training") as lease:
+        proc = spawn([sys.executable, "-m", "train.prepare", str(cfg), "--runs-dir", str(runs), "--set",
+                      f"output_dir={run}"], [slot, lease], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    with pytest.raises(FolderBusy, match=f"pid {proc.pid}"):
+        acquire(runs)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    acquire(runs).release()
+    acquire(run).release()
