@@ -208,7 +208,7 @@ class RunManager:
             raise ValueError(f"run {name} is still running")
         waiting_for = name if stopping else None
         deadline = time.monotonic() + self.resume_wait_s
-        with self._slot(name, waiting_for, deadline) as slot, self._take(folder, waiting_for, deadline) as lease:
+        with self._slot(name, waiting_for, deadline) as slot, self._take(folder, name, waiting_for, deadline) as lease:
             self.refuse_second_run()  # a trainer started from a shell, seen through its files
             (folder / STOP).unlink(missing_ok=True)
             cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
@@ -218,11 +218,12 @@ class RunManager:
     def _slot(self, doing: str, waiting_for: str | None = None, deadline: float = 0.0) -> Lease:
         """The runs folder's lock: one trainer at a time. Held from a Start's (Resume's, chain's) check to its
         trainer's start, then by the trainer until it exits (``train.runlock.spawn`` hands it over)."""
-        return self._take(self.runs_dir, waiting_for, deadline, doing=f"starting {doing}")
+        return self._take(self.runs_dir, doing, waiting_for, deadline, doing=f"starting {doing}")
 
-    def _take(self, folder: Path, waiting_for: str | None, deadline: float, doing: str = "training") -> Lease:
-        """``folder``'s lock; while run ``waiting_for``'s stopping trainer holds it (the same pid), retried until
-        ``deadline``."""
+    def _take(self, folder: Path, asked: str, waiting_for: str | None, deadline: float,
+              doing: str = "training") -> Lease:
+        """``folder``'s lock for run ``asked``; while run ``waiting_for``'s stopping trainer holds it (the same
+        pid), retried until ``deadline``."""
         first: int | None = None
         while True:
             try:
@@ -231,7 +232,7 @@ class RunManager:
                 ours = waiting_for is not None and (folder != self.runs_dir or e.info.get("run") == waiting_for)
                 first = e.pid if first is None else first
                 if not ours or e.pid != first:  # another run, or a new trainer of this one: refused now
-                    raise ValueError(self._busy(e, folder.name)) from None
+                    raise ValueError(self._busy(e, asked)) from None
                 if time.monotonic() >= deadline:
                     raise ValueError(self._still_stopping(waiting_for, e)) from None
                 time.sleep(0.2)
