@@ -39,7 +39,7 @@ from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a mo
 from train.userdata import read_user_data
 
 POLL_SECONDS = 2.0
-EXIT_WAIT_S = 60.0  # Resume right after Stop waits this long for the stopping trainer to finish its step
+EXIT_WAIT_S = 60.0  # a request right after Stop (or a run's end) waits this long for the trainer to exit
 SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 UPLOADS = "uploads"  # RUNS/uploads: unpacked .zip uploads of the Start form
@@ -92,7 +92,7 @@ class RunManager:
     module: str = "train.prepare"
     python: str = sys.executable
     precheck: bool = True
-    resume_wait_s: float = EXIT_WAIT_S
+    exit_wait_s: float = EXIT_WAIT_S  # Start, Resume, Start chain wait this long for a stopping trainer to exit
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def runs(self) -> list[str]:
@@ -175,7 +175,8 @@ class RunManager:
             from train.prepare import check_stage
 
             check_stage(recipe.config, self.runs_dir, overrides_for(self._free_name(base)))
-        with self._slot(base) as slot:  # from here to the trainer's start no other Start, Resume or chain runs
+        # from here to the trainer's start no other Start, Resume or chain runs
+        with self._slot("", doing=f"starting {base}") as slot:
             self.refuse_second_run()  # a trainer started from a shell, seen through its files
             folder = self._new_folder(base)  # mkdir: the name is this call's even against another app
             cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
@@ -196,7 +197,7 @@ class RunManager:
 
     def resume(self, name: str) -> None:
         """Continue the run from its checkpoint. Right after Stop the trainer still finishes its step: Resume waits
-        up to ``resume_wait_s`` for it to exit (to let go of the run), then says how long it has been stopping."""
+        up to ``exit_wait_s`` for it to exit (to let go of the run), then says how long it has been stopping."""
         folder = self.folder(name)
         launch = read_json(folder / LAUNCH)
         if not launch.get("cmd"):
@@ -206,36 +207,51 @@ class RunManager:
         stopping = s["alive"] and (s["stopping"] or s["state"] not in LIVE_STATES)  # asked to stop, or exiting
         if s["alive"] and not stopping:
             raise ValueError(f"run {name} is still running")
-        waiting_for = name if stopping else None
-        deadline = time.monotonic() + self.resume_wait_s
-        with self._slot(name, waiting_for, deadline) as slot, self._take(folder, name, waiting_for, deadline) as lease:
+        deadline = time.monotonic() + self.exit_wait_s
+        with self._slot(name, deadline) as slot, self._take(folder, name, deadline) as lease:
             self.refuse_second_run()  # a trainer started from a shell, seen through its files
             (folder / STOP).unlink(missing_ok=True)
             cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
             slot.note(run=name, doing="training")
             self._spawn(name, cmd, [slot, lease])
 
-    def _slot(self, doing: str, waiting_for: str | None = None, deadline: float = 0.0) -> Lease:
+    def _slot(self, asked: str, deadline: float | None = None, doing: str | None = None) -> Lease:
         """The runs folder's lock: one trainer at a time. Held from a Start's (Resume's, chain's) check to its
         trainer's start, then by the trainer until it exits (``train.runlock.spawn`` hands it over)."""
-        return self._take(self.runs_dir, doing, waiting_for, deadline, doing=f"starting {doing}")
+        return self._take(self.runs_dir, asked, deadline, doing=doing or f"starting {asked}")
 
-    def _take(self, folder: Path, asked: str, waiting_for: str | None, deadline: float,
-              doing: str = "training") -> Lease:
-        """``folder``'s lock for run ``asked``; while run ``waiting_for``'s stopping trainer holds it (the same
-        pid), retried until ``deadline``."""
+    def _take(self, folder: Path, asked: str, deadline: float | None = None, doing: str = "training") -> Lease:
+        """``folder``'s lock for ``asked``. Held by a trainer that is only exiting (stop asked, or its files say
+        it is done) it is retried until ``deadline`` (default: ``exit_wait_s`` from now), as long as the same
+        process holds it; any other holder is refused at once."""
+        deadline = time.monotonic() + self.exit_wait_s if deadline is None else deadline
         first: int | None = None
         while True:
             try:
                 return acquire(folder, doing=doing)
             except FolderBusy as e:
-                ours = waiting_for is not None and (folder != self.runs_dir or e.info.get("run") == waiting_for)
+                info = e.info if folder == self.runs_dir else {"run": folder.name}
                 first = e.pid if first is None else first
-                if not ours or e.pid != first:  # another run, or a new trainer of this one: refused now
+                if e.pid != first or not self._exiting(info):  # a live trainer, or a new one: refused now
                     raise ValueError(self._busy(e, asked)) from None
                 if time.monotonic() >= deadline:
-                    raise ValueError(self._still_stopping(waiting_for, e)) from None
+                    raise ValueError(self._still_exiting(info, e)) from None
                 time.sleep(0.2)
+
+    def _exiting(self, info: dict[str, Any]) -> bool:
+        """Whether the trainer a lock file names has been asked to stop or says it is done (its process still
+        winding down: finishing its step, checkpointing, exiting)."""
+        from train.chain import CHAIN_RUN
+
+        run = info.get("run")
+        if run == LAB_FOLDER and info.get("chain"):
+            return read_json(self.lab_dir / CHAIN_RUN).get("state") != "running" or (self.lab_dir / STOP).exists()
+        if not isinstance(run, str) or not run or Path(run).name != run:
+            return False
+        folder = self.runs_dir / run
+        status, launch = read_json(folder / STATUS), read_json(folder / LAUNCH)
+        fresh = launch.get("started", 0) > status.get("updated", 0)  # resumed: its old status still there
+        return (folder / STOP).exists() or (status.get("state") not in (None, *LIVE_STATES) and not fresh)
 
     def _busy(self, e: FolderBusy, asked: str) -> str:
         """The refusal for a held lock, in the tab's words (``asked``: the run the caller wants)."""
@@ -251,16 +267,19 @@ class RunManager:
         doing = e.info.get("doing") if isinstance(e.info.get("doing"), str) else "starting a run"
         return f"another request is {doing} ({pid}): one training run at a time, try again in a moment"
 
-    def _still_stopping(self, name: str, e: FolderBusy) -> str:
-        folder = self.runs_dir / name
+    def _still_exiting(self, info: dict[str, Any], e: FolderBusy) -> str:
+        """The refusal after ``exit_wait_s`` of waiting for a stopping trainer: how long, and what to do."""
+        run = info.get("run")
+        folder = self.lab_dir if info.get("chain") else self.runs_dir / str(run)
         try:
             asked = (folder / STOP).stat().st_mtime
         except OSError:
-            asked = read_json(folder / STATUS).get("updated")
-        since = f"was asked to stop {time.time() - asked:.0f} s ago and " if isinstance(asked, int | float) else ""
-        return (f"run {name} {since}is still finishing its step (its trainer, pid {e.pid}, had not exited after "
-                f"{self.resume_wait_s:g} s of waiting): it checkpoints and exits at the end of the step in hand, which "
-                "can take minutes on a large model; press Resume again once its state reads stopped")
+            asked = None
+        what = "the chain" if info.get("chain") else f"run {run}"
+        since = f"was asked to stop {time.time() - asked:.0f} s ago and " if asked is not None else ""
+        return (f"{what} {since}is still finishing its step (its trainer, pid {e.pid}, had not exited after "
+                f"{self.exit_wait_s:g} s of waiting): it checkpoints and exits at the end of the step in hand, which "
+                "can take minutes on a large model; try again once it reads stopped")
 
     def start_chain(self, preset: str, start_from: str, until: str | None = None) -> int:
         """Start (or continue) the chain in ``lab_dir``, atomically with the one-trainer check; returns its pid."""
@@ -293,10 +312,11 @@ class RunManager:
         """One trainer at a time (a run or the chain): it shares the device with the app's own generation."""
         from train.chain import chain_status
 
-        live = self.live_run()
+        # a trainer only exiting is waited for at the runs folder's lock (``_take``), not refused here
+        live = next((n for n in self.runs() if self.state(n)["alive"] and not self._exiting({"run": n})), None)
         if live:
             raise ValueError(f"run {live} is still going: stop it first (one training run at a time)")
-        if chain_status(self.lab_dir)["state"] == "running":
+        if chain_status(self.lab_dir)["state"] == "running" and not (self.lab_dir / STOP).exists():
             raise ValueError("the chain is still going: stop it first (one training run at a time)")
 
     def _spawn(self, name: str, cmd: list[str], held: Sequence[Lease] = ()) -> None:

@@ -188,13 +188,13 @@ def test_resume_right_after_stop_waits_for_the_step_in_hand(app, monkeypatch):
 
 def test_resume_says_how_long_the_trainer_has_been_stopping(app, monkeypatch):
     manager, h = app
-    manager.resume_wait_s = 0.5
+    manager.exit_wait_s = 0.5
     monkeypatch.setenv("FAKE_TRAIN_DELAY", "4.0")
     name = manager.start("kv_compress", steps=3)
     wait_for(manager, name, lambda s: s["state"] == "running")
     manager.stop(name)
     with pytest.raises(Exception, match=f"run {name} was asked to stop [0-9]+ s ago and is still finishing its "
-                                        "step .*pid [0-9]+.* press Resume again once its state reads stopped"):
+                                        "step .*pid [0-9]+.* try again once it reads stopped"):
         h["build_train_tab.on_resume"](name)
     assert len(_alive(manager)) == 1  # the stopping trainer alone
 
@@ -220,6 +220,28 @@ def test_two_start_chain_clicks_give_one_chain(app, tmp_path):
             h["build_train_tab.on_start"]("finetune", None, "", 5, 1e-4, 2)
     finally:
         os.kill(record["pid"], signal.SIGKILL)
+
+
+def test_start_chain_right_after_a_chain_ends_waits_for_its_process_to_exit(app, tmp_path):
+    """The chain writes "done" a moment before its process exits: a click then is not refused, it waits."""
+    manager, h = app
+    fake_python = tmp_path / "fakepython"  # `python -m train.chain --preset P --runs-dir LAB ...`: $6 is LAB
+    fake_python.write_text('#!/bin/sh\nsleep 0.5\necho \'{"state": "done"}\' > "$6/chain_run.json"\nsleep 2\n')
+    fake_python.chmod(0o755)
+    manager.python = str(fake_python)
+    start_chain = h["build_lab.on_start"]
+    start_chain("tiny", "shipped")
+    first = json.loads((manager.lab_dir / "chain_run.json").read_text())["pid"]
+    end = time.monotonic() + 30
+    while json.loads((manager.lab_dir / "chain_run.json").read_text()).get("state") != "done":
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    assert os.path.exists(f"/proc/{first}")  # done, still exiting
+    t0 = time.monotonic()
+    start_chain("tiny", "shipped")
+    assert time.monotonic() - t0 > 0.5  # it waited for the first chain's process
+    second = json.loads((manager.lab_dir / "chain_run.json").read_text())["pid"]
+    assert second != first and holder(manager.lab_dir)["pid"] == second
 
 
 # --- the command lines -----------------------------------------------------------------------------------------
