@@ -163,8 +163,9 @@ def test_two_resumes_and_a_start_give_one_trainer(app, monkeypatch):
     wait_for(manager, name, lambda s: s.get("step", 0) >= 2)
     manager.stop(name)
     wait_for(manager, name, lambda s: s["state"] == "stopped" and not s["alive"])
+    monkeypatch.setenv("FAKE_TRAIN_DELAY", "0.001")  # whichever wins runs its steps quickly
     resume, start = h["build_train_tab.on_resume"], h["build_train_tab.on_start"]
-    results = together(3, lambda i: resume(name) if i < 2 else start("finetune", None, "", 5, 1e-4, 2))
+    results = together(3, lambda i: resume(name) if i < 2 else start("finetune", None, "", 400, 1e-4, 2))
     assert [k for k, _ in results].count("ok") == 1, results
     assert len(_alive(manager)) == 1
     if results[2][0] == "error":  # the resume won: the run continues from its checkpoint, once
