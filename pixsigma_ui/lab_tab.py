@@ -1,6 +1,6 @@
 """The Train tab's lab: the weak-to-strong chain drawn as its stages (α → VAE → res-up → KV → finetune), each with
 its state, progress (step, steps/s, ETA), loss curve, latest validation images and ShapesBench score as it
-arrives, and the chain's Start, Stop and Resume (``train.chain``: ``launch_chain``, ``stop_chain``).
+arrives, and the chain's Start, Stop and Resume (``RunManager.start_chain``, ``train.chain.stop_chain``).
 
 Everything shown is read from the run folders on every poll (:mod:`pixsigma_ui.lab_state`,
 ``train.chain.chain_status``), never kept in memory: a reload, a second browser or a restarted app sees the same
@@ -27,9 +27,9 @@ from pixsigma_ui.lab_state import (
 )
 
 if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
-    from train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
+    from train.chain import PRESETS, STARTS, chain_status, stop_chain
 else:
-    from pixsigma.train.chain import PRESETS, STARTS, chain_status, launch_chain, stop_chain
+    from pixsigma.train.chain import PRESETS, STARTS, chain_status, stop_chain
 
 POLL_SECONDS = 2.0
 PRESET_HELP = "tiny: seconds, a smoke test · quick: about 20 minutes on 2 CPU cores · full: the shipped pair's recipe"
@@ -153,8 +153,7 @@ def build_lab(manager: Any) -> None:
 
     @guarded
     def on_start(preset_: Any, start_from_: Any) -> None:
-        manager.refuse_second_run()
-        launch_chain(as_text(preset_, "preset"), lab_dir, as_text(start_from_, "α"), python=manager.python)
+        manager.start_chain(as_text(preset_, "preset"), as_text(start_from_, "α"))  # atomic: one trainer
         gr.Info(f"chain started in {lab_dir}")
 
     def starter(stage: str) -> Any:
@@ -163,8 +162,7 @@ def build_lab(manager: Any) -> None:
             """The chain up to this stage: earlier stages run first unless done, later ones wait."""
             preset_, start_from_ = as_text(preset_, "preset"), as_text(start_from_, "α")
             name = plan_name(preset_, start_from_, stage)
-            manager.refuse_second_run()
-            launch_chain(preset_, lab_dir, start_from_, python=manager.python, until=name)
+            manager.start_chain(preset_, start_from_, until=name)
             gr.Info(f"{name} started in {lab_dir} (earlier stages first, unless they are done)")
 
         return on_start_stage
@@ -183,8 +181,7 @@ def build_lab(manager: Any) -> None:
             raise ValueError(f"no chain in {lab_dir} to resume: press Start chain")
         if status["stages"] and all(s.get("state") == "done" for s in status["stages"]):
             raise ValueError("the chain is done: every stage is exported (Start chain with another preset or α)")
-        manager.refuse_second_run()
-        launch_chain(status["preset"], lab_dir, status["start_from"], python=manager.python)  # skips what is done
+        manager.start_chain(status["preset"], status["start_from"])  # skips what is done
 
     views = [header, figure, *[c for box in boxes for c in box], shown]
     light = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")

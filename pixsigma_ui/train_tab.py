@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,18 @@ from pixsigma_ui.lab_tab import build_lab
 from pixsigma_ui.uploads import Uploads, client_of
 
 if CHECKOUT is not None:  # a clone imports train/ by its name; a wheel has it as pixsigma.train (pixsigma.layout)
+    from train.chain import CHAIN_RUN, launch_chain
     from train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
+    from train.runlock import FolderBusy, Lease, acquire, spawn
     from train.stages import CONTINUING_STAGES as STAGES  # the app starts from a model, never from random weights
 else:
+    from pixsigma.train.chain import CHAIN_RUN, launch_chain
     from pixsigma.train.runfiles import LAUNCH, LIVE_STATES, STATUS, STDOUT, STOP
+    from pixsigma.train.runlock import FolderBusy, Lease, acquire, spawn
     from pixsigma.train.stages import CONTINUING_STAGES as STAGES
 
 POLL_SECONDS = 2.0
-EXIT_WAIT_S = 20.0  # Resume right after Stop waits this long for the stopped trainer's process to exit
+EXIT_WAIT_S = 60.0  # a request right after Stop (or a run's end) waits this long for the trainer to exit
 SAMPLINGS = 5  # validation images drawn this many times per run, so a short run shows them as it goes
 WORLD_IMAGES = 128  # the Start form's default: shapes-world images made (once) and encoded for a short run
 MAX_STEPS, MAX_BATCH, MAX_IMAGES = 100_000, 256, 100_000
@@ -96,6 +101,7 @@ class RunManager:
     python: str = sys.executable
     precheck: bool = True
     uploads: Uploads | None = None  # the Data box's roots and the uploads' budgets (None: the defaults)
+    exit_wait_s: float = EXIT_WAIT_S  # Start, Resume, Start chain wait this long for a stopping trainer to exit
     _children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def runs(self) -> list[str]:
@@ -162,29 +168,35 @@ class RunManager:
         if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= MAX_IMAGES:
             raise ValueError(f"images must be an integer from 1 to {MAX_IMAGES}, got {images!r}")
         data = (self.uploads or Uploads(self.runs_dir)).confine(data)  # only the runs folder and --data-root
+        base = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def overrides_for(name: str) -> list[str]:
+            sets = [*recipe.overrides, f"name={name}", f"output_dir={self.runs_dir / name}", f"steps={steps}",
+                    f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
+            if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
+                return [*sets, f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
+            return [*sets, f"data.max_images={images}"]
+
         self.refuse_second_run()
-        name = self._free_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-        folder = self.runs_dir / name
-        overrides = [*recipe.overrides, f"name={name}", f"output_dir={folder}", f"steps={steps}",
-                     f"optim.lr={lr:g}", f"batch_size={batch}", f"sample_every={max(1, steps // SAMPLINGS)}", *lora]
-        if data:  # the user's images (folder, .jsonl or .zip): not the config's feature cache of the shapes world
-            overrides += [f"data.source={Path(data).expanduser().resolve()}", "data.cache="]
-        else:
-            overrides.append(f"data.max_images={images}")
         if self.precheck:  # what cannot be made is refused now, before a folder or a process exists
             if CHECKOUT is not None:
                 from train.prepare import check_stage
             else:
                 from pixsigma.train.prepare import check_stage
 
-            check_stage(recipe.config, self.runs_dir, overrides)
-        folder = self._new_folder(name)
-        cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
-        for o in overrides:
-            cmd += ["--set", o]
-        atomic_write_json({"cmd": cmd, "stage": stage, "steps": steps, "created": time.time()}, folder / LAUNCH,
-                          indent=2)
-        self._spawn(folder.name, cmd)
+            check_stage(recipe.config, self.runs_dir, overrides_for(self._free_name(base)))
+        # from here to the trainer's start no other Start, Resume or chain runs
+        with self._slot("", doing=f"starting {base}") as slot:
+            self.refuse_second_run()  # a trainer started from a shell, seen through its files
+            folder = self._new_folder(base)  # mkdir: the name is this call's even against another app
+            cmd = [self.python, "-m", self.module, str(recipe.config), "--runs-dir", str(self.runs_dir)]
+            for o in overrides_for(folder.name):
+                cmd += ["--set", o]
+            with acquire(folder, doing="training") as lease:
+                atomic_write_json({"cmd": cmd, "stage": stage, "steps": steps, "created": time.time()},
+                                  folder / LAUNCH, indent=2)
+                slot.note(run=folder.name, doing="training")
+                self._spawn(folder.name, cmd, [slot, lease])
         return folder.name
 
     def stop(self, name: str) -> None:
@@ -194,20 +206,95 @@ class RunManager:
         (folder / STOP).touch()
 
     def resume(self, name: str) -> None:
+        """Continue the run from its checkpoint. Right after Stop the trainer still finishes its step: Resume waits
+        up to ``exit_wait_s`` for it to exit (to let go of the run), then says how long it has been stopping."""
         folder = self.folder(name)
         launch = read_json(folder / LAUNCH)
         if not launch.get("cmd"):
             raise ValueError(f"run {name} was not started from this app ({LAUNCH} missing): resume it with "
                              "`python -m train CONFIG --resume` from a shell")
-        deadline = time.monotonic() + EXIT_WAIT_S
-        while (s := self.state(name))["alive"] and s["state"] not in LIVE_STATES and time.monotonic() < deadline:
-            time.sleep(0.2)  # stopped and checkpointed, the process still exiting: a moment, not a refusal
-        if s["alive"]:
+        s = self.state(name)
+        stopping = s["alive"] and (s["stopping"] or s["state"] not in LIVE_STATES)  # asked to stop, or exiting
+        if s["alive"] and not stopping:
             raise ValueError(f"run {name} is still running")
-        self.refuse_second_run()
-        (folder / STOP).unlink(missing_ok=True)
-        cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
-        self._spawn(name, cmd)
+        deadline = time.monotonic() + self.exit_wait_s
+        with self._slot(name, deadline) as slot, self._take(folder, name, deadline) as lease:
+            self.refuse_second_run()  # a trainer started from a shell, seen through its files
+            (folder / STOP).unlink(missing_ok=True)
+            cmd = [*launch["cmd"], "--resume"] if "--resume" not in launch["cmd"] else launch["cmd"]
+            slot.note(run=name, doing="training")
+            self._spawn(name, cmd, [slot, lease])
+
+    def _slot(self, asked: str, deadline: float | None = None, doing: str | None = None) -> Lease:
+        """The runs folder's lock: one trainer at a time. Held from a Start's (Resume's, chain's) check to its
+        trainer's start, then by the trainer until it exits (``train.runlock.spawn`` hands it over)."""
+        return self._take(self.runs_dir, asked, deadline, doing=doing or f"starting {asked}")
+
+    def _take(self, folder: Path, asked: str, deadline: float | None = None, doing: str = "training") -> Lease:
+        """``folder``'s lock for ``asked``. Held by a trainer that is only exiting (stop asked, or its files say
+        it is done) it is retried until ``deadline`` (default: ``exit_wait_s`` from now), as long as the same
+        process holds it; any other holder is refused at once."""
+        deadline = time.monotonic() + self.exit_wait_s if deadline is None else deadline
+        first: int | None = None
+        while True:
+            try:
+                return acquire(folder, doing=doing)
+            except FolderBusy as e:
+                info = e.info if folder == self.runs_dir else {"run": folder.name}
+                first = e.pid if first is None else first
+                if e.pid != first or not self._exiting(info):  # a live trainer, or a new one: refused now
+                    raise ValueError(self._busy(e, asked)) from None
+                if time.monotonic() >= deadline:
+                    raise ValueError(self._still_exiting(info, e)) from None
+                time.sleep(0.2)
+
+    def _exiting(self, info: dict[str, Any]) -> bool:
+        """Whether the trainer a lock file names has been asked to stop or says it is done (its process still
+        winding down: finishing its step, checkpointing, exiting)."""
+        run = info.get("run")
+        if run == LAB_FOLDER and info.get("chain"):
+            return read_json(self.lab_dir / CHAIN_RUN).get("state") != "running" or (self.lab_dir / STOP).exists()
+        if not isinstance(run, str) or not run or Path(run).name != run:
+            return False
+        folder = self.runs_dir / run
+        status, launch = read_json(folder / STATUS), read_json(folder / LAUNCH)
+        fresh = launch.get("started", 0) > status.get("updated", 0)  # resumed: its old status still there
+        return (folder / STOP).exists() or (status.get("state") not in (None, *LIVE_STATES) and not fresh)
+
+    def _busy(self, e: FolderBusy, asked: str) -> str:
+        """The refusal for a held lock, in the tab's words (``asked``: the run the caller wants)."""
+        run, pid = e.info.get("run"), f"pid {e.pid}" if e.pid is not None else "pid not yet written"
+        if e.folder != self.runs_dir.resolve():  # a run folder: its trainer (maybe started from a shell)
+            return f"run {e.folder.name} is still running ({pid})"
+        if run == LAB_FOLDER and e.info.get("chain"):
+            return f"the chain is still going: stop it first (one training run at a time; {pid})"
+        if run == asked:
+            return f"run {run} is still running ({pid}): it was just started or resumed"
+        if isinstance(run, str):
+            return f"run {run} is still going: stop it first (one training run at a time; {pid})"
+        doing = e.info.get("doing") if isinstance(e.info.get("doing"), str) else "starting a run"
+        return f"another request is {doing} ({pid}): one training run at a time, try again in a moment"
+
+    def _still_exiting(self, info: dict[str, Any], e: FolderBusy) -> str:
+        """The refusal after ``exit_wait_s`` of waiting for a stopping trainer: how long, and what to do."""
+        run = info.get("run")
+        folder = self.lab_dir if info.get("chain") else self.runs_dir / str(run)
+        try:
+            asked = (folder / STOP).stat().st_mtime
+        except OSError:
+            asked = None
+        what = "the chain" if info.get("chain") else f"run {run}"
+        since = f"was asked to stop {time.time() - asked:.0f} s ago and " if asked is not None else ""
+        return (f"{what} {since}is still finishing its step (its trainer, pid {e.pid}, had not exited after "
+                f"{self.exit_wait_s:g} s of waiting): it checkpoints and exits at the end of the step in hand, which "
+                "can take minutes on a large model; try again once it reads stopped")
+
+    def start_chain(self, preset: str, start_from: str, until: str | None = None) -> int:
+        """Start (or continue) the chain in ``lab_dir``, atomically with the one-trainer check; returns its pid."""
+        with self._slot("the chain") as slot:
+            self.refuse_second_run()
+            slot.note(run=LAB_FOLDER, chain=True, doing="the chain")
+            return launch_chain(preset, self.lab_dir, start_from, python=self.python, until=until, held=[slot])
 
     def _free_name(self, base: str) -> str:
         for i in range(1, 100):
@@ -234,19 +321,21 @@ class RunManager:
         else:
             from pixsigma.train.chain import chain_status
 
-        live = self.live_run()
+        # a trainer only exiting is waited for at the runs folder's lock (``_take``), not refused here
+        live = next((n for n in self.runs() if self.state(n)["alive"] and not self._exiting({"run": n})), None)
         if live:
             raise ValueError(f"run {live} is still going: stop it first (one training run at a time)")
-        if chain_status(self.lab_dir)["state"] == "running":
+        if chain_status(self.lab_dir)["state"] == "running" and not (self.lab_dir / STOP).exists():
             raise ValueError("the chain is still going: stop it first (one training run at a time)")
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], held: Sequence[Lease] = ()) -> None:
+        """Start the trainer detached, holding ``held``'s locks (it inherits them: they are its until it exits)."""
         folder = self.runs_dir / name
         with open(folder / STDOUT, "ab") as out:
             # Own session: closing the app's terminal or a Ctrl-C in it does not kill the run.
-            self._children[name] = subprocess.Popen(cmd, cwd=CHECKOUT or self.runs_dir, env=child_env(dict(os.environ)),
-                                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)
+            self._children[name] = spawn(cmd, held, cwd=CHECKOUT or self.runs_dir, env=child_env(dict(os.environ)),
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         launch = read_json(folder / LAUNCH)  # the pid: a reloaded or restarted app sees it alive before status.json
         if launch:
             atomic_write_json({**launch, "pid": self._children[name].pid, "started": time.time()}, folder / LAUNCH,

@@ -84,7 +84,7 @@ def test_the_chain_header_and_a_second_reader_agree(runs):
 def manager(runs, monkeypatch):
     m = RunManager(runs, find_recipes([REPO / "configs"], str(REPO / "assets" / "demo" / "sigma"), "demo"))
     spawned = []
-    monkeypatch.setattr(m, "_spawn", lambda name, cmd: spawned.append((name, cmd)))
+    monkeypatch.setattr(m, "_spawn", lambda name, cmd, held=(): spawned.append((name, cmd)))
     m.spawned = spawned
     return m
 

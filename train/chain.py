@@ -25,13 +25,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pixsigma.layout import CHECKOUT, child_env, companion
 
 from .runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
+from .runlock import Lease, acquire, exit_if_busy, spawn
 
 PRESETS = ("tiny", "quick", "full")
 STARTS = ("shipped", "scratch")
@@ -325,13 +326,15 @@ def run_chain(preset: str = "quick", runs_dir: str | Path = "runs/lab", start_fr
     ``on_event`` gets dicts: ``{"event": "stage", "name", "state"}`` (preparing, running, scoring, done, skipped),
     ``{"event": "progress", "name", "phase", "done", "total", "rate", "eta_s", "message"}``, ``{"event": "score",
     "name", "point", "step", "shapesbench"}`` and ``{"event": "chain", "state"}`` (done, stopped, failed)."""
-    return Chain(preset, runs_dir, start_from, on_event, world).run(until)
+    with acquire(runs_dir, doing="chain"):  # one chain per folder: refused at once while another holds it
+        return Chain(preset, runs_dir, start_from, on_event, world).run(until)
 
 
 def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped", ablation: str | None = None,
-                 python: str = sys.executable, until: str | None = None) -> int:
+                 python: str = sys.executable, until: str | None = None, held: Sequence[Lease] = ()) -> int:
     """Start ``python -m train.chain`` detached (its own session, output in ``DIR/chain.log``); returns its pid.
-    ``until``: stop after that stage (a plan step's name). Refused while the folder's chain is running."""
+    ``until``: stop after that stage (a plan step's name). Refused while the folder's chain is running.
+    The chain inherits the folder's lock and ``held``'s (``train.runlock.spawn``)."""
     runs_dir = Path(runs_dir)
     if chain_status(runs_dir)["state"] == "running":
         raise ValueError(f"the chain in {runs_dir} is still running: stop it first")
@@ -339,15 +342,17 @@ def launch_chain(preset: str, runs_dir: str | Path, start_from: str = "shipped",
         raise ValueError(f"preset must be one of {', '.join(PRESETS)} and start_from one of {', '.join(STARTS)}, "
                          f"got {preset!r}, {start_from!r}")
     runs_dir.mkdir(parents=True, exist_ok=True)
+    lease = acquire(runs_dir, doing="chain")  # atomic with the start: a second launch is refused here
     cmd = [python, "-m", companion("train.chain"), "--preset", preset, "--runs-dir", str(runs_dir),
            "--from", start_from]
     if ablation:
         cmd += ["--ablation", ablation]
     if until:
         cmd += ["--until", until]
-    with open(runs_dir / CHAIN_LOG, "ab") as out:  # an installed child runs in the runs folder, not site-packages
-        proc = subprocess.Popen(cmd, cwd=CHECKOUT or runs_dir, env=child_env(dict(os.environ)),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # an installed child runs in the runs folder, not site-packages
+    with lease, open(runs_dir / CHAIN_LOG, "ab") as out:
+        proc = spawn(cmd, [lease, *held], cwd=CHECKOUT or runs_dir, env=child_env(dict(os.environ)),
+                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _write_json({"pid": proc.pid, "preset": preset, "start_from": start_from, "state": "running",
                  "started": time.time(), "current": None, "error": None}, runs_dir / CHAIN_RUN)
     return proc.pid
@@ -454,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[chain] {json.dumps({k: v for k, v in e.items() if k != 'time'})}", flush=True)
 
+    exit_if_busy(args.runs_dir, doing="chain")  # the folder is this chain's until it exits
     if args.ablation == "kv":
         from .ablation import run_kv_ablation
 

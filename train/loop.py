@@ -35,6 +35,7 @@ from .lora import add_lora, export_lora
 from .monitor import Monitor
 from .optim import EMA, TrainState, build_optimizer, lr_schedule
 from .runfiles import CONFIG, SAMPLES, sample_name
+from .runlock import acquire
 from .sample import generate_latents, micro_kwargs, pad_tokens
 from .sampler import BucketBatchSampler
 
@@ -255,6 +256,8 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or ``resume``) one training run; returns ``{state, step, run_dir, exports}``."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # the run folder is this trainer's until it returns: a second trainer there is refused before writing anything
+    lease = acquire(cfg.run_dir, doing="training") if accelerator.is_main_process else None
     monitor = Monitor(Path(cfg.run_dir), cfg.steps, accelerator.is_main_process)
     try:
         return Trainer(cfg, accelerator, monitor, resume).run()
@@ -264,3 +267,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     except BaseException as e:
         monitor.close("error", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if lease is not None:
+            lease.release()

@@ -34,6 +34,7 @@ from pixsigma.layout import DATA_ROOT
 
 from .config import TrainConfig, build_config, read_config_file
 from .runfiles import CHECKPOINTS, FINAL, PREPARE
+from .runlock import acquire, exit_if_busy, is_main_rank
 
 REPO = DATA_ROOT  # the checkout (or a wheel's copy of its assets and configs): configs name assets relative to it
 RUNS_PREFIX = "runs"  # the recipes name earlier stages' runs as runs/NAME
@@ -327,9 +328,16 @@ def prepare_stage(stage_or_config: Any, runs_dir: str | Path, overrides: list[st
     """``check_stage``, then make what it found missing: world images, the shipped starting weights, user-data
     lists and the feature cache. ``progress`` gets a ``Progress`` per report (also written to ``RUN/prepare.json``).
     Idempotent: what exists is reused."""
+    st = check_stage(stage_or_config, runs_dir, overrides, world)
+    with acquire(st.run_dir, doing="preparing"):  # refused at once while another trainer holds the run folder
+        return make_inputs(st, runs_dir, progress, world)
+
+
+def make_inputs(st: PreparedStage, runs_dir: str | Path, progress: ProgressFn | None = None,
+                world: str | None = None) -> PreparedStage:
+    """Make what ``check_stage`` found missing (the caller holds the run folder's lock, ``train.runlock``)."""
     from .worlds import DEFAULT_WORLD, load_world
 
-    st = check_stage(stage_or_config, runs_dir, overrides, world)
     cfg, runs_dir = st.config, Path(runs_dir)
     st.run_dir.mkdir(parents=True, exist_ok=True)
     if "data" in st.to_make:
@@ -375,7 +383,10 @@ def main(argv: list[str] | None = None) -> None:
                           "data": str(st.data), "cache": str(st.cache), "to_make": list(st.to_make),
                           "finished": st.finished, "resume": st.resume, "data_report": st.data_report}, indent=1))
         return
-    st = prepare_stage(args.config, args.runs_dir, args.overrides, progress=show)
+    st = check_stage(args.config, args.runs_dir, args.overrides)
+    if is_main_rank():  # the run folder is this process's until it exits; a second trainer there exits at once
+        exit_if_busy(st.run_dir, doing="training")
+    st = make_inputs(st, args.runs_dir, progress=show)
     print(f"[prepare] {st.run_dir}: starts from {st.start} ({st.load_from}); data {st.data}; features {st.cache}")
     if args.no_train or st.finished:
         return
