@@ -7,13 +7,21 @@ import logging
 import sys
 from pathlib import Path
 
+import diffusers
+import transformers
+
 from pixsigma.config import KV_OPERATORS, DiTConfig, KVCompress, default_kv, parse_layers
 from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS
 from pixsigma.control_cli import add_control_args, control_from_args
 from pixsigma.edit_cli import add_edit_args, edit_from_args
+from pixsigma.io import numbered_paths, save_png
+from pixsigma.lora import LoraSpec, resolve_lora
+from pixsigma.model.dit import PixArtDiT
+from pixsigma.pipeline import GenerationRequest, OutOfMemory, PixSigmaPipeline
 from pixsigma.sampling import SAMPLERS
 from pixsigma.speed import MODES as SPEED_MODES
 from pixsigma.t5 import T5_PRECISIONS
+from pixsigma.weights import CheckpointError, load_weights, read_checkpoint, save_diffusers_transformer, save_dit
 
 log = logging.getLogger("pixsigma")
 
@@ -106,10 +114,6 @@ def kv_from_args(args: argparse.Namespace, depth: int | None = None) -> KVCompre
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
-    from pixsigma.io import numbered_paths, save_png
-    from pixsigma.lora import LoraSpec, resolve_lora
-    from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
-
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out} must end in .png")
@@ -149,9 +153,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
 
 def run_convert(args: argparse.Namespace) -> Path:
-    from pixsigma.model.dit import PixArtDiT
-    from pixsigma.weights import CheckpointError, load_weights, read_checkpoint, save_diffusers_transformer, save_dit
-
     config, sd = read_checkpoint(args.checkpoint, args.base_resolution)
     model = PixArtDiT(config)
     load_weights(model, sd, str(args.checkpoint))
@@ -171,14 +172,8 @@ def run_convert(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from pixsigma.pipeline import OutOfMemory
-    from pixsigma.weights import CheckpointError
-
     try:
         if args.command == "generate":
             run_generate(args)

@@ -1,6 +1,7 @@
-"""Control images for a ControlNet: condition makers (Canny edges, flat colour regions, raw), fitting a control
-image to the generation bucket, and its latent (the frozen VAE's posterior mean × scaling factor, so the same
-inputs always give the same image).
+"""Control images for a ControlNet: condition makers (Canny edges, flat colour regions, raw), the map of a control
+image at the generation bucket, and finding a model's ControlNet. The map's latent (the frozen VAE's posterior
+mean × scaling factor, so the same inputs always give the same image) is ``pixsigma.images.control_latent``; the
+request's control layer is ``pixsigma.stack.control``.
 
 Plain functions on PIL images and tensors; the pipeline, the CLI, the app and the trainer all call these.
 """
@@ -14,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
+
+from pixsigma.controlnet_weights import find_controlnet, load_controlnet
+from pixsigma.images import control_latent, fit_to_size
+
+__all__ = ["CONDITION_MAKERS", "CONTROL_TYPES", "canny", "canny_edges", "canny_thick", "check_control_request",
+           "check_control_scale", "check_control_type", "control_latent", "control_map", "controlnet_for",
+           "default_control_type", "fit_to_size", "raw", "regions"]  # control_latent, fit_to_size: pixsigma.images'
 
 Tensor = torch.Tensor
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2  # hysteresis thresholds on the gradient magnitude of [0, 1] grey levels
@@ -76,16 +84,12 @@ def canny(image: Image.Image) -> Image.Image:
 
 def canny_thick(image: Image.Image) -> Image.Image:
     """Canny edges dilated to ``THICK_EDGE_WIDTH`` pixels, white on black (the demo ControlNet's map)."""
-    from PIL import ImageFilter
-
     return canny(image).filter(ImageFilter.MaxFilter(THICK_EDGE_WIDTH))
 
 
 def regions(image: Image.Image) -> Image.Image:
     """A flat colour-region map: each pixel snapped to ``REGION_LEVELS`` levels per channel, then a 5×5 mode
     filter so regions are flat and their borders clean (a sketch of flat colours passes through unchanged)."""
-    from PIL import ImageFilter
-
     step = 255 / (REGION_LEVELS - 1)
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     snapped = (np.round(arr / step) * step).round().astype(np.uint8)
@@ -119,41 +123,12 @@ def check_control_scale(scale: float) -> float:
     return float(scale)
 
 
-def fit_to_size(image: Image.Image, width: int, height: int) -> tuple[Image.Image, str | None]:
-    """Cover ``width × height`` by resizing, then centre-crop: (fitted image, a warning when the aspect ratio
-    differed and parts were cropped, else None)."""
-    w, h = image.size
-    if (w, h) == (width, height):
-        return image, None
-    ratio = max(width / w, height / h)
-    rw, rh = max(width, round(w * ratio)), max(height, round(h * ratio))
-    resized = image.resize((rw, rh), Image.Resampling.BILINEAR)
-    left, top = (rw - width) // 2, (rh - height) // 2
-    fitted = resized.crop((left, top, left + width, top + height))
-    if abs(w / h - width / height) > 0.01:
-        return fitted, (f"control image {w}x{h} has another aspect ratio than the generated {width}x{height}: "
-                        f"resized to cover it and centre-cropped")
-    return fitted, None
-
-
 def control_map(image: Image.Image, kind: str, width: int, height: int) -> tuple[Image.Image, list[str]]:
     """The control map a ControlNet reads for ``image``: fitted to the generation size, then made by ``kind``
     (edges are found at the generation size, so their width is the one the ControlNet was trained on)."""
     check_control_type(kind)
     fitted, warning = fit_to_size(image.convert("RGB"), width, height)
     return CONDITION_MAKERS[kind](fitted), [warning] if warning else []
-
-
-@torch.no_grad()
-def control_latent(vae, images: list[Image.Image]) -> Tensor:
-    """Control maps -> (B, C, h, w) latents: the VAE posterior's mean (deterministic), shifted and scaled as the
-    DiT's latents are."""
-    from pixsigma.sampling import from_pil
-
-    pixels = from_pil(images).to(vae.device, vae.dtype)
-    mean = vae.encode(pixels).latent_dist.mean
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return (mean.float() - shift) * float(vae.config.scaling_factor)
 
 
 def check_control_request(image: Image.Image | None, kind: str | None, scale: float) -> None:
@@ -168,24 +143,5 @@ def check_control_request(image: Image.Image | None, kind: str | None, scale: fl
 def controlnet_for(folder: Path, path: str | os.PathLike | None, dit):
     """The ControlNet a pipeline loads: ``path`` (any layout ``load_controlnet`` accepts), else the one the model
     folder ships (``controlnet/``), else None."""
-    from pixsigma.controlnet_weights import find_controlnet, load_controlnet
-
     path = path if path is not None else find_controlnet(folder)
     return None if path is None else load_controlnet(path, dit)
-
-
-def apply_control(pipe, req, height: int, width: int, batch: int,
-                  extra: dict[str, Tensor]) -> tuple[Callable[..., Tensor], dict, Image.Image, list[str]]:
-    """What ``pipe.generate`` runs for a request with a control image: (the DiT with its ControlNet, the call's
-    extra inputs with the control latent repeated over the whole batch (both guidance halves get the same c),
-    the control map, warnings)."""
-    from pixsigma.model.controlnet import ControlledDiT
-
-    if pipe.controlnet is None:
-        raise ValueError("this model has no ControlNet: pass one (--controlnet PATH, or "
-                         "PixSigmaPipeline.from_pretrained(..., controlnet=PATH)) to use a control image")
-    kind = req.control_type or default_control_type(pipe.controlnet)
-    cmap, warnings = control_map(req.control_image, kind, width, height)
-    latent = control_latent(pipe.vae, [cmap]).to(pipe.device, pipe.dtype)  # (1, C, h, w)
-    call = ControlledDiT(pipe.transformer, pipe.controlnet)
-    return call, {**extra, "control": latent.expand(batch, -1, -1, -1), "scale": req.control_scale}, cmap, warnings

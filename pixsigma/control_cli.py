@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from pixsigma.control import CONTROL_TYPES, check_control_scale
 
 CONTROL_HELP = """controlnet:
@@ -32,8 +34,6 @@ def add_control_args(g: argparse.ArgumentParser) -> None:
 
 def control_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """GenerationRequest's control fields from the options; the image is opened here, so a bad one fails first."""
-    from PIL import Image, UnidentifiedImageError
-
     check_control_scale(args.control_scale)
     if args.control is None:
         if args.control_type is not None or args.control_scale != 1.0:

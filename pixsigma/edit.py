@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixsigma.constants import VAE_SCALE_FACTOR
+from pixsigma.images import control_latent, fit_to_size
 
 Tensor = torch.Tensor
 IMG2IMG_STRENGTH = 0.8  # diffusers' img2img default: keeps the input's layout, redraws its details
@@ -63,8 +64,6 @@ def edit_strength(strength: float | None, inpainting: bool) -> float:
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Cover ``width × height`` by a bilinear resize, then centre-crop (unchanged when it already has that size)."""
-    from pixsigma.control import fit_to_size
-
     return fit_to_size(image, width, height)[0]
 
 
@@ -169,8 +168,6 @@ class Edit:
 @torch.no_grad()
 def encode_image(vae, image: Image.Image) -> Tensor:
     """(1, C, h, w) latent of ``image``: the VAE posterior's mean, shifted and scaled as the DiT's latents are."""
-    from pixsigma.control import control_latent
-
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # SD/SDXL VAEs overflow in fp16 (sampling.decode upcasts the same way)
     return control_latent(vae, [image])

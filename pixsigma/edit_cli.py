@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from pixsigma.edit import FEATHER_PX, IMG2IMG_STRENGTH, INPAINT_STRENGTH, check_strength
 
 EDIT_HELP = f"""image-to-image and inpainting:
@@ -29,8 +31,6 @@ def add_edit_args(g: argparse.ArgumentParser) -> None:
 
 
 def _read(option: str, value: str, role: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"{option} {value}: no such file; {option} takes {role}")

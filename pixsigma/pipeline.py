@@ -15,146 +15,60 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
-from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
-from pixsigma.control import apply_control, check_control_request, controlnet_for, default_control_type
-from pixsigma.diffusers_call import DiffusersCall, dtype_name
-from pixsigma.edit import check_edit_request, plan_edit
-from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.control import controlnet_for, default_control_type
+from pixsigma.device import DTYPES, default_dtype, dtype_name, resolve_device
+from pixsigma.diffusers_call import DiffusersCall
+from pixsigma.edit import Edit, plan_edit
+from pixsigma.folder_settings import SamplingDefaults
+from pixsigma.images import resize_and_crop, to_pil
 from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
-from pixsigma.sampling import (
-    SAMPLERS,
-    decode,
-    default_steps,
-    denoise,
-    initial_noise,
-    latent_preview_array,
-    make_scheduler,
-    micro_conditions,
-    resize_and_crop,
-    to_pil,
-)
+from pixsigma.request import MAX_IMAGES, GenerationRequest, GenerationResult, generators
+from pixsigma.sampling import SAMPLERS, decode, default_steps, latent_preview_array, make_scheduler, micro_conditions
+from pixsigma.speed import optimize
+from pixsigma.stack.conditioning import Conditioning, text_conditioning
+from pixsigma.stack.control import prepare_control
+from pixsigma.stack.denoiser import build_denoiser
+from pixsigma.stack.latents import initial_latents, set_schedule, start_noise
+from pixsigma.stack.loop import StepHook, sample, step_kwargs
+from pixsigma.stack.scope import request_scope
 from pixsigma.t5 import check_t5_precision, load_t5, quiet_torchao, to_device, to_host
-from pixsigma.text import encode_text, token_lengths, unknown_words
+from pixsigma.text import encode_text, preprocess_captions, token_lengths, unknown_words
 from pixsigma.weights import LAYOUTS, MODEL_INDEX, PIXSIGMA_CONFIG, load_dit
 
-__all__ = ["SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
-           "default_dtype", "latent_preview", "resolve_model", "OutOfMemory"]
+with quiet_torchao():  # diffusers imports torchao, when installed, with its models
+    from diffusers import AutoencoderKL
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
-MAX_IMAGES = 16
+__all__ = ["MAX_IMAGES", "SAMPLERS", "GenerationRequest", "GenerationResult", "PixSigmaPipeline", "SamplingDefaults",
+           "default_dtype", "latent_preview", "resolve_device", "resolve_model", "OutOfMemory"]
+
 TEXT_CACHE = 32  # distinct prompts whose T5 features are kept
 ALPHA_TOKENS = 120  # PixArt-α's T5 length
 MEMORY_HINTS = ("--dtype bf16 (or fp16), --offload-t5, fewer --num-images, a smaller --width/--height, "
                 "--kv-compress 2 (KV token compression), or tiled decoding (on from 2K)")
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, latents)
 
 
 class OutOfMemory(RuntimeError):
     """Raised instead of a bare CUDA OOM, naming what lowers memory."""
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str | list[str]
-    negative_prompt: str = ""
-    width: int | None = None  # None: the model's base resolution
-    height: int | None = None
-    steps: int | None = None  # None: the model folder's (SamplingDefaults), else the sampler's
-    guidance: float | None = None  # None: the model folder's (SamplingDefaults), else DEFAULT_GUIDANCE
-    sampler: str | None = None  # None / "default": the model folder's scheduler
-    seed: int | None = None  # None: a random seed, reported in the result
-    num_images: int = 1  # per prompt
-    binning: bool = True
-    kv: KVCompress | None = None  # None: the model's own; KVCompress(): off
-    guidance_interval: tuple[float, float] | None = None  # CFG only for t in [low, high] (changes the image)
-    expand_prompt: bool = True  # rewrite prompts with the model folder's prompt_expander, where it names one
-    loras: str | tuple | None = None  # LoRAs for this request ("PATH[:SCALE], …", pixsigma.lora); None: as set
-    # ControlNet (pixsigma.control): an image the pipeline's ControlNet follows, how it becomes a map, how strongly
-    control_image: Image.Image | None = None
-    control_type: str | None = None  # None: the type the ControlNet was trained on (its folder's), else canny
-    control_scale: float = 1.0
-    # Image-to-image and inpainting (pixsigma.edit): the input (also the default output size), white = repaint,
-    # how far the input is noised (None: 0.8, with a mask 1.0)
-    init_image: Image.Image | None = None
-    mask: Image.Image | None = None
-    strength: float | None = None
-
-    def __post_init__(self) -> None:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        check_sampling(self.steps, self.guidance)
-        if self.loras is not None:
-            object.__setattr__(self, "loras", tuple(parse_loras(self.loras)))
-        if not isinstance(self.expand_prompt, bool):
-            raise ValueError(f"expand_prompt must be true or false, got {self.expand_prompt!r}")
-        if self.sampler not in (None, *SAMPLERS):
-            raise ValueError(f"unknown sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
-        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be an integer in 1-{MAX_IMAGES}, got {self.num_images!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        gi = self.guidance_interval
-        if gi is not None and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
-            raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, got {gi!r}")
-        check_control_request(self.control_image, self.control_type, self.control_scale)
-        check_edit_request(self.init_image, self.mask, self.strength)
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    seed: int
-    params: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    peak_memory_bytes: int | None = None
-    width: int = 0
-    height: int = 0
-    control_map: Image.Image | None = None  # the preprocessed control map the ControlNet read
-
-
 def latent_preview(latents: torch.Tensor) -> Image.Image:
     """A cheap preview of the first latent (no VAE), for progress displays."""
     return Image.fromarray(latent_preview_array(latents).numpy())
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
-
-
-def default_dtype(device: torch.device) -> str:
-    """The dtype a model runs in when none is asked (the CLI, the app, ``from_pretrained``): bf16 on CUDA (half
-    the memory of fp32, without fp16's T5 overflow), fp32 elsewhere (CPUs and MPS are slow or unsupported in bf16)."""
-    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def resolve_model(model: str) -> Path:
@@ -201,8 +115,8 @@ class PixSigmaPipeline(DiffusersCall):
         self.sampling = sampling or SamplingDefaults()
         self.controlnet = controlnet  # pixsigma.model.controlnet; used when a request has a control image
         self.max_tokens = transformer.config.max_tokens
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.loras = LoraStack(transformer)  # LoRA adapters: hooks on the DiT, never a reload (pixsigma.lora)
+        self._text_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.loras = LoraStack(transformer)  # the pipeline's own LoRAs (set_loras); a request's apply during it only
 
     @classmethod
     def from_pretrained(cls, model: str, transformer: str | None = None, device: str = "auto",
@@ -214,10 +128,6 @@ class PixSigmaPipeline(DiffusersCall):
         fp32, bf16 or int8 (8-bit weights; ``pixsigma.t5``); None: T5 in ``dtype``. ``controlnet``: a
         ControlNet (``pixsigma.controlnet_weights``); None: the one the model folder ships, if any.
         ``torch_dtype`` (diffusers' name): torch.float32, torch.bfloat16 or torch.float16, the same as ``dtype``."""
-        with quiet_torchao():  # diffusers imports torchao, when installed, with its models
-            from diffusers import AutoencoderKL
-        from transformers import AutoTokenizer
-
         check_t5_precision(t5_precision)
         dtype = dtype_name(dtype, torch_dtype)
 
@@ -229,8 +139,6 @@ class PixSigmaPipeline(DiffusersCall):
         # a checkpoint file takes the folder's architecture where its shapes agree (heads, base size, PE)
         dit = load_dit(transformer or folder, device=dev, dtype=torch_dtype, kv=kv, like=folder)
         if speed != "eager":
-            from pixsigma.speed import optimize
-
             optimize(dit, speed)
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(dev).eval()
         text_encoder = load_t5(folder / "text_encoder", t5_precision, torch_dtype, dev, offload_t5)
@@ -258,29 +166,32 @@ class PixSigmaPipeline(DiffusersCall):
         return unknown_words(self.tokenizer, prompt)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(B, L, C) T5 features, (B, L) mask, and a warning per prompt cut at the token limit."""
-        texts = [p.lower().strip() for p in prompts]
-        warnings: list[str] = []
-        need = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None,
+                       clean_caption: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(B, L, C) T5 features, (B, L) mask, and warnings (a prompt cut at the token limit, cleaning not
+        available); L = ``max_tokens`` (None: the model's own length)."""
+        length = max_tokens or self.max_tokens
+        texts, warnings = preprocess_captions(prompts, clean_caption)
+        keys = [(t, length) for t in texts]
+        need = [k for k in dict.fromkeys(keys) if k not in self._text_cache]
         if need:
             if self.offload_t5 and self.device.type != "cpu":
                 to_device(self.text_encoder, self.device)
-            emb, mask = encode_text(self.tokenizer, self.text_encoder, need, self.max_tokens)
+            emb, mask = encode_text(self.tokenizer, self.text_encoder, [t for t, _ in need], length)
             if self.offload_t5 and self.device.type != "cpu":
                 to_host(self.text_encoder)  # back to its pinned host copy
                 torch.cuda.empty_cache()
-            for i, t in enumerate(need):
-                self._text_cache[t] = (emb[i].to(self.device), mask[i].to(self.device))
+            for i, k in enumerate(need):
+                self._text_cache[k] = (emb[i].to(self.device), mask[i].to(self.device))
         for p, n in zip(prompts, token_lengths(self.tokenizer, texts)):
-            if n > self.max_tokens:
-                warnings.append(f"prompt {p[:40]!r}… is {n} tokens; the model reads {self.max_tokens}, "
-                                f"so the last {n - self.max_tokens} tokens were dropped")
-        emb = torch.stack([self._text_cache[t][0] for t in texts])
-        mask = torch.stack([self._text_cache[t][1] for t in texts])
-        for t in texts:  # most recently used last; evict only after this batch is served
-            self._text_cache.move_to_end(t)
-        while len(self._text_cache) > max(TEXT_CACHE, len(set(texts))):
+            if n > length:
+                warnings.append(f"prompt {p[:40]!r}… is {n} tokens; the model reads {length}, "
+                                f"so the last {n - length} tokens were dropped")
+        emb = torch.stack([self._text_cache[k][0] for k in keys])
+        mask = torch.stack([self._text_cache[k][1] for k in keys])
+        for k in keys:  # most recently used last; evict only after this batch is served
+            self._text_cache.move_to_end(k)
+        while len(self._text_cache) > max(TEXT_CACHE, len(set(keys))):
             self._text_cache.popitem(last=False)
         return emb, mask, warnings
 
@@ -317,75 +228,105 @@ class PixSigmaPipeline(DiffusersCall):
         steps = req.steps or (self.sampling.steps if own_sampler and self.sampling.steps else None)
         return float(guidance), steps or default_steps(req.sampler)
 
+    def seed_for(self, req: GenerationRequest) -> int:
+        """The request's seed, else its generator's initial seed, else a random one (reported in the result)."""
+        if req.seed is not None:
+            return req.seed
+        gens = generators(req.generator)
+        return gens[0].initial_seed() if gens else random.SystemRandom().randrange(2**31)
+
     @torch.no_grad()
-    def generate(self, req: GenerationRequest,
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
+    def generate(self, req: GenerationRequest, callback: StepCallback | None = None, *,
+                 on_step: StepHook | None = None) -> GenerationResult:
+        """Run one request. ``callback(step, total, latents)`` after each step (for progress); ``on_step(i, t,
+        latents)`` too, and latents it returns replace the loop's (diffusers' ``callback_on_step_end``)."""
         try:
-            return self._generate(req, callback)
+            return self._generate(req, callback, on_step)
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise OutOfMemory(f"out of memory generating {req.width}x{req.height} × {req.num_images}: "
                               f"lower memory with {MEMORY_HINTS}") from e
 
-    def _generate(self, req: GenerationRequest, callback) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, callback: StepCallback | None,
+                  on_step: StepHook | None) -> GenerationResult:
+        """The stack (``pixsigma.stack``): inputs -> denoiser from its layers -> the bare loop -> decode."""
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         guidance, steps = self.resolve_sampling(req)
-        if req.loras is not None:
-            self.set_loras(list(req.loras))  # a swap of hooks, never a reload
-        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
-        h, w, gh, gw = self.plan_size(req)
-        dit = self.transformer
-        if req.kv is not None and req.kv != dit.config.kv_compress:
-            own = dit.config.kv_compress
-            dit.set_kv_compress(req.kv)
-        else:
-            own = None
-        try:
-            asked = [p for p in req.prompts for _ in range(req.num_images)]
-            prompts = self.expand(asked, seed) if req.expand_prompt else asked
-            cond, cmask, warnings = self.encode_prompts(prompts)
-            if guidance > 1.0:
-                uncond, umask, _ = self.encode_prompts([req.negative_prompt] * len(prompts))
-                y, mask = torch.cat([uncond, cond]), torch.cat([umask, cmask])  # (2B, L, C), (2B, L)
-            else:
-                y, mask = cond, cmask
-            y = y.to(self.dtype)
-            scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
-            shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
-            latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
-            edit = None
-            if req.init_image is not None:  # image-to-image / inpainting from the same seed's noise (pixsigma.edit)
-                noise = initial_noise(shape, seed, self.device, self.dtype)[0]
-                edit, edit_warnings = plan_edit(self.vae, req.init_image, req.mask, req.strength, (w, h), (gw, gh),
-                                                noise)
-                warnings += edit_warnings
-            extra = micro_conditions(dit.config, y.shape[0], gh, gw, self.dtype, self.device)
+        seed, (h, w, gh, gw) = self.seed_for(req), self.plan_size(req)
+        with request_scope(self, req):  # LoRAs, KV: this request's, the pipeline's own again after
+            prompts, cond, control, cmap, warnings = self.condition(req, seed, guidance, gh, gw)
+            scheduler = make_scheduler(req.sampler, self.scheduler_config, self.transformer.config.prediction_type)
+            steps = set_schedule(scheduler, steps, self.device, req.timesteps, req.sigmas)
+            shape = (cond.cond.shape[0], self.transformer.config.in_channels, gh // VAE_SCALE_FACTOR,
+                     gw // VAE_SCALE_FACTOR)
+            noise, gen = start_noise(shape, seed, generators(req.generator), req.latents, self.device, self.dtype)
+            edit = self.plan_edit(req, noise, (w, h), (gw, gh), warnings)
+            latents, timesteps = initial_latents(scheduler, noise, steps, edit)
+            denoiser = build_denoiser(self.transformer, cond, guidance, req.guidance_interval, self.controlnet,
+                                      control, req.control_scale)
+            latents = sample(denoiser, scheduler, latents, timesteps, step_kwargs(scheduler, gen, req.eta), edit,
+                             _step_hook(callback, on_step, len(timesteps)))
+            images, pixels = self.decode(req, latents, h, w, edit)
+            params = self.params(req, seed, steps, guidance, prompts, edit, (h, w, gh, gw))
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return GenerationResult(images, seed, params, warnings, time.perf_counter() - start, peak, w, h, cmap,
+                                latents, pixels)
 
-            call, control_map = dit, None
-            if req.control_image is not None:
-                call, extra, control_map, control_warnings = apply_control(self, req, gh, gw, y.shape[0], extra)
-                warnings += control_warnings
-            if req.guidance_interval is not None and guidance > 1.0:
-                from pixsigma.speed import cfg_interval
+    # -- the stack's inputs and outputs ---------------------------------------------------------------------
+    def condition(self, req: GenerationRequest, seed: int, guidance: float, gh: int, gw: int
+                  ) -> tuple[list[str], Conditioning, torch.Tensor | None, Image.Image | None, list[str]]:
+        """(the prompts the model reads, one per image; the text and micro-conditions; the control latent and
+        map, where the request has a control image; warnings)."""
+        asked = [p for p in req.prompts for _ in range(req.num_images)]
+        prompts = self.expand(asked, seed) if req.expand_prompt and req.prompt is not None else asked
+        negatives = req.negative_prompts
+        if req.prompt_embeds is None:
+            negatives = [n for n in negatives for _ in range(req.num_images)]
+        extra = micro_conditions(self.transformer.config, len(asked), gh, gw, self.dtype, self.device)
 
-                call = cfg_interval(dit, *req.guidance_interval)
+        def encode(texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+            return self.encode_prompts(texts, length, req.clean_caption)
 
-            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return call(x, t, y, mask, **extra)
+        cond, warnings = text_conditioning(encode, prompts, negatives, req.num_images, guidance > 1.0,
+                                           req.max_sequence_length or self.max_tokens, self.device, self.dtype,
+                                           req.prompt_embeds, req.prompt_attention_mask, req.negative_prompt_embeds,
+                                           req.negative_prompt_attention_mask, extra)
+        control = cmap = None
+        if req.control_image is not None:
+            control, cmap, _, control_warnings = prepare_control(self.vae, self.controlnet, req.control_image,
+                                                                 req.control_type, gw, gh, self.device, self.dtype)
+            warnings += control_warnings
+        return prompts, cond, control, cmap, warnings
 
-            latents = denoise(model_fn, scheduler, latents, steps, guidance, gen, callback,
-                              dit.config.learn_sigma, edit)
-            images = decode(self.vae, latents, tiled=max(gh, gw) >= TILED_DECODE_FROM)
-            if req.binning:
-                images = resize_and_crop(images, h, w)
-            pil = to_pil(images) if edit is None else edit.finish(to_pil(images))
-        finally:
-            if own is not None:
-                dit.set_kv_compress(own)
-        kv = req.kv if req.kv is not None else dit.config.kv_compress
+    def plan_edit(self, req: GenerationRequest, noise: torch.Tensor, size: tuple[int, int], bucket: tuple[int, int],
+                  warnings: list[str]) -> Edit | None:
+        """Image-to-image / inpainting from the request's input and the start noise (``pixsigma.edit``)."""
+        if req.init_image is None:
+            return None
+        edit, edit_warnings = plan_edit(self.vae, req.init_image, req.mask, req.strength, size, bucket, noise)
+        warnings += edit_warnings
+        return edit
+
+    def decode(self, req: GenerationRequest, latents: torch.Tensor, h: int, w: int,
+               edit: Edit | None) -> tuple[list[Image.Image], torch.Tensor | None]:
+        """(PIL images, the decoded images in [-1, 1] where they are the output as they are)."""
+        if not req.decode:
+            return [], None
+        pixels = decode(self.vae, latents, tiled=max(latents.shape[-2:]) * VAE_SCALE_FACTOR >= TILED_DECODE_FROM)
+        if req.binning:
+            pixels = resize_and_crop(pixels, h, w)
+        if edit is not None and edit.mask is not None:
+            return edit.finish(to_pil(pixels)), None  # pasted onto the input
+        return to_pil(pixels), pixels
+
+    def params(self, req: GenerationRequest, seed: int, steps: int, guidance: float, prompts: list[str],
+               edit: Edit | None, sizes: tuple[int, int, int, int]) -> dict[str, Any]:
+        """What the PNG records of the request (read inside its scope: its LoRAs and KV)."""
+        h, w, gh, gw = sizes
+        kv = self.transformer.config.kv_compress
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": steps,
                   "guidance": guidance, "sampler": req.sampler or "default", "width": w, "height": h,
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
@@ -402,11 +343,31 @@ class PixSigmaPipeline(DiffusersCall):
                                  "scale": req.control_scale}
         if edit is not None:
             params["edit"] = edit.params
-        if prompts != asked:  # what the model read, image by image (DALL-E 3's "revised prompt")
+        asked = [p for p in req.prompts for _ in range(req.num_images)]
+        if req.prompt is not None and prompts != asked:  # what the model read, image by image ("revised prompt")
             params["expanded_prompts"] = prompts
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return GenerationResult(pil, seed, params, warnings,
-                                time.perf_counter() - start, peak, w, h, control_map)
+        for name in ("timesteps", "sigmas", "max_sequence_length"):
+            if getattr(req, name) is not None:
+                params[name] = list(getattr(req, name)) if name != "max_sequence_length" else req.max_sequence_length
+        if req.eta:
+            params["eta"] = req.eta
+        return params
+
+
+def _step_hook(callback: StepCallback | None, on_step: StepHook | None, total: int) -> StepHook | None:
+    """The loop's step hook: ``on_step`` (may replace the latents), then the progress ``callback``."""
+    if callback is None and on_step is None:
+        return None
+
+    def hook(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        if on_step is not None:
+            new = on_step(i, t, latents)
+            latents = latents if new is None else new
+        if callback is not None:
+            callback(i + 1, total, latents)
+        return latents
+
+    return hook
 
 
 def _pixsigma_meta(folder: Path, transformer: str | None) -> dict | None:

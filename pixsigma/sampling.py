@@ -1,23 +1,28 @@
-"""Sampling as plain functions: scheduler by name -> denoise loop with CFG -> VAE decode.
+"""Sampling as plain functions: scheduler by name, noise, micro-conditions, the loop for callers that bind the
+model's inputs themselves (``denoise``: ``pixsigma.stack``'s guidance and loop), VAE decode.
 
 No printing, file I/O or globals here: the pipeline and the CLI own those.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+import diffusers
 import torch
-from PIL import Image
 
 from pixsigma.config import DiTConfig
 from pixsigma.constants import DEFAULT_STEPS, NUM_TRAIN_TIMESTEPS
+from pixsigma.edit import Edit
+from pixsigma.images import from_pil, resize_and_crop, to_pil, to_uint8
+from pixsigma.stack.guidance import guided
+from pixsigma.stack.latents import set_schedule, start_noise
+from pixsigma.stack.loop import sample, step_kwargs
 
-if TYPE_CHECKING:
-    from pixsigma.edit import Edit
+__all__ = ["DEFAULT_STEPS_FOR", "PIXART_BETAS", "SAMPLERS", "decode", "default_steps", "denoise", "from_pil",
+           "initial_noise", "latent_preview_array", "latent_rgb", "make_scheduler", "micro_conditions",
+           "resize_and_crop", "to_pil", "to_uint8"]  # from_pil … to_uint8: pixsigma.images' (read from here too)
 
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, latents)
@@ -34,8 +39,6 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
                    prediction_type: str | None = None):
     """A diffusers scheduler: the folder's own (``default``), or one of SAMPLERS built on the same betas.
     ``prediction_type`` (the DiT's own, ``DiTConfig.prediction_type``) overrides the folder's."""
-    import diffusers
-
     name = name or "default"
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)}")
@@ -77,41 +80,28 @@ def default_steps(sampler: str | None) -> int:
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype,
                   init_sigma: float = 1.0) -> tuple[Tensor, torch.Generator]:
     """Noise drawn on the CPU from ``seed`` (same image on every device), and the generator that drew it."""
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn(shape, generator=gen, dtype=dtype).to(device) * init_sigma, gen
+    noise, gen = start_noise(shape, seed, None, None, device, dtype)
+    return noise * init_sigma, gen
 
 
 def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor, steps: int,
             guidance: float, generator: torch.Generator | None = None, callback: StepCallback | None = None,
             learn_sigma: bool = True, edit: Edit | None = None) -> Tensor:
-    """The sampling loop. ``model_fn(x, t)`` gets the CFG-doubled batch ([uncond; cond]) when guidance > 1
-    and returns the model output; only its first half (ε or v, as the scheduler's ``prediction_type`` says)
-    is used when the model also predicts variance. ``edit`` (``pixsigma.edit``): start part way from a noised
-    input image, and keep it outside a mask after each step."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    scheduler.set_timesteps(steps, device=latents.device)
+    """The stack's loop for callers that bind the model's inputs themselves (the trainers, the bench):
+    ``model_fn(x, t)`` gets the CFG-doubled batch ([uncond; cond]) when guidance > 1 and returns the model output;
+    only its first half (ε or v, as the scheduler's ``prediction_type`` says) is used when the model also predicts
+    variance. ``latents`` are the start noise × ``init_noise_sigma``; ``edit`` (``pixsigma.edit``): start part way
+    from a noised input image, and keep it outside a mask after each step."""
+    set_schedule(scheduler, steps, latents.device)
     timesteps = scheduler.timesteps
     if edit is not None:
         latents, timesteps = edit.start(scheduler, latents, steps)
-    step_params = inspect.signature(scheduler.step).parameters
-    extra = {"generator": generator} if "generator" in step_params else {}
-    cfg = guidance > 1.0
-    channels = latents.shape[1]
-    for i, t in enumerate(timesteps):
-        x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, H, W)
-        x = scheduler.scale_model_input(x, t)
-        out = model_fn(x, t.reshape(1).to(x.device).expand(x.shape[0]))
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance * (cond - uncond)
-        pred = out[:, :channels] if learn_sigma and out.shape[1] == 2 * channels else out
-        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
-        if edit is not None:
-            latents = edit.after_step(scheduler, latents, timesteps, i)
-        if callback is not None:
-            callback(i + 1, len(timesteps), latents)
-    return latents
+
+    def on_step(i: int, t: Tensor, x: Tensor) -> None:
+        callback(i + 1, len(timesteps), x)
+
+    return sample(guided(model_fn, guidance, learn_sigma=learn_sigma), scheduler, latents, timesteps,
+                  step_kwargs(scheduler, generator), edit, on_step if callback is not None else None)
 
 
 def decode(vae, latents: Tensor, tiled: bool = False) -> Tensor:
@@ -126,35 +116,6 @@ def decode(vae, latents: Tensor, tiled: bool = False) -> Tensor:
     else:
         vae.disable_tiling()
     return vae.decode(latents.to(dtype) / scale, return_dict=False)[0]
-
-
-def resize_and_crop(images: Tensor, height: int, width: int) -> Tensor:
-    """Cover (height, width) by bilinear resize, then centre-crop: back from a bucket to the asked size."""
-    h, w = images.shape[-2:]
-    if (h, w) == (height, width):
-        return images
-    ratio = max(height / h, width / w)
-    rh, rw = int(h * ratio), int(w * ratio)
-    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
-    top, left = (rh - height) // 2, (rw - width) // 2
-    return images[:, :, top:top + height, left:left + width]
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """[-1, 1] (B, 3, H, W) -> PIL images."""
-    return [Image.fromarray(a) for a in to_uint8(images).numpy()]
-
-
-def from_pil(images: list[Image.Image]) -> Tensor:
-    """PIL images of one size -> [-1, 1] float32 (B, 3, H, W): ``to_pil``'s inverse (the VAE's pixel range)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 # Rough latent -> RGB projection for previews without the VAE (SD/SDXL-like latents; good enough to watch).

@@ -1,4 +1,4 @@
-"""Opt-in inference speed-ups for the DiT, and the one option here that changes images (guidance interval).
+"""Opt-in inference speed-ups for the DiT.
 
 ``optimize(model, mode)`` changes how a :class:`PixArtDiT` runs, never what it computes
 (up to the rounding of different kernels):
@@ -13,21 +13,27 @@
 - ``graphs``  ``compile`` with CUDA graphs (``mode="reduce-overhead"``): removes kernel-launch overhead,
               which matters at 1024 px and below, not at 4K.
 
-``cfg_interval`` applies classifier-free guidance only inside an interval of timesteps
-(Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); outside it a step costs
-half. It changes the image, so nothing turns it on by default.
+A ControlNet's copied blocks run inside the DiT's forward (``PixArtDiT.forward(block_hook=…)``), so the kernel
+choice and the CUDA-graph step mark cover them; ``match_blocks`` compiles them as the DiT's own blocks are.
+``cfg_interval`` (the guidance interval, which changes images) lives in ``pixsigma.stack.guidance``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pixsigma.model.dit import PixArtDiT
+from pixsigma.stack.guidance import cfg_interval
+
+__all__ = ["MODES", "cfg_interval", "choose_sdpa_backend", "chosen_backends", "match_blocks", "optimize",
+           "speed_mode"]
 
 Tensor = torch.Tensor
 MODES = ("eager", "sdpa", "compile", "graphs")
@@ -59,15 +65,7 @@ def optimize(model: PixArtDiT, mode: str = "compile") -> PixArtDiT:
         return model
     state = _SpeedState(mode)
     model._speed = state
-    if mode in ("compile", "graphs"):
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        kwargs = {"dynamic": False, "fullgraph": True}
-        if mode == "graphs":
-            kwargs["mode"] = "reduce-overhead"
-        for block in model.blocks:
-            block.compile(**kwargs)
+    match_blocks(model, model.blocks)
     plain = type(model).forward.__get__(model)
 
     def forward(x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None, **extra) -> Tensor:
@@ -83,6 +81,26 @@ def optimize(model: PixArtDiT, mode: str = "compile") -> PixArtDiT:
 
     model.forward = forward  # instance attribute: the class, other models and the state_dict are untouched
     return model
+
+
+def match_blocks(model: PixArtDiT, blocks: Iterable[nn.Module]) -> None:
+    """Compile ``blocks`` (the DiT's own, or a ControlNet's copies of them) as ``model``'s mode compiles its
+    blocks (regional, per bucket shape); uncompile them in the other modes. A block already compiled alike is kept,
+    so calling this on every request compiles once."""
+    mode = speed_mode(model)
+    compiled = mode in ("compile", "graphs")
+    if compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in blocks:
+        if getattr(block, "_speed_compiled", None) == (mode if compiled else None):
+            continue
+        block._compiled_call_impl = None
+        if compiled:
+            kwargs = {"dynamic": False, "fullgraph": True}
+            if mode == "graphs":
+                kwargs["mode"] = "reduce-overhead"
+            block.compile(**kwargs)
+        block._speed_compiled = mode if compiled else None
 
 
 def speed_mode(model: PixArtDiT) -> str:
@@ -103,10 +121,9 @@ def chosen_backends(model: PixArtDiT) -> dict[str, str]:
 def _undo(model: PixArtDiT) -> None:
     if "forward" in model.__dict__:
         del model.forward
-    for block in model.blocks:
-        block._compiled_call_impl = None
     if hasattr(model, "_speed"):
         del model._speed
+    match_blocks(model, model.blocks)
 
 
 def _priority(best: SDPBackend) -> list[SDPBackend]:
@@ -176,28 +193,3 @@ def _time_sdpa(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> float | 
     except RuntimeError:  # backend unavailable for this dtype/shape/GPU
         return None
     return sorted(times)[len(times) // 2]
-
-
-def cfg_interval(dit: Callable[..., Tensor], t_low: float, t_high: float) -> Callable[..., Tensor]:
-    """Wrap a DiT call ``dit(x, t, y, mask, **extra)`` that receives classifier-free-guidance batches
-    ([uncond; cond] halves) so guidance applies only while ``t_low <= t <= t_high``.
-
-    Outside the interval only the conditional half runs and its output is returned for both halves, so
-    ``uncond + g·(cond − uncond)`` equals ``cond``: an unguided step at half the cost. Use it only on CFG
-    batches (guidance > 1); it changes the image.
-    """
-    if not 0 <= t_low <= t_high:
-        raise ValueError(f"guidance interval must satisfy 0 <= t_low <= t_high, got ({t_low}, {t_high})")
-
-    def call(x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None, **extra) -> Tensor:
-        if x.shape[0] % 2:
-            raise ValueError(f"cfg_interval needs a CFG batch ([uncond; cond]) of even size, got {x.shape[0]}")
-        step_t = float(t.reshape(-1)[0])  # every sample of a step shares its timestep
-        if t_low <= step_t <= t_high:
-            return dit(x, t, y, mask, **extra)
-        b = x.shape[0] // 2
-        half = {k: (v[b:] if isinstance(v, Tensor) else v) for k, v in extra.items()}
-        out = dit(x[b:], t[b:], y[b:], None if mask is None else mask[b:], **half)  # (B, C_out, H, W)
-        return torch.cat([out, out])
-
-    return call

@@ -14,12 +14,20 @@ the GPU is a fast DMA copy; moving it back restores the pinned tensors instead o
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import BitsAndBytesConfig
+
+from pixsigma.quiet import quiet_torchao
+
+with quiet_torchao():  # transformers imports torchao, when installed, with its models
+    from transformers import T5EncoderModel
+
+__all__ = ["T5_PRECISIONS", "check_t5_precision", "int8_backend", "keep_on_host", "load_t5", "module_bytes",
+           "quantised_linears", "quantization_config", "quiet_torchao", "t5_compute_dtype", "tensor_bytes", "to_device",
+           "to_host"]  # quiet_torchao: pixsigma.quiet's, read from here too
 
 T5_PRECISIONS = ("fp32", "bf16", "int8")
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,25 +55,6 @@ def t5_compute_dtype(precision: str | None, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-# Where torchao's first import logs (transformers and diffusers import it, when installed, with their models).
-_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
-
-
-@contextmanager
-def quiet_torchao():
-    """torchao's first import logs each CUDA kernel library a CPU build cannot load, and diffusers that some
-    torchao tensor types moved; neither concerns pixsigma, so that import is made quiet."""
-    loggers = [logging.getLogger(n) for n in _IMPORT_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def int8_backend(device: torch.device, offload: bool) -> str:
     """``bitsandbytes`` on CUDA when installed and T5 stays there, else ``torchao``."""
     if device.type == "cuda" and not offload and importlib.util.find_spec("bitsandbytes") is not None:
@@ -76,8 +65,6 @@ def int8_backend(device: torch.device, offload: bool) -> str:
 def quantization_config(backend: str):
     """transformers' quantisation config of 8-bit weight-only ``backend``."""
     if backend == "bitsandbytes":
-        from transformers import BitsAndBytesConfig
-
         return BitsAndBytesConfig(load_in_8bit=True)
     if importlib.util.find_spec("torchao") is None:
         raise ValueError("--t5 int8 here needs torchao (bitsandbytes serves only a CUDA T5 that is not offloaded): "
@@ -94,9 +81,6 @@ def load_t5(folder: str | os.PathLike, precision: str | None, dtype: torch.dtype
     """The ``T5EncoderModel`` of ``folder`` at ``precision`` (None: ``dtype``), in eval mode, on ``device`` or,
     with ``offload``, on the CPU (pinned where CUDA is available: ``keep_on_host``)."""
     check_t5_precision(precision)
-    with quiet_torchao():
-        from transformers import T5EncoderModel
-
     home = torch.device("cpu") if offload else device
     compute = t5_compute_dtype(precision, dtype)
     if precision != "int8":

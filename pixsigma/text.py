@@ -3,9 +3,12 @@ tokenizer does not know, and a word-level T5-style tokenizer for closed vocabula
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 Tensor = torch.Tensor
 
@@ -21,6 +24,26 @@ def encode_text(tokenizer, encoder: torch.nn.Module, texts: list[str], max_lengt
     device = next(encoder.parameters()).device
     mask = tok.attention_mask.to(device)
     return encoder(input_ids=tok.input_ids.to(device), attention_mask=mask).last_hidden_state, mask
+
+
+CLEANING_MODULES = ("bs4", "ftfy")  # what diffusers' caption cleaning needs (optional: not pixsigma's requirements)
+
+
+def preprocess_captions(texts: list[str], clean: bool = False) -> tuple[list[str], list[str]]:
+    """(the texts T5 reads, warnings): lower-cased and stripped, as diffusers' PixArt pipelines do; ``clean``:
+    diffusers' own caption cleaning (``clean_caption=True``: URLs, HTML, odd punctuation), which needs bs4 and
+    ftfy; without them the texts are only lower-cased and stripped and a warning says so, as diffusers does."""
+    if not clean:
+        return [t.lower().strip() for t in texts], []
+    missing = [m for m in CLEANING_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return ([t.lower().strip() for t in texts],
+                [f"clean_caption needs {' and '.join(missing)} (pip install beautifulsoup4 ftfy): prompts were only "
+                 "lower-cased and stripped, as diffusers does without them"])
+    from diffusers import PixArtSigmaPipeline  # only with the optional cleaning modules installed
+
+    clean_one = PixArtSigmaPipeline._clean_caption  # reads only class attributes: the class stands for an instance
+    return [clean_one(PixArtSigmaPipeline, clean_one(PixArtSigmaPipeline, t)) for t in texts], []
 
 
 def token_lengths(tokenizer, texts: list[str]) -> list[int]:
@@ -51,9 +74,6 @@ def word_level_tokenizer(words: Iterable[str], max_length: int | None = None):
     """A T5-style tokenizer over a closed vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), then one id
     per word; NFKC and lower-case; splits words and punctuation runs; appends ``</s>``. A small demo world's
     tokenizer, or an in-memory stand-in for T5's SentencePiece model (which would come from a hub)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(("<pad>", "</s>", "<unk>"))}
     for w in words:
         vocab.setdefault(w, len(vocab))

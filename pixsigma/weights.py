@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -356,8 +357,6 @@ def save_original(model: PixArtDiT, path: str | os.PathLike) -> Path:
 
 def save_diffusers_transformer(model: PixArtDiT, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """A diffusers ``transformer/`` folder loadable by ``PixArtTransformer2DModel.from_pretrained``."""
-    import diffusers
-
     folder = Path(folder)
     cfg = {**diffusers_config(model.config), "_diffusers_version": diffusers.__version__}
     sd = to_diffusers_state_dict(_tensors(model, dtype))

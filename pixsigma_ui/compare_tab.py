@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 from pixsigma.config import KVCompress, parse_layers
+from pixsigma_ui.aspects import ASPECTS, parse_aspect
 from pixsigma_ui.control_panel import build_compare_control
 from pixsigma_ui.engine import ALPHA, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, layers_spec
-from pixsigma_ui.generate_tab import ASPECTS, expansion_note, parse_aspect
+from pixsigma_ui.generate_tab import expansion_note
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_int, as_text, guarded, resolve_seed
 from pixsigma_ui.model_picker import build_model_picker, check_run, run_panel
 from pixsigma_ui.styles import examples_for

@@ -25,6 +25,7 @@ from pixsigma.control import (
 )
 from pixsigma.controlnet_weights import load_controlnet
 from pixsigma.pipeline import GenerationRequest
+from pixsigma_ui.aspects import bucket_size
 from pixsigma_ui.engine import MAIN, MAX_SEED, AppEngine, Done
 from pixsigma_ui.inputs import (
     RANDOM_SEED,
@@ -88,8 +89,6 @@ def with_control(engine: AppEngine, request: GenerationRequest, image: Any, cont
 
 def preview_map(image: Any, control_type: Any, aspect_ratio: Any, resolution: Any) -> Image.Image | None:
     """The preprocessed map for the current inputs, at the bucket the request will be generated at."""
-    from pixsigma_ui.generate_tab import bucket_size
-
     try:
         img = read_control_image(image)
         if img is None:

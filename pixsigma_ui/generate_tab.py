@@ -8,7 +8,6 @@ problems ``gr.Warning`` (tokens dropped, unknown words).
 
 from __future__ import annotations
 
-import reprlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pixsigma.config import KV_OPERATORS, parse_layers
 from pixsigma.edit import IMG2IMG_STRENGTH
 from pixsigma.io import save_png
 from pixsigma.pipeline import SAMPLERS
+from pixsigma_ui.aspects import aspect_choices, parse_aspect
 from pixsigma_ui.control_panel import build_control_inputs, build_control_map, with_control
 from pixsigma_ui.edit_panel import build_edit_inputs, with_edit
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
@@ -31,37 +31,8 @@ from pixsigma_ui.model_picker import build_model_picker, check_model, link_resol
 from pixsigma_ui.retention import Retention, prune
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
-ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2")  # width:height
 KV_MODES = (("the model's own", "model"), ("off (full attention)", "off"), ("on", "on"))
 PREVIEWS_PER_RUN = 5  # previews cost a gallery update each; a handful shows the image forming
-
-
-def parse_aspect(text: str) -> float:
-    """'16:9' (width:height) -> height / width."""
-    try:
-        w, h = (float(x) for x in str(text).split(":"))
-        if w <= 0 or h <= 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"aspect_ratio {reprlib.repr(text)} must be 'width:height' with positive numbers, e.g. "
-                         f"{', '.join(ASPECTS)}") from None
-    return h / w
-
-
-def bucket_size(aspect: str, resolution: int) -> tuple[int, int]:
-    """(height, width) the bucket table of ``resolution`` gives ``aspect``."""
-    from pixsigma.buckets import nearest_bucket
-
-    return nearest_bucket(round(1000 * parse_aspect(aspect)), 1000, resolution)
-
-
-def aspect_choices(resolution: int) -> list[tuple[str, str]]:
-    """Dropdown (label, value) pairs, the label showing the bucket's pixel size at ``resolution``."""
-    out = []
-    for a in ASPECTS:
-        h, w = bucket_size(a, int(resolution))
-        out.append((f"{a}  ({w}×{h})", a))
-    return out
 
 
 def format_bytes(n: int | None) -> str:

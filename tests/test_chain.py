@@ -76,7 +76,7 @@ def test_rerun_skips_finished_stages_and_finishes_an_interrupted_one(tiny_chain)
 
 def test_kv_ablation_trains_each_variant_from_the_same_resup_export(tiny_chain):
     runs, _, _ = tiny_chain
-    result = run_kv_ablation("tiny", runs)
+    result = run_kv_ablation(Chain("tiny", runs))
     v = result["variants"]
     assert list(v) == ["conv_deep", "pool_deep", "discard_deep", "conv_shallow"]
     assert [(r["operator"], r["layers"]) for r in v.values()] == [("conv", "4-7"), ("pool", "4-7"),

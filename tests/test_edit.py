@@ -110,8 +110,8 @@ def test_call_with_an_image_and_its_outputs(pipe):
     assert [(i, t) for i, t, _ in seen] == [(0, float(sched.timesteps[2])), (1, float(sched.timesteps[3]))]
     (images,) = pipe("a red circle", num_inference_steps=1, output_type="pt", return_dict=False, guidance_scale=1)
     assert images.shape == (1, 3, 256, 256) and 0 <= images.min() <= images.max() <= 1
-    with pytest.raises(ValueError, match="output_type must be one of pil, np, pt, got 'latent'"):
-        pipe("a red circle", output_type="latent")
+    with pytest.raises(ValueError, match="output_type must be one of pil, np, pt, latent, got 'pillow'"):
+        pipe("a red circle", output_type="pillow")
     with pytest.raises(ValueError, match="generator: pass one torch.Generator"):
         pipe("a red circle", generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="image must be a PIL image"):

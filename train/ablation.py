@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from train.chain import Chain
 
 ABLATION_JSON, ABLATION_MD, ABLATION_DIR = "ablation_kv.json", "ablation_kv.md", "ablation_kv"
 BURST_S = 0.05  # metrics rows closer in time than this were written together
@@ -28,15 +31,13 @@ def variant_layers(depth: int, where: str) -> str:
     return f"{half}-{depth - 1}" if where == "deep" else f"0-{half - 1}"
 
 
-def run_kv_ablation(preset: str, runs_dir: str | Path, start_from: str = "shipped", on_event=None,
-                    world: str | None = None) -> dict[str, Any]:
-    """Train and score the KV variants (see the module docstring); returns ``ablation_kv.json``'s content."""
+def run_kv_ablation(chain: Chain) -> dict[str, Any]:
+    """Train and score the KV variants of ``chain`` (see the module docstring); returns ``ablation_kv.json``'s
+    content. The chain is given, not built here: ``train.chain``'s CLI runs this, so importing it would be a circle."""
     from pixsigma.io import atomic_write_json, atomic_write_text
-    from train.chain import Chain, read_metrics
-    from train.runfiles import BENCH
+    from train.runfiles import BENCH, read_metrics
 
-    runs_dir = Path(runs_dir)
-    chain = Chain(preset, runs_dir, start_from, on_event, world)
+    preset, runs_dir, start_from = chain.preset, chain.runs_dir, chain.start_from
     steps = list(chain.lab.plan)
     kv_step = next(st for st in steps if st.name.endswith("kv"))
     resup = steps[steps.index(kv_step) - 1]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.runfiles import BENCH, FINAL, LIVE_STATES, METRICS, PREPARE, SAMPLES, STOP, read_status
+from train.runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 
 PRESETS = ("tiny", "quick", "full")
 STARTS = ("shipped", "scratch")
@@ -106,23 +106,6 @@ def _final_loss(run_dir: Path, last: int = 10) -> float | None:
     """Mean loss of the run's last ``last`` steps (one step's loss is noisy)."""
     losses = [r["loss"] for r in read_metrics(run_dir)][-last:]
     return round(sum(losses) / len(losses), 5) if losses else None
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """step, loss, time and steps/s of each row of a run's metrics log (a half-written row is skipped)."""
-    rows = []
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-            rows.append({"step": int(row["step"]), "loss": float(row["loss"]), "time": row.get("time"),
-                         "steps_per_s": row.get("steps_per_s")})
-        except (ValueError, KeyError, TypeError):
-            continue
-    return rows
 
 
 class Chain:
@@ -473,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation == "kv":
         from train.ablation import run_kv_ablation
 
-        result = run_kv_ablation(args.preset, args.runs_dir, args.start_from, on_event=show)
+        result = run_kv_ablation(Chain(args.preset, args.runs_dir, args.start_from, on_event=show))
         print(json.dumps(result["variants"], indent=1))
         return 0
     summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show, until=args.until)

@@ -15,7 +15,7 @@ def plot_chain(summary: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     from pixsigma.io import atomic_write
-    from train.chain import read_metrics
+    from train.runfiles import read_metrics
 
     fig, (ax, lx) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0

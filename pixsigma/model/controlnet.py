@@ -121,37 +121,45 @@ class ControlNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class ControlResiduals:
+    """The ControlNet as a block hook of one base forward (``PixArtDiT.forward(block_hook=…)``): before base block
+    i = 1 … N it runs copy i−1 and adds ``scale · after_proj(c)`` to the tokens block i reads. control: (B or 1,
+    C_in, H, W) latent of the control image (B = 1 is broadcast over the batch, e.g. both guidance halves)."""
+
+    def __init__(self, base: PixArtDiT, net: ControlNet, control: Tensor, scale: float = 1.0):
+        net.config.check_base(base.config)
+        if net.kv != base.config.kv_compress:  # honour the base's KV compression (a request may switch it)
+            net.set_kv_compress(base.config.kv_compress)
+        self.base, self.net, self.control, self.scale = base, net, control, scale
+        self.c: Tensor | None = None
+
+    def __call__(self, i: int, x: Tensor, ctx: BlockContext) -> Tensor:
+        if not 1 <= i <= self.net.config.num_copies:
+            return x
+        base, p = self.base, self.base.config.patch_size
+        if i == 1:
+            if self.control.shape[-2:] != (ctx.hw[0] * p, ctx.hw[1] * p):
+                raise ValueError(f"control latent {tuple(self.control.shape[-2:])} does not match the image latent "
+                                 f"{tuple(d * p for d in ctx.hw)}")
+            if self.control.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"control latent batch {self.control.shape[0]} is neither 1 nor the image batch "
+                                 f"{x.shape[0]}")
+            self.c = base.patch_tokens(self.control.to(x.dtype)).expand(x.shape[0], -1, -1)  # (B, N, D)
+        blk = self.net.controlnet[i - 1]
+        c = self.c if blk.index else x + blk.before_proj(self.c)
+        self.c = base.run_block(blk.index, c, ctx, block=blk.copied_block)
+        return x + self.scale * blk.after_proj(self.c)
+
+
 def controlled_forward(base: PixArtDiT, net: ControlNet, x: Tensor, t: Tensor, y: Tensor,
                        mask: Tensor | None = None, control: Tensor | None = None, scale: float = 1.0,
                        **extra: Tensor) -> Tensor:
-    """The base DiT's forward with the ControlNet's residuals. control: (B, C_in, H, W) latent of the control
-    image (B = 1 is broadcast over the batch, e.g. both guidance halves); None or scale 0 runs the base alone."""
+    """The base DiT's forward with the ControlNet's residuals (``ControlResiduals``); None or scale 0 runs the
+    base alone."""
     net.config.check_base(base.config)
-    if net.kv != base.config.kv_compress:  # honour the base's KV compression (a request may switch it)
-        net.set_kv_compress(base.config.kv_compress)
-    x, ctx = base.embed(x, t, y, mask, **extra)
-    x = base.run_block(0, x, ctx)
-    start = 1
-    if control is not None and scale != 0:
-        if control.shape[-2:] != (ctx.hw[0] * base.config.patch_size, ctx.hw[1] * base.config.patch_size):
-            raise ValueError(f"control latent {tuple(control.shape[-2:])} does not match the image latent "
-                             f"{tuple(d * base.config.patch_size for d in ctx.hw)}")
-        c = base.patch_tokens(control.to(x.dtype)).expand(x.shape[0], -1, -1)  # (B, N, D)
-        for i in range(1, net.config.num_copies + 1):
-            c, c_skip = _copy_step(base, net.controlnet[i - 1], x, c, ctx)
-            x = base.run_block(i, x + scale * c_skip, ctx)
-        start = net.config.num_copies + 1
-    for i in range(start, len(base.blocks)):
-        x = base.run_block(i, x, ctx)
-    return base.head(x, ctx)
-
-
-def _copy_step(base: PixArtDiT, blk: ControlBlock, x: Tensor, c: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
-    """One copy: (new c, c_skip)."""
-    if blk.index == 0:
-        c = x + blk.before_proj(c)
-    c = base.run_block(blk.index, c, ctx, block=blk.copied_block)
-    return c, blk.after_proj(c)
+    if control is None or scale == 0:
+        return base(x, t, y, mask, **extra)
+    return base(x, t, y, mask, **extra, block_hook=ControlResiduals(base, net, control, scale))
 
 
 class ControlledDiT(nn.Module):
@@ -179,5 +187,5 @@ def trainable_copy(base: PixArtDiT, num_copies: int | None = None) -> ControlNet
     return net
 
 
-__all__ = ["ControlBlock", "ControlNet", "ControlNetConfig", "ControlNetMismatch", "ControlledDiT",
+__all__ = ["ControlBlock", "ControlNet", "ControlNetConfig", "ControlNetMismatch", "ControlResiduals", "ControlledDiT",
            "controlled_forward", "default_copies", "trainable_copy"]

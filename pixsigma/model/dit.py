@@ -8,7 +8,7 @@ official ``.pth`` loads with no renaming; ``pixsigma.weights`` converts diffuser
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -115,6 +115,13 @@ class BlockContext(NamedTuple):
     hw: tuple[int, int]
 
 
+class BlockHook(Protocol):
+    """Called before block ``i`` of one forward with the tokens (B, N, D) and the block context; returns the tokens
+    block ``i`` reads. One hook object serves one forward (it may carry state from block to block)."""
+
+    def __call__(self, i: int, x: Tensor, ctx: BlockContext) -> Tensor: ...
+
+
 class PixArtDiT(nn.Module):
     """ε-and-variance predictor: (latent x_t, timestep t, T5 tokens y, their mask) -> (B, C_out, H, W)."""
 
@@ -163,11 +170,16 @@ class PixArtDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, mask: Tensor | None = None,
-                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
+                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None,
+                block_hook: BlockHook | None = None) -> Tensor:
         """x: (B, C_in, H, W) latent; t: (B,) timesteps; y: (B, L, C_text); mask: (B, L) 1 = real token;
-        resolution: (B, 2) image (h, w) and aspect_ratio: (B, 1), only for micro-conditioned models."""
+        resolution: (B, 2) image (h, w) and aspect_ratio: (B, 1), only for micro-conditioned models.
+        ``block_hook(i, x, ctx)`` gives the tokens block i reads (a ControlNet's residuals); it runs inside this
+        forward, so whatever wraps the forward (``pixsigma.speed``) wraps it too."""
         x, ctx = self.embed(x, t, y, mask, resolution, aspect_ratio)
         for i in range(len(self.blocks)):
+            if block_hook is not None:
+                x = block_hook(i, x, ctx)
             x = self.run_block(i, x, ctx)
         return self.head(x, ctx)
 
