@@ -142,3 +142,12 @@ def test_kv_off_with_a_feature_is_the_feature_alone(pipes, inputs, feature):
     off = run(pipes, [feature, kv], replace(inputs, kv=KVCompress()))[1]
     assert snr(off, alone) >= MIN_SNR, feature.name
     assert snr(compressed, alone) < DIFFERENT_BELOW, feature.name  # R=2 does change it, and is undone after
+
+
+def test_lora_scale_changes_reach_the_compiled_dit(pipes, inputs):
+    """A compiled DiT reused across requests runs each request's LoRA scale, not the one it was compiled with."""
+    lora, compiled = BY_NAME["lora"], BY_NAME["speed-compile"]
+    for scale in (1.0, 0.5, 0.0, 1.0):
+        got = run(pipes, [lora, compiled], replace(inputs, lora_scale=scale))[1]
+        want = run(pipes, [lora], replace(inputs, lora_scale=scale))[1]
+        assert snr(got, want) >= MIN_SNR, scale
