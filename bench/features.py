@@ -199,9 +199,10 @@ def random_controlnet(dit: PixArtDiT, seed: int = 0, scale: float = 0.05) -> Con
     """A ControlNet for ``dit`` with every weight moved away from its init (the zero projections of a fresh one
     would make it a no-op and every comparison pass)."""
     net = ControlNet.from_base(dit)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(net.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where it lives: an XL one has 0.3 B weights
     for p in net.parameters():
-        p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype))
+        p.add_(torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) * scale)
     return net.eval()
 
 
