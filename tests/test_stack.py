@@ -141,3 +141,38 @@ def test_controlnet_runs_inside_the_speed_modes_forward_and_follows_a_kv_overrid
         assert torch.allclose(fast.latents, want.latents, atol=1e-4)
     finally:
         optimize(p.transformer, "eager")
+
+
+@pytest.mark.parametrize("speed", ["eager", "sdpa"])
+def test_cli_controlnet_with_a_guidance_interval_and_a_speed_mode(tiny_pipeline, tmp_path, speed):
+    from pixsigma.cli import main as cli
+    from pixsigma.controlnet_weights import save_controlnet
+    from pixsigma.io import read_params
+    from pixsigma.weights import load_dit
+
+    _sketch().save(tmp_path / "sketch.png")
+    save_controlnet(ControlNet.from_base(load_dit(tiny_pipeline)), tmp_path / "cn")
+    out = tmp_path / "out.png"
+    assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--out", str(out), "--steps", "2", "--width", "64",
+                "--height", "64", "--controlnet", str(tmp_path / "cn"), "--control", str(tmp_path / "sketch.png"),
+                "--guidance-interval", "0", "500", "--speed", speed]) == 0
+    params = read_params(out)
+    assert params["guidance_interval"] == [0, 500] and params["control"]["scale"] == 1.0
+
+
+def test_a_controlnets_copies_are_compiled_as_the_dits_blocks(used):
+    from pixsigma.speed import match_blocks
+
+    p = _with_controlnet(used)
+    copies = [blk.copied_block for blk in p.controlnet.controlnet]
+    optimize(p.transformer, "compile")  # torch.compile is lazy: nothing is compiled before a forward
+    try:
+        match_blocks(p.transformer, copies)
+        compiled = [b._compiled_call_impl for b in copies]
+        assert all(c is not None for c in compiled) and all(b._compiled_call_impl for b in p.transformer.blocks)
+        match_blocks(p.transformer, copies)  # every request asks again: compiled once
+        assert [b._compiled_call_impl for b in copies] == compiled
+    finally:
+        optimize(p.transformer, "eager")
+    match_blocks(p.transformer, copies)
+    assert all(b._compiled_call_impl is None for b in [*copies, *p.transformer.blocks])
