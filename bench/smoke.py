@@ -164,11 +164,15 @@ def run_row(pipes: Pipelines, row: Row, inputs: Inputs) -> tuple[dict[str, Any],
     _, t5 = pipeline_needs(row.combo)
     pipe = pipes.get(t5, row.mode)
     seen: list[torch.Tensor] = []
+
+    def last(step: int, total: int, latents: torch.Tensor) -> None:
+        seen[:] = [latents.detach().float().cpu()]  # copied out at once: a CUDA-graph replay may reuse the memory
+
     start = time.perf_counter()
     res = pipe.generate(request_for(row.combo, inputs, prompt=PROMPT, steps=STEPS, seed=SEED, width=row.size,
-                                    height=row.size, binning=False), callback=lambda i, n, lat: seen.append(lat))
+                                    height=row.size, binning=False), callback=last)
     seconds = time.perf_counter() - start
-    latents = seen[-1].float().cpu()
+    latents = seen[-1]
     problems = []
     if not torch.isfinite(latents).all():
         problems.append("latents not finite")
