@@ -1,4 +1,4 @@
-"""``python -m pixsigma``: the one front door (generate, convert)."""
+"""``python -m pixsigma``: the one front door (generate, convert, space, app)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The command line: ``python -m pixsigma generate|convert|space …``."""
+"""The command line: ``python -m pixsigma generate|convert|space|app …``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pixsigma.t5 import T5_PRECISIONS
 from pixsigma.weights import CheckpointError, load_weights, read_checkpoint, save_diffusers_transformer, save_dit
 
 log = logging.getLogger("pixsigma")
+APP_EXTRA = 'pip install "pixsigma[app]"'
+APP_PACKAGES = ("gradio", "gradio_client", "pandas", "yaml")  # what pyproject's [app] extra installs
 
 EPILOG = f"""
 models:
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-resolution", type=int, help="base resolution if the file name does not say "
                    "(256, 512, 1024, 2048, 4096)")
     add_space_parser(sub)  # pixsigma space OUT: a Hugging Face Space folder (pixsigma.space)
+    # main() hands `pixsigma app …` to the app before parsing: listed here for --help only
+    sub.add_parser("app", add_help=False, help="serve the web app: pixsigma app [the app's flags] "
+                   f"(pixsigma app --help; docs/app.md); needs {APP_EXTRA}")
     return p
 
 
@@ -174,7 +179,23 @@ def run_convert(args: argparse.Namespace) -> Path:
     return Path(args.out)
 
 
+def run_app(argv: list[str]) -> int:
+    """``pixsigma app [flags]``: the app's own ``main`` (pixsigma_ui/server.py) on ``argv``; 2 without gradio."""
+    try:  # the app (and gradio) only when asked for: the engine never imports them
+        from pixsigma_ui.server import main as serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in APP_PACKAGES:
+            raise
+        print(f"error: the app needs the [app] extra ({e.name} is not installed): {APP_EXTRA}", file=sys.stderr)
+        return 2
+    serve(argv, prog="pixsigma app")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # every later word is the app's: its flags are its own parser's
+        return run_app(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     diffusers.utils.logging.disable_progress_bar()

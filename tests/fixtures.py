@@ -241,7 +241,7 @@ def app_client(engine: Any, outputs: Path) -> Iterator[Any]:
     """The app's Blocks over ``engine`` launched in this process on a free port; yields a gradio_client on it."""
     from gradio_client import Client
 
-    from app import build_demo
+    from pixsigma_ui.server import build_demo
 
     demo = build_demo(engine, outputs=outputs)
     port = free_port()

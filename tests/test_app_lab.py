@@ -174,9 +174,9 @@ def _zip(path: Path, captioned: bool) -> Path:
 def test_an_uploaded_zip_is_unpacked_under_the_runs_folder_and_checked(tiny_pipeline, tmp_path):
     import gradio as gr
 
-    from app import build_demo
     from pixsigma.pipeline import PixSigmaPipeline
     from pixsigma_ui.engine import MAIN, AppEngine
+    from pixsigma_ui.server import build_demo
 
     runs = tmp_path / "runs"
     demo = build_demo(AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")}),

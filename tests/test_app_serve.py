@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from fixtures import FlakyPipe, free_port
 
-from app import build_demo, parse_args
 from pixsigma.config import parse_layers
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import KV_RATIOS, MAIN, MAX_SEED, AppEngine
@@ -27,6 +26,7 @@ from pixsigma_ui.inputs import MAX_MESSAGE_CHARS
 from pixsigma_ui.pool import EnginePool
 from pixsigma_ui.queue_full import queue_full_message
 from pixsigma_ui.retention import GRACE_S, Retention, prune, prune_files, prune_gradio_cache
+from pixsigma_ui.server import build_demo, parse_args
 
 # The generate endpoint's first inputs in order; a raw HTTP call sends every input, the later ones at their defaults.
 GENERATE_INPUTS = ("prompt", "negative_prompt", "style", "aspect_ratio", "resolution", "steps", "guidance", "sampler",
@@ -405,7 +405,7 @@ def test_train_start_checks_its_inputs_by_name(pipe, tmp_path, caplog):
 
 
 def test_the_devices_option_loads_the_models_once_per_device(tiny_pipeline):
-    from app import load_engine
+    from pixsigma_ui.server import load_engine
 
     pool = load_engine(parse_args(["--model", str(tiny_pipeline), "--devices", "cpu, cpu"]), None)
     assert isinstance(pool, EnginePool) and pool.devices == ["cpu", "cpu"] and pool.concurrency == 2

@@ -16,9 +16,9 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from app import build_demo
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import MAIN, AppEngine
+from pixsigma_ui.server import build_demo
 from pixsigma_ui.train_tab import STAGES, Recipe, RunManager, find_recipes, log_tail, read_metrics
 from pixsigma_ui.uploads import UploadLimits, Uploads
 

@@ -11,12 +11,12 @@ import torch
 from fixtures import FlakyPipe, app_client
 from PIL import Image
 
-from app import QUEUE_SIZE, build_demo, parse_args
 from pixsigma.io import read_params
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.compare_tab import difference, make_compare_fn
 from pixsigma_ui.engine import ALPHA, MAIN, AppEngine
 from pixsigma_ui.generate_tab import aspect_choices, make_generate_fn, parse_aspect
+from pixsigma_ui.server import QUEUE_SIZE, build_demo, parse_args
 from pixsigma_ui.styles import NO_STYLE, examples_for, style_by_name, styles_for
 
 
@@ -182,7 +182,7 @@ class Built(Exception):
 
 
 def test_the_app_takes_an_unset_dtype_from_default_dtype(tiny_pipeline, monkeypatch):
-    import app
+    from pixsigma_ui import server
 
     asked, engines = [], []
 
@@ -195,9 +195,9 @@ def test_the_app_takes_an_unset_dtype_from_default_dtype(tiny_pipeline, monkeypa
         raise Built
 
     monkeypatch.setattr("pixsigma.pipeline.default_dtype", spy)
-    monkeypatch.setattr(app, "build_demo", stop)
+    monkeypatch.setattr(server, "build_demo", stop)
     with pytest.raises(Built):  # no --dtype: the app's default
-        app.main(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu"])
+        server.main(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu"])
     assert engines[0].pipes[MAIN].dtype == torch.bfloat16 and asked == [torch.device("cpu")]
 
 

@@ -90,10 +90,10 @@ def test_readme_cli_synopsis_lists_exactly_the_generate_options(capsys):
 
 
 def test_app_doc_option_table_lists_exactly_the_app_options(capsys):
-    import app
+    from pixsigma_ui import server
 
     text = (ROOT / "docs" / "app.md").read_text()
     table = text.split("## Options and environment", 1)[1].split("\n## ", 1)[0]
     first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `--")]
     documented = {opt for cell in first_cells for opt in re.findall(r"--[a-z][a-z0-9-]*", cell)}
-    assert documented == help_options(lambda: app.parse_args(["--help"]), capsys)
+    assert documented == help_options(lambda: server.parse_args(["--help"]), capsys)

@@ -15,12 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pixsigma", "pixsigma_ui", "train", "shapes", "bench")
-SCRIPTS = ("app.py",)
+SCRIPTS = ("app.py",)  # the clone's entry point (the app itself: pixsigma_ui.server)
 # Function-local imports the engine keeps: optional dependencies, imported only on the path that needs them.
 OPTIONAL_LOCAL = {("pixsigma/pipeline.py", "huggingface_hub"),  # hub ids only
                   ("pixsigma/t5.py", "torchao.quantization"),  # --t5 int8 without bitsandbytes
                   ("pixsigma/t5.py", "transformers"),  # its TorchAoConfig imports torchao (same path)
-                  ("pixsigma/text.py", "diffusers")}  # clean_caption, only with bs4 and ftfy installed
+                  ("pixsigma/text.py", "diffusers"),  # clean_caption, only with bs4 and ftfy installed
+                  ("pixsigma/cli.py", "pixsigma_ui.server")}  # `pixsigma app`: the app and gradio, the [app] extra
 
 
 def module_files(root: Path) -> dict[str, Path]:

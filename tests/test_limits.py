@@ -19,11 +19,10 @@ from bad_images import huge_paletted_png
 from fixtures import CONTROL_DIT, random_dit
 from PIL import Image
 
-import app
 from pixsigma.controlnet_weights import load_controlnet, trained_control_type
 from pixsigma.io import read_params, save_png
 from pixsigma.weights import CheckpointError
-from pixsigma_ui import inputs
+from pixsigma_ui import inputs, server
 from pixsigma_ui.retention import GRACE_S, Retention, prune_gradio_cache
 from pixsigma_ui.uploads import UploadLimits
 
@@ -138,20 +137,20 @@ def test_the_apps_flags_reach_the_uploads_and_gradios_launch(tmp_path, monkeypat
         seen["runs"] = kw["runs"]
         return Demo()
 
-    monkeypatch.setattr(app, "load_engine", lambda opts, alpha: object())
-    monkeypatch.setattr(app, "attach_runs", lambda engine, runs: None)
-    monkeypatch.setattr(app, "build_demo", build)
-    monkeypatch.setattr(app, "exit_on_sigterm", lambda: seen.setdefault("sigterm", True))
-    monkeypatch.setattr(app, "resolve_model", lambda m: tmp_path)
+    monkeypatch.setattr(server, "load_engine", lambda opts, alpha: object())
+    monkeypatch.setattr(server, "attach_runs", lambda engine, runs: None)
+    monkeypatch.setattr(server, "build_demo", build)
+    monkeypatch.setattr(server, "exit_on_sigterm", lambda: seen.setdefault("sigterm", True))
+    monkeypatch.setattr(server, "resolve_model", lambda m: tmp_path)
     monkeypatch.setattr(inputs, "upload_pixels", inputs.upload_pixels)
-    app.main(["--enable-training", "--runs-dir", str(tmp_path / "runs"), "--max-upload-mb", "50",
+    server.main(["--enable-training", "--runs-dir", str(tmp_path / "runs"), "--max-upload-mb", "50",
               "--max-image-pixels", "1000000", "--data-root", str(tmp_path), "--max-unpacks", "3"])
     assert seen["launch"]["max_file_size"] == 50 * 2**20 and seen["sigterm"]
     limits = seen["runs"].uploads.limits
     assert (limits.upload_mb, limits.image_pixels, limits.unpacks, limits.data_roots) == (
         50, 1_000_000, 3, (tmp_path.resolve(),))
     assert inputs.upload_pixels == 1_000_000
-    defaults = app.parse_args([])
-    assert UploadLimits() == app.limits_from_args(defaults)  # the flags' defaults are the documented ones
+    defaults = server.parse_args([])
+    assert UploadLimits() == server.limits_from_args(defaults)  # the flags' defaults are the documented ones
     with pytest.raises(SystemExit, match="^error: --max-unpacks must be a whole number > 0, got 0$"):
-        app.main(["--max-unpacks", "0"])
+        server.main(["--max-unpacks", "0"])

@@ -106,9 +106,9 @@ def app(tmp_path, monkeypatch, tiny_pipeline):
     """The Train tab's real handlers (by name) over a RunManager whose trainer is a stand-in module."""
     import gradio as gr  # noqa: F401 - the demo below
 
-    from app import build_demo
     from pixsigma.pipeline import PixSigmaPipeline
     from pixsigma_ui.engine import MAIN, AppEngine
+    from pixsigma_ui.server import build_demo
     from pixsigma_ui.train_tab import STAGES, RunManager, find_recipes
 
     pkg = tmp_path / "modules" / "fake_trainer"

@@ -69,10 +69,10 @@ def test_unknown_precision_names_the_option_and_the_values(tiny_pipeline, tmp_pa
         cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--t5", "int4", "--out", str(out)])
     err = capsys.readouterr().err
     assert "--t5" in err and "'fp32', 'bf16', 'int8'" in err and not out.exists()
-    import app
+    from pixsigma_ui import server
 
     with pytest.raises(SystemExit):
-        app.parse_args(["--t5", "int4"])
+        server.parse_args(["--t5", "int4"])
     assert "--t5" in capsys.readouterr().err
 
 
@@ -87,10 +87,11 @@ def test_pipeline_cli_and_app_take_the_option(tiny_pipeline, tmp_path):
     assert cli(["generate", PROMPT, "--model", str(tiny_pipeline), "--t5", "bf16", "--steps", "2", "--seed", "0",
                 "--device", "cpu", "--out", str(out)]) == 0
     assert read_params(out)["t5"] == "bf16"
-    import app
+    from pixsigma_ui import server
 
-    opts = app.parse_args(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu", "--t5", "int8"])
-    engine = app.load_engine(opts, None)
+    opts = server.parse_args(["--model", str(tiny_pipeline), "--alpha-model", "none", "--device", "cpu",
+                              "--t5", "int8"])
+    engine = server.load_engine(opts, None)
     assert engine.pipes["main"].t5_precision == "int8"
 
 
