@@ -1,9 +1,11 @@
 """``pixsigma space OUT``: a ready Hugging Face Space folder, and the wheel it vendors.
 
 The folder holds pixsigma as the wheel installs it (``pixsigma/``, ``pixsigma_ui/`` and the wheel's dist-info,
-so the entry points resolve), the repository's ``app.py`` as ``pixsigma_app.py``, an ``app.py`` that starts it
-with the Space's settings, a ``requirements.txt`` pinned to the versions installed here (the tested ones), and a
-``README.md`` whose front matter configures the Space (docs/spaces.md). Nothing here imports gradio.
+so the entry points resolve), an ``app.py`` that starts the package's app (``pixsigma_ui.server.main``) with the
+Space's settings, a ``requirements.txt`` pinned to the versions installed here (the tested ones), and a
+``README.md`` whose front matter configures the Space (docs/spaces.md). From a clone the vendored files come from
+a wheel built of the clone; from an installed wheel (``pip install pixsigma``), from the installed files
+themselves (the same files, as the wheel's RECORD lists them). Nothing here imports gradio.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
 from pixsigma.io import atomic_write_text
-from pixsigma.layout import CHECKOUT
+from pixsigma.layout import CHECKOUT, PACKAGE_DIR
 from pixsigma.registry import LORA_ALIASES, MODEL_ALIASES
 
 HARDWARE = {"zerogpu": "zero-a10g", "cpu": "cpu-basic"}  # shorthands -> the Hub's hardware flavours
@@ -28,7 +30,10 @@ GPU_FLAVOURS = ("t4-small", "t4-medium", "l4x1", "l4x4", "l40sx1", "a10g-small",
 CPU_FLAVOURS = ("cpu-basic", "cpu-upgrade")
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "pixsigma", "pixsigma_ui", "train", "shapes", "assets/demo",
                  "configs")  # what pyproject's packages and package data are built from
-APP_MODULE = "pixsigma_app"  # the repository's app.py inside the Space (app.py is the Space's own starter)
+APP_MAIN = "pixsigma_ui.server"  # the app's main, which the Space's app.py calls
+VENDORED_TOPS = ("pixsigma", "pixsigma_ui")  # the wheel's packages (its dist-info comes too)
+INSTALL_RECORDS = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")  # written by pip, or listing what the
+# Space may leave out: not part of what the Space runs
 DEMO_DATA = "pixsigma/data/assets/demo/"
 CONFIG_DATA = "pixsigma/data/configs/"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -124,12 +129,65 @@ def build_wheel(checkout: Path, dist: Path) -> Path:
     return wheel
 
 
-def pins(wheel: Path, extras: tuple[str, ...]) -> list[str]:
-    """``name==version`` of every requirement the wheel declares for ``extras`` (and always), at the version
-    installed here; a local build tag (``+cpu``) is dropped, so the Space gets the same release for its GPU."""
+def installed_files() -> dict[str, Path]:
+    """{name inside the wheel: file} of the installed pixsigma this process runs (its RECORD's pixsigma/,
+    pixsigma_ui/ and dist-info files, compiled caches and pip's own records left out)."""
+    try:
+        dist = distribution("pixsigma")
+    except PackageNotFoundError as e:
+        raise ValueError("pixsigma space needs an installed pixsigma (pip install pixsigma) or a clone") from e
+    if Path(dist.locate_file("pixsigma/__init__.py")).resolve() != PACKAGE_DIR / "__init__.py":
+        raise ValueError(f"the pixsigma running ({PACKAGE_DIR}) is not the installed distribution's "
+                         f"({dist.locate_file('pixsigma')}): run pixsigma space from a clone or the install")
+    out = {}
+    for f in dist.files or ():
+        name = f.as_posix()
+        top = name.split("/", 1)[0]
+        if (top in VENDORED_TOPS or top.endswith(".dist-info")) and "__pycache__" not in f.parts:
+            out[name] = Path(dist.locate_file(f))
+    return out
+
+
+def in_space(name: str, opts: SpaceOptions) -> bool:
+    """Whether the wheel's file ``name`` goes into the Space: the demo only if it serves it, the training
+    configs only with the Train tab, no install records."""
+    if (name.startswith(DEMO_DATA) and not opts.uses_demo) or (name.startswith(CONFIG_DATA) and not opts.train):
+        return False
+    return not (".dist-info/" in name and name.rsplit("/", 1)[1] in INSTALL_RECORDS)
+
+
+def vendor(out: Path, opts: SpaceOptions, wheel: Path | None) -> list[str]:
+    """Copy the wheel's files the Space needs into ``out`` (from ``wheel``, or the installed pixsigma's files when
+    None); returns their names."""
+    sources = installed_files() if wheel is None else {}  # refused before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if wheel is not None:
+        with zipfile.ZipFile(wheel) as z:
+            names = [n for n in z.namelist() if in_space(n, opts)]
+            for name in names:
+                z.extract(name, out)
+        return names
+    names = [n for n in sources if in_space(n, opts)]
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sources[name], out / name)
+    return names
+
+
+def metadata(wheel: Path | None) -> str:
+    """The core metadata (``METADATA``) of ``wheel``, or of the installed distribution when None."""
+    if wheel is None:
+        return distribution("pixsigma").read_text("METADATA") or ""
     with zipfile.ZipFile(wheel) as z:
         (meta,) = (n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = z.read(meta).decode().splitlines()
+        return z.read(meta).decode()
+
+
+def pins(wheel: Path | None, extras: tuple[str, ...]) -> list[str]:
+    """``name==version`` of every requirement the wheel (None: the installed pixsigma) declares for ``extras``
+    (and always), at the version installed here; a local build tag (``+cpu``) is dropped, so the Space gets the
+    same release for its GPU."""
+    lines = metadata(wheel).splitlines()
     out = []
     for line in lines:
         if not line.startswith("Requires-Dist:"):
@@ -172,37 +230,25 @@ def starter(opts: SpaceOptions) -> str:
         "import os\nimport sys\n\n"
         '# Examples are cached on first use, never at start-up: a ZeroGPU Space has no GPU while it starts.\n'
         'os.environ.setdefault("GRADIO_CACHE_MODE", "lazy")\n\n'
-        f"import {APP_MODULE}  # noqa: E402 - after the environment it reads\n\n"
+        f"from {APP_MAIN} import main  # noqa: E402 - after the environment it reads\n\n"
         f"ARGS = {opts.app_args()!r}\n\n"
         'if __name__ == "__main__":\n'
-        f"    {APP_MODULE}.main(ARGS + sys.argv[1:])  # later flags win: python app.py --port 7861\n")
+        "    main(ARGS + sys.argv[1:])  # later flags win: python app.py --port 7861\n")
 
 
 def write_space(out: str | Path, opts: SpaceOptions, wheel: Path | None = None) -> SpaceFiles:
-    """Write the Space folder ``out`` (refused if it exists and is not empty). ``wheel``: a built one to vendor
-    (default: built now from this clone)."""
+    """Write the Space folder ``out`` (refused if it exists and is not empty). ``wheel``: a built one to vendor;
+    default: one built now from the clone this runs from, or else the installed pixsigma's own files."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: give a new folder for the Space")
-    if CHECKOUT is None:
-        raise ValueError("pixsigma space runs from a clone of the repository: it publishes the clone's app.py "
-                         "(git clone, then scripts/setup.sh)")
+    extras = ("app", "train") if opts.train else ("app",)
     with tempfile.TemporaryDirectory(prefix="pixsigma-space-") as tmp:
-        wheel = wheel or build_wheel(CHECKOUT, Path(tmp))
-        out.mkdir(parents=True, exist_ok=True)
-        vendored = []
-        with zipfile.ZipFile(wheel) as z:
-            for name in z.namelist():
-                if (name.startswith(DEMO_DATA) and not opts.uses_demo) or (name.startswith(CONFIG_DATA)
-                                                                             and not opts.train):
-                    continue
-                if name.endswith(".dist-info/RECORD"):  # lists files this folder may leave out
-                    continue
-                z.extract(name, out)
-                vendored.append(name)
-        reqs = pins(wheel, ("app", "train") if opts.train else ("app",))
-    shutil.copy2(CHECKOUT / "app.py", out / f"{APP_MODULE}.py")
-    files = SpaceFiles(out, out / "README.md", out / "app.py", out / "requirements.txt", vendored)
+        if wheel is None and CHECKOUT is not None:
+            wheel = build_wheel(CHECKOUT, Path(tmp))
+        reqs = pins(wheel, extras)
+        names = vendor(out, opts, wheel)
+    files = SpaceFiles(out, out / "README.md", out / "app.py", out / "requirements.txt", names)
     atomic_write_text(files.readme, readme(opts))
     atomic_write_text(files.app, starter(opts))
     atomic_write_text(files.requirements, "# pinned to the versions pixsigma was tested with (pixsigma space)\n"

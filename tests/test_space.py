@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import free_port, offline_env, wheel
+from fixtures import free_port, offline_env, wheel, wheel_env
 
 from pixsigma.config import DiTConfig
-from pixsigma.space import SpaceOptions, front_matter, pins, write_space
+from pixsigma.space import SpaceOptions, front_matter, installed_files, pins, write_space
 from pixsigma_ui import zerogpu
 from pixsigma_ui.engine import MAIN, AppEngine, Limits
 from pixsigma_ui.zerogpu import (
@@ -73,9 +73,9 @@ def test_what_a_space_cannot_serve_is_refused_by_name(kwargs, message):
 def test_requirements_pin_the_installed_versions_and_the_train_extra_only_with_the_train_tab():
     app_only, with_train = pins(wheel(), ("app",)), pins(wheel(), ("app", "train"))
     names = {p.split("==")[0].lower() for p in app_only}
-    assert {"torch", "diffusers", "transformers", "pandas", "pyyaml"} <= names
-    assert not names & {"gradio", "accelerate", "peft", "pytest"}  # gradio: the Space's sdk_version installs it
-    assert {"accelerate", "came-pytorch", "peft"} <= {p.split("==")[0].lower() for p in with_train}
+    assert {"torch", "diffusers", "transformers", "peft", "pandas", "pyyaml"} <= names  # peft: the engine's LoRAs
+    assert not names & {"gradio", "accelerate", "came-pytorch", "pytest"}  # gradio: the Space's sdk_version has it
+    assert {"accelerate", "came-pytorch", "matplotlib"} <= {p.split("==")[0].lower() for p in with_train}
     for pin in with_train:
         name, v = pin.split("==")
         assert v == version(name).split("+")[0]
@@ -92,11 +92,13 @@ def test_the_demo_space_serves_a_generate_request_from_its_own_folder(tmp_path):
 
     space = tmp_path / "space"
     files = write_space(space, SpaceOptions(), wheel())
-    assert {p.name for p in space.iterdir()} == {"README.md", "app.py", "requirements.txt", "pixsigma_app.py",
-                                                 "pixsigma", "pixsigma_ui", "pixsigma-0.1.0.dist-info"}
+    assert {p.name for p in space.iterdir()} == {"README.md", "app.py", "requirements.txt", "pixsigma", "pixsigma_ui",
+                                                 "pixsigma-0.1.0.dist-info"}
     assert (space / "pixsigma/data/assets/demo/sigma/model_index.json").is_file()
     assert not (space / "pixsigma/data/configs").exists()  # no Train tab, no training configs
-    assert 'os.environ.setdefault("GRADIO_CACHE_MODE", "lazy")' in files.app.read_text()
+    starter = files.app.read_text()
+    assert 'os.environ.setdefault("GRADIO_CACHE_MODE", "lazy")' in starter
+    assert "from pixsigma_ui.server import main" in starter  # the package's app, vendored beside it
     port = free_port()
     log = (tmp_path / "space.log").open("w")
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=space,
@@ -119,6 +121,30 @@ def test_the_demo_space_serves_a_generate_request_from_its_own_folder(tmp_path):
         proc.wait(timeout=30)
         log.close()
     assert "Traceback" not in (tmp_path / "space.log").read_text()
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_pixsigma_space_from_a_pip_installed_wheel_vendors_the_installed_files(tmp_path):
+    """No clone: ``pixsigma space`` of a non-editable install copies the installed package's own files, byte for
+    byte the folder written from the wheel itself (pip's install records left out)."""
+    pixsigma = wheel_env() / "bin" / "pixsigma"
+    done = subprocess.run([str(pixsigma), "space", "installed"], cwd=tmp_path, env=offline_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("wrote the Space installed (")
+    got, want = tree(tmp_path / "installed"), tree(write_space(tmp_path / "from-wheel", SpaceOptions(), wheel()).folder)
+    assert sorted(got) == sorted(want)
+    assert "pixsigma/data/assets/demo/sigma/model_index.json" in got and "pixsigma_ui/server.py" in got
+    assert not any("__pycache__" in n or n.endswith(("/RECORD", "/INSTALLER", "/direct_url.json")) for n in got)
+    assert [n for n in got if got[n] != want[n]] == []
+
+
+def test_the_installed_files_are_refused_when_the_pixsigma_running_is_not_the_installed_one():
+    with pytest.raises(ValueError, match="is not the installed distribution's"):
+        installed_files()  # this clone's pixsigma, not the one an (editable) install's RECORD names
 
 
 # -- ZeroGPU -----------------------------------------------------------------------------------------------------
