@@ -200,15 +200,15 @@ NEEDS_CHROMIUM = pytest.mark.skipif(not CHROMIUM.exists(),
 
 @contextmanager
 def served_app(args: list[str], tmp: Path, env: dict[str, str] | None = None,
-               start_timeout_s: float = 120) -> Iterator[str]:
-    """``python app.py ARGS`` on a free port as a subprocess (its output in ``tmp/app.log``); yields its URL once
-    it answers, stops it on exit."""
+               start_timeout_s: float = 120, command: list[str] | None = None) -> Iterator[str]:
+    """``python app.py ARGS`` (or ``command ARGS``, run in ``tmp``) on a free port as a subprocess (its output in
+    ``tmp/app.log``); yields its URL once it answers, stops it on exit."""
     port = free_port()
     log_path = tmp / "app.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*(command or [sys.executable, "app.py"]), *args, "--port", str(port)],
+                                cwd=tmp if command else REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}/"
         try:
             deadline = time.monotonic() + start_timeout_s

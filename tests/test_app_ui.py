@@ -201,6 +201,16 @@ def test_the_app_takes_an_unset_dtype_from_default_dtype(tiny_pipeline, monkeypa
     assert engines[0].pipes[MAIN].dtype == torch.bfloat16 and asked == [torch.device("cpu")]
 
 
+def test_pixsigma_app_hands_every_later_word_to_the_apps_own_main(monkeypatch):
+    from pixsigma.cli import main
+    from pixsigma_ui import server
+
+    calls = []
+    monkeypatch.setattr(server, "main", lambda argv, prog: calls.append((argv, prog)))
+    assert main(["app", "--model", "demo", "--port", "7861", "--help"]) == 0
+    assert calls == [(["--model", "demo", "--port", "7861", "--help"], "pixsigma app")]
+
+
 # -- the HTTP API, through gradio_client --------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The installed project: pyproject's console script and entry points resolve, the demo is found from any working
 directory, a fixed-seed image from ``python -m pixsigma`` is byte-identical to the one made before the layout, and
-the non-editable wheel claims only pixsigma's names and works from any directory without the training extra."""
+the non-editable wheel claims only pixsigma's names and works from any directory without the training extra,
+the web app included (``pixsigma app``, ``python -m pixsigma_ui``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.request
 import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from fixtures import TRAIN_ONLY, offline_env, wheel, wheel_env
+from fixtures import TRAIN_ONLY, offline_env, served_app, wheel, wheel_env
 from packaging.requirements import Requirement
 from packaging.version import Version
 from PIL import Image
@@ -224,3 +226,20 @@ print(json.dumps({"failed": failed, "extra_seen": extra_seen, "file": pixsigma._
     assert not out["extra_seen"]  # the [train] extra really is absent here, so every import above ran without it
     assert all(v.startswith(str(env)) for v in out["models"].values()) and all(out["loras"].values())
     assert out["expander"] == "pixsigma.shapes.prompts" and out["world"] == "pixsigma.shapes.lab"
+
+
+def test_the_installed_wheel_serves_the_app_from_any_directory_and_asks_for_the_extra_without_gradio(tmp_path):
+    env = wheel_env()
+    helped = run([str(env / "bin" / "python"), "-m", "pixsigma_ui", "--help"], tmp_path, offline_env()).stdout
+    assert helped.startswith("usage: python -m pixsigma_ui ") and "--enable-training" in helped
+    with served_app(["--alpha-model", "none", "--host", "127.0.0.1"], tmp_path, offline_env(),
+                    command=[str(env / "bin" / "pixsigma"), "app"]) as url:
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+    assert "pixsigma" in page  # the app's own page, served by the installed package (the demo Σ loaded)
+    assert "Traceback" not in (tmp_path / "app.log").read_text()
+    no_gradio = "import sys; sys.modules['gradio'] = None; from pixsigma.cli import main; sys.exit(main(['app']))"
+    done = subprocess.run([str(env / "bin" / "python"), "-c", no_gradio], cwd=tmp_path, env=offline_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ('error: the app needs the [app] extra (gradio is not installed): '
+                           'pip install "pixsigma[app]"\n')
