@@ -18,7 +18,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, distribution, version
+from importlib.metadata import Distribution, PackageNotFoundError, distribution, version
 from pathlib import Path
 
 from pixsigma.io import atomic_write_text
@@ -32,8 +32,8 @@ WHEEL_SOURCES = ("pyproject.toml", "README.md", "pixsigma", "pixsigma_ui", "trai
                  "configs")  # what pyproject's packages and package data are built from
 APP_MAIN = "pixsigma_ui.server"  # the app's main, which the Space's app.py calls
 VENDORED_TOPS = ("pixsigma", "pixsigma_ui")  # the wheel's packages (its dist-info comes too)
-INSTALL_RECORDS = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")  # written by pip, or listing what the
-# Space may leave out: not part of what the Space runs
+# pip's records of an install (RECORD would also list files the Space leaves out): nothing the Space runs
+INSTALL_RECORDS = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")
 DEMO_DATA = "pixsigma/data/assets/demo/"
 CONFIG_DATA = "pixsigma/data/configs/"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -129,9 +129,8 @@ def build_wheel(checkout: Path, dist: Path) -> Path:
     return wheel
 
 
-def installed_files() -> dict[str, Path]:
-    """{name inside the wheel: file} of the installed pixsigma this process runs (its RECORD's pixsigma/,
-    pixsigma_ui/ and dist-info files, compiled caches and pip's own records left out)."""
+def installed() -> Distribution:
+    """The installed pixsigma distribution, refused unless its files are the ones this process runs."""
     try:
         dist = distribution("pixsigma")
     except PackageNotFoundError as e:
@@ -139,6 +138,13 @@ def installed_files() -> dict[str, Path]:
     if Path(dist.locate_file("pixsigma/__init__.py")).resolve() != PACKAGE_DIR / "__init__.py":
         raise ValueError(f"the pixsigma running ({PACKAGE_DIR}) is not the installed distribution's "
                          f"({dist.locate_file('pixsigma')}): run pixsigma space from a clone or the install")
+    return dist
+
+
+def installed_files() -> dict[str, Path]:
+    """{name inside the wheel: file} of the installed pixsigma this process runs (its RECORD's pixsigma/,
+    pixsigma_ui/ and dist-info files, compiled caches and pip's own records left out)."""
+    dist = installed()
     out = {}
     for f in dist.files or ():
         name = f.as_posix()
@@ -177,7 +183,7 @@ def vendor(out: Path, opts: SpaceOptions, wheel: Path | None) -> list[str]:
 def metadata(wheel: Path | None) -> str:
     """The core metadata (``METADATA``) of ``wheel``, or of the installed distribution when None."""
     if wheel is None:
-        return distribution("pixsigma").read_text("METADATA") or ""
+        return installed().read_text("METADATA") or ""
     with zipfile.ZipFile(wheel) as z:
         (meta,) = (n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         return z.read(meta).decode()
