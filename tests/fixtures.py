@@ -303,3 +303,56 @@ def wheel_env() -> Path:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                     "--no-index", str(wheel())], check=True, capture_output=True, text=True)
     return env
+
+
+# -- a fake trainer for the Train tab's tests: the real trainer's command line and run files, in milliseconds --------
+FAKE_TRAINER = '''
+import argparse, json, os, sys, time
+from pathlib import Path
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config")
+ap.add_argument("--resume", action="store_true")
+ap.add_argument("--runs-dir")
+ap.add_argument("--set", dest="overrides", action="append", default=[])
+args = ap.parse_args()
+o = dict(x.split("=", 1) for x in args.overrides)
+run, total = Path(o["output_dir"]), int(o["steps"])
+delay = float(os.environ.get("FAKE_TRAIN_DELAY", "0.01"))
+print("[train] argv", sys.argv[1:], flush=True)
+ckpt = run / "ckpt.json"
+start = json.loads(ckpt.read_text())["step"] if args.resume and ckpt.exists() else 0
+
+
+def status(**kw):
+    tmp = run / ".status.tmp"
+    tmp.write_text(json.dumps({"total_steps": total, "samples": ["samples/latest.png"], "error": None,
+                               "pid": os.getpid(), "updated": time.time(), **kw}))
+    os.replace(tmp, run / "status.json")
+
+
+(run / "samples").mkdir(exist_ok=True)
+status(state="running", step=start, last_loss=None)
+for step in range(start + 1, total + 1):
+    time.sleep(delay)
+    loss = 1.0 / step
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "lr": float(o["optim.lr"])}) + "\\n")
+    status(state="running", step=step, last_loss=loss)
+    if (run / "STOP").exists():
+        ckpt.write_text(json.dumps({"step": step}))
+        (run / "STOP").unlink()
+        status(state="stopped", step=step, last_loss=loss)
+        sys.exit(0)
+status(state="finished", step=total, last_loss=loss)
+'''
+
+
+def wait_for(manager: Any, name: str, cond, timeout: float = 30.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = manager.state(name)
+        if cond(s):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"run {name} never reached the condition; last state {manager.state(name)}")

@@ -10,10 +10,10 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import gradio as gr
 import pytest
+from fixtures import FAKE_TRAINER, wait_for
 from PIL import Image
 
 from pixsigma.pipeline import PixSigmaPipeline
@@ -21,47 +21,6 @@ from pixsigma_ui.engine import MAIN, AppEngine
 from pixsigma_ui.server import build_demo
 from pixsigma_ui.train_tab import STAGES, Recipe, RunManager, find_recipes, log_tail, read_metrics
 from pixsigma_ui.uploads import UploadLimits, Uploads
-
-FAKE_TRAINER = '''
-import argparse, json, os, sys, time
-from pathlib import Path
-
-ap = argparse.ArgumentParser()
-ap.add_argument("config")
-ap.add_argument("--resume", action="store_true")
-ap.add_argument("--runs-dir")
-ap.add_argument("--set", dest="overrides", action="append", default=[])
-args = ap.parse_args()
-o = dict(x.split("=", 1) for x in args.overrides)
-run, total = Path(o["output_dir"]), int(o["steps"])
-delay = float(os.environ.get("FAKE_TRAIN_DELAY", "0.01"))
-print("[train] argv", sys.argv[1:], flush=True)
-ckpt = run / "ckpt.json"
-start = json.loads(ckpt.read_text())["step"] if args.resume and ckpt.exists() else 0
-
-
-def status(**kw):
-    tmp = run / ".status.tmp"
-    tmp.write_text(json.dumps({"total_steps": total, "samples": ["samples/latest.png"], "error": None,
-                               "pid": os.getpid(), "updated": time.time(), **kw}))
-    os.replace(tmp, run / "status.json")
-
-
-(run / "samples").mkdir(exist_ok=True)
-status(state="running", step=start, last_loss=None)
-for step in range(start + 1, total + 1):
-    time.sleep(delay)
-    loss = 1.0 / step
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "loss": loss, "lr": float(o["optim.lr"])}) + "\\n")
-    status(state="running", step=step, last_loss=loss)
-    if (run / "STOP").exists():
-        ckpt.write_text(json.dumps({"step": step}))
-        (run / "STOP").unlink()
-        status(state="stopped", step=step, last_loss=loss)
-        sys.exit(0)
-status(state="finished", step=total, last_loss=loss)
-'''
 
 
 @pytest.fixture
@@ -80,16 +39,6 @@ def manager(tmp_path, monkeypatch):
     for child in m._children.values():  # never leave a trainer behind
         child.kill()
         child.wait()
-
-
-def wait_for(manager: RunManager, name: str, cond, timeout: float = 30.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = manager.state(name)
-        if cond(s):
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"run {name} never reached the condition; last state {manager.state(name)}")
 
 
 def test_start_returns_at_once_and_the_run_reports_through_its_files(manager):

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import make_encoders, make_images, write_config
-from test_app_train import FAKE_TRAINER, wait_for
+from fixtures import FAKE_TRAINER, make_encoders, make_images, wait_for, write_config
 
 from train.config import load_config
 from train.extract import extract

@@ -42,7 +42,7 @@ def test_upload_paint_and_inpaint(served, browser):
     canvas = page.locator("#init-image canvas").first
     canvas.wait_for(timeout=30_000)
     page.wait_for_function("document.querySelector('#edit-size').innerText.includes('Output 256×256 px')",
-                           timeout=30_000)  # the upload reached the server
+                           timeout=60_000)  # the upload reached the server (slow on a loaded machine)
     page.locator("#init-image button[aria-label='Brush']").first.click()
     box = canvas.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
