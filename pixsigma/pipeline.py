@@ -24,11 +24,11 @@ from PIL import Image
 
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
-from pixsigma.constants import DEFAULT_GUIDANCE, DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.constants import DTYPE_NAMES, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.control import apply_control, check_control_request, controlnet_for, default_control_type
 from pixsigma.diffusers_call import DiffusersCall, dtype_name
 from pixsigma.edit import check_edit_request, plan_edit
-from pixsigma.folder_settings import SamplingDefaults, check_sampling
+from pixsigma.folder_settings import SamplingDefaults, adapter_sampling, check_sampling
 from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
@@ -36,7 +36,6 @@ from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.sampling import (
     SAMPLERS,
     decode,
-    default_steps,
     denoise,
     initial_noise,
     latent_preview_array,
@@ -309,13 +308,18 @@ class PixSigmaPipeline(DiffusersCall):
             gh, gw = h, w
         return h, w, gh, gw
 
+    def sampling_for(self, req: GenerationRequest) -> SamplingDefaults:
+        """This model's ``sampling`` defaults under those of the LoRAs the request applies (else the applied
+        ones): a few-step adapter's ``sampling.json`` brings its sampler, steps and guidance."""
+        paths = [s.path for s in req.loras if s.scale] if req.loras is not None else \
+            [p for p, scale in self.loras.active if scale]
+        return self.sampling.with_adapters([adapter_sampling(p) for p in paths])
+
     def resolve_sampling(self, req: GenerationRequest) -> tuple[float, int]:
-        """(guidance, steps) a request runs with: its own, else this model's ``sampling`` defaults (their steps
-        go with the folder's own sampler only), else the sampler's."""
-        guidance = next(g for g in (req.guidance, self.sampling.guidance, DEFAULT_GUIDANCE) if g is not None)
-        own_sampler = req.sampler in (None, "default")
-        steps = req.steps or (self.sampling.steps if own_sampler and self.sampling.steps else None)
-        return float(guidance), steps or default_steps(req.sampler)
+        """(guidance, steps) a request runs with: its own, else this model's (and its adapters') ``sampling``
+        defaults (their steps go with their own sampler only), else the sampler's."""
+        _, steps, guidance = self.sampling_for(req).resolve(req.sampler, req.steps, req.guidance)
+        return guidance, steps
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest,
@@ -332,7 +336,7 @@ class PixSigmaPipeline(DiffusersCall):
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        guidance, steps = self.resolve_sampling(req)
+        sampler, steps, guidance = self.sampling_for(req).resolve(req.sampler, req.steps, req.guidance)
         if req.loras is not None:
             self.set_loras(list(req.loras))  # a swap of hooks, never a reload
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
@@ -353,7 +357,7 @@ class PixSigmaPipeline(DiffusersCall):
             else:
                 y, mask = cond, cmask
             y = y.to(self.dtype)
-            scheduler = make_scheduler(req.sampler, self.scheduler_config, dit.config.prediction_type)
+            scheduler = make_scheduler(sampler, self.scheduler_config, dit.config.prediction_type)
             shape = (len(prompts), dit.config.in_channels, gh // VAE_SCALE_FACTOR, gw // VAE_SCALE_FACTOR)
             latents, gen = initial_noise(shape, seed, self.device, self.dtype, scheduler.init_noise_sigma)
             edit = None
@@ -387,7 +391,7 @@ class PixSigmaPipeline(DiffusersCall):
                 dit.set_kv_compress(own)
         kv = req.kv if req.kv is not None else dit.config.kv_compress
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": steps,
-                  "guidance": guidance, "sampler": req.sampler or "default", "width": w, "height": h,
+                  "guidance": guidance, "sampler": sampler, "width": w, "height": h,
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}

@@ -15,7 +15,8 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # found from the package, not the working directory
 DEMO_DIR = ASSETS_DIR / "demo"
 MODEL_ALIASES = {"demo": DEMO_DIR / "sigma", "demo-alpha": DEMO_DIR / "alpha"}
-LORA_ALIASES = {"demo-tiny-huge": DEMO_DIR / "loras" / "tiny-huge"}  # LoRAs of the demo Σ (docs/lora.md)
+LORA_ALIASES = {"demo-tiny-huge": DEMO_DIR / "loras" / "tiny-huge",  # LoRAs of the demo Σ (docs/lora.md)
+                "demo-lcm": DEMO_DIR / "loras" / "lcm"}  # its 4-step consistency adapter (docs/fewstep.md)
 EXPANDER_GROUP = "pixsigma.prompt_expanders"
 
 
