@@ -3,19 +3,25 @@ student's 1-step image closer to the teacher's many-step one."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from fixtures import TINY_DIT, make_encoders, make_images, random_dit, write_config
+from fixtures import make_encoders, make_images, write_config
 from torch import nn
 
+from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.sampling import denoise, make_scheduler
-from pixsigma.weights import load_dit, save_dit
+from pixsigma.weights import load_dit
 from train.config import load_config
 from train.consistency import ConsistencyDistiller, ConsistencyStage, boundary_scalings, ddim_grid, pseudo_huber
 from train.diffusion import GaussianDiffusion
-from train.loop import train
+from train.extract import extract
+from train.features import open_features
+from train.loop import Trainer, train
+from train.sample import pad_tokens
 
 
 class Toy(nn.Module):
@@ -93,3 +99,98 @@ def test_xl_recipe_reads_and_dry_runs_its_config():
     c = cfg.stage.consistency
     assert (c.huber_c, c.ddim_timesteps, c.guidance, c.target_ema) == (0.001, 50, (4.0, 16.0), 0.95)
     assert cfg.lora is not None and cfg.caption_dropout == 0.0
+
+
+TEACHER_STEPS = 150
+PROBES = ["a red square", "a blue square", "a small green square in the middle of a white picture with a wide shape"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A v-prediction teacher at 64 px trained briefly from scratch on the fixture images (a random one has no
+    smooth ODE to distil), and their feature cache."""
+    root = tmp_path_factory.mktemp("consistency")
+    enc = make_encoders(root / "enc")
+    data = {"source": str(make_images(root / "imgs")), "cache": str(root / "cache"), "text_encoder": str(enc),
+            "vae": str(enc)}
+    cfg = load_config(write_config(root / "teacher.yaml", stage="from_scratch", data=data, sample_prompts=PROBES,
+                                   output_dir=str(root / "teacher"), steps=TEACHER_STEPS, batch_size=4,
+                                   model_args={"prediction_type": "v_prediction"},
+                                   optim={"lr": 3e-3, "grad_clip": 1.0, "warmup_steps": 0}))
+    extract(cfg)
+    train(cfg)
+    return {"root": root, "data": data, "teacher": root / "teacher" / "final"}
+
+
+def _cfg(world, name, **over):
+    base = dict(stage={"name": "consistency", "load_from": str(world["teacher"]),
+                       "consistency": {"guidance": [2.0, 2.0], "ddim_timesteps": 10}},
+                output_dir=str(world["root"] / name), data=world["data"], batch_size=4)
+    return load_config(write_config(world["root"] / f"{name}.yaml", **{**base, **over}))
+
+
+def _student(world, final: Path | None, lora: bool = True) -> torch.nn.Module:
+    """The distilled model: the teacher with the run's LoRA applied, or the run's whole DiT; None: the teacher."""
+    if final is not None and not lora:
+        return load_dit(final).eval()
+    dit = load_dit(world["teacher"]).eval()
+    if final is not None:
+        LoraStack(dit).set(parse_loras(str(final)))
+    return dit
+
+
+def _one_step_gap(world, student: torch.nn.Module, guidance: float, steps: int) -> float:
+    """Mean squared distance between the student's 1-step LCM latents (guidance 1) and the teacher's ``steps``-step
+    DDIM latents at ``guidance``, over the probe captions and 4 seeds each."""
+    cfg = _cfg(world, "probe", sample_prompts=PROBES)
+    teacher = load_dit(world["teacher"]).eval()
+    feats = open_features(cfg, teacher.config, torch.device("cpu"))
+    y, mask = feats.prompts(PROBES)
+    y, mask = y.repeat(4, 1, 1), mask.repeat(4, 1)
+    yn, mn = (t.expand(y.shape[0], *t.shape[1:]) for t in feats.null_caption())
+    yn, mn = pad_tokens(yn, mn, y.shape[1])
+    y, mask = pad_tokens(y, mask, yn.shape[1])
+    both = (torch.cat([yn, y]), torch.cat([mn, mask])) if guidance > 1 else (y, mask)
+    noise = torch.randn((y.shape[0], 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    ddim = make_scheduler("ddim", prediction_type="v_prediction")
+    ddim.register_to_config(timestep_spacing="trailing")  # from t = 999, as the 1-step sampler starts
+    with torch.no_grad():
+        many = denoise(lambda x, t: teacher(x, t, *both), ddim, noise.clone(), steps, guidance)
+        one = denoise(lambda x, t: student(x, t, y, mask), make_scheduler("lcm", prediction_type="v_prediction"),
+                      noise.clone(), 1, 1.0, torch.Generator().manual_seed(0))
+    return float(((one - many) ** 2).mean())
+
+
+def test_a_short_run_brings_the_one_step_image_toward_the_teachers(world):
+    before = _one_step_gap(world, _student(world, None), 2.0)
+    res = train(_cfg(world, "lcm_lora", steps=40, lora={"rank": 8}, optim={"lr": 1e-2, "warmup_steps": 0}))
+    final = Path(res["exports"]["final"])
+    assert json.loads((final / "sampling.json").read_text()) == {"steps": 4, "guidance": 1.0, "prompt_expander": None,
+                                                                  "sampler": "lcm"}
+    after = _one_step_gap(world, _student(world, final), 2.0)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_a_resumed_whole_dit_run_equals_a_straight_one(world, monkeypatch):
+    over = dict(steps=4, save_every=2, keep_last=3, lora=None, optim={"ema_decay": None})
+    straight = train(_cfg(world, "full_straight", **over))
+    cfg = _cfg(world, "full_killed", **over)
+    real_step = Trainer.optimizer_step
+
+    def dies_in_step_4(self):
+        if self.state.step == 3:
+            raise RuntimeError("killed")
+        return real_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "optimizer_step", dies_in_step_4)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg)
+    resumed = train(cfg, resume=True)
+    assert straight["step"] == resumed["step"] == 4
+    a = load_dit(Path(straight["exports"]["final"])).state_dict()
+    b = load_dit(Path(resumed["exports"]["final"])).state_dict()
+    teacher = load_dit(world["teacher"]).state_dict()
+    assert any(not torch.equal(a[k], teacher[k]) for k in a)  # the whole DiT trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
