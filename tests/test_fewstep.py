@@ -11,13 +11,13 @@ from PIL import Image
 
 from pixsigma.cli import main as cli
 from pixsigma.config import KVCompress
+from pixsigma.constants import FEW_STEP_SAMPLING
 from pixsigma.folder_settings import SamplingDefaults
 from pixsigma.io import read_params
 from pixsigma.lora import save_lora, to_diffusers_lora
 from pixsigma.model.controlnet import ControlNet
 from pixsigma.pipeline import GenerationRequest
 from pixsigma.sampling import make_scheduler
-from train.consistency import FEW_STEP_SAMPLING
 
 
 def _lora(pipe, folder, seed: int, sampling: dict | None):

@@ -7,10 +7,10 @@ import gradio as gr
 import pytest
 from test_fewstep import _lora
 
+from pixsigma.constants import FEW_STEP_SAMPLING
 from pixsigma_ui.engine import MAIN, AppEngine
 from pixsigma_ui.fast_mode import fast_adapter, fast_switch, make_compare_fast_fn, toggle_loras
 from pixsigma_ui.generate_tab import build_generate_tab
-from train.consistency import FEW_STEP_SAMPLING
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from train.sample import pad_tokens
 
 Tensor = torch.Tensor
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary scalings, as diffusers' LCMScheduler uses them
-FEW_STEP_SAMPLING = {"sampler": "lcm", "steps": 4, "guidance": 1.0}  # what a distilled model samples with
 
 
 @dataclass(frozen=True)
@@ -194,9 +193,9 @@ class ConsistencyDistiller:
 
     def losses(self, student: Callable[..., Tensor], x0: Tensor, y: Tensor, mask: Tensor,
                y_null: Tensor, mask_null: Tensor, extra: dict) -> dict[str, Tensor]:
-        """Per-sample ``loss`` (pseudo-Huber) and ``mse`` (B,) of one batch of clean latents x0 (B, C, h, w) with captions y (B, L, C) and
-        the null caption (1, L0, C). The teacher and the target run first, without grad; then ``student``
-        (the wrapped model, whose backward the caller runs) once."""
+        """Per-sample ``loss`` (pseudo-Huber) and ``mse`` (B,) of one batch of clean latents x0 (B, C, h, w) with
+        captions y (B, L, C) and the null caption (1, L0, C). The teacher and the target run first, without grad;
+        then ``student`` (the wrapped model, whose backward the caller runs) once."""
         b, dev = x0.shape[0], x0.device
         start, end, g = self.sample_points(b, dev)
         noise = torch.randn_like(x0)

@@ -23,13 +23,14 @@ from accelerate.utils import gather_object, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
+from pixsigma.constants import FEW_STEP_SAMPLING
 from pixsigma.folder_settings import SamplingDefaults
 from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb, to_pil
 from train.checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig
-from train.consistency import FEW_STEP_SAMPLING, ConsistencyDistiller
+from train.consistency import ConsistencyDistiller
 from train.controlnet import build_trainee, export_controlnet, optimizer_params
 from train.diffusion import GaussianDiffusion
 from train.features import open_features
