@@ -156,10 +156,11 @@ class ConsistencyDistiller:
             s.lerp_(p.detach().to(s.device, s.dtype), 1.0 - self.cfg.target_ema)
 
     def state_dict(self) -> dict:
-        return {"shadow": self.shadow}
+        # not "shadow": checkpoint_model reads that key as the run's EMA weights
+        return {"target_ema": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
+        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["target_ema"].items()}
 
     def sample_points(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(t_start, t_end, guidance) per sample: a grid point, the point one solver step before it, a CFG scale."""
