@@ -28,7 +28,7 @@ from shapes.report import generate_fn
 
 SIZE = 256
 STUDENT_STEPS = (1, 2, 4, 8)
-PARTS = ("teacher", "student")  # the teacher's rows do not depend on the adapter: measured once
+PARTS = ("teacher", "baseline", "student")  # the teacher's and the baseline's rows do not depend on the adapter
 # (label, request settings): the teacher as PixArt samples by default, and as the demo folder samples
 TEACHERS = (("Σ teacher, 20 DPM-Solver++ steps, guidance 4.5",
              {"sampler": "dpm-solver", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}),
@@ -65,7 +65,8 @@ def _score(pipe, n: int, loras: str | None, expand: bool, **sampling: Any) -> di
 
 
 def measure(lora: str, n: int, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
-    """One row per (prompts as typed or expanded) × (teacher setting or adapter steps), of the ``parts`` asked."""
+    """One row per (prompts as typed or expanded) × (teacher setting, the sampler without the adapter, adapter
+    steps), of the ``parts`` asked."""
     from pixsigma.pipeline import PixSigmaPipeline
 
     pipe = PixSigmaPipeline.from_pretrained("demo", device="cpu")
@@ -75,6 +76,9 @@ def measure(lora: str, n: int, parts: tuple[str, ...] = PARTS) -> list[dict[str,
             for label, sampling in TEACHERS:
                 rows.append({"part": "teacher", "model": label, "expanded": expand,
                              **_score(pipe, n, None, expand, **sampling)})
+        if "baseline" in parts:  # what the sampler alone gives: the teacher, 4 LCM steps, no adapter
+            rows.append({"part": "baseline", "model": "Σ without the adapter, 4 LCM steps, guidance 1",
+                         "expanded": expand, **_score(pipe, n, None, expand, sampler="lcm", steps=4, guidance=1.0)})
         if "student" in parts:
             for steps in STUDENT_STEPS:
                 rows.append({"part": "student", "steps": steps, "expanded": expand,
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(args.out.read_text())
         if old.get("n") == args.n:
             rows = [r for r in old["rows"] if r.get("part") not in parts] + rows
-    rows.sort(key=lambda r: (r["expanded"], r["part"] != "teacher", r.get("steps", 0)))
+    rows.sort(key=lambda r: (r["expanded"], PARTS.index(r["part"]), r.get("steps", 0)))
     print(table(rows, args.n), flush=True)
     if args.out:
         atomic_write_json({"n": args.n, "size": SIZE, "lora": args.lora, "rows": rows}, args.out, indent=1)

@@ -205,3 +205,14 @@ def test_a_resumed_whole_dit_run_equals_a_straight_one(world, monkeypatch):
     assert any(not torch.equal(a[k], teacher[k]) for k in a)  # the whole DiT trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lab_chains_end_with_a_whole_dit_consistency_stage():
+    from shapes.plan import FEW_STEP_SETS, lab_plan
+
+    for preset in ("quick-fast", "full"):
+        last = lab_plan(preset).plan[-1]
+        assert last.sets == FEW_STEP_SETS and last.resolution == 256
+        cfg = load_config(f"configs/{last.config}", [*last.sets, "stage.load_from=runs/sigma_kv"])
+        assert cfg.stage.name == "consistency" and cfg.lora is None and cfg.optim.ema_decay is None
+    assert all(st.config != "shapes_sigma_lcm.yaml" for st in lab_plan("quick").plan)
