@@ -4,7 +4,8 @@ GPU: a random T5-XXL-sized encoder, the XL/2 DiT with KV compression (R = 2 on t
 half) and an SDXL-sized VAE, assembled with ``PixSigmaPipeline(...)``; each size runs with
 T5 on the GPU and with T5 offloaded to the CPU (peak memory is the pipeline's own reading).
 CPU: the shipped demo model, or — only while it does not exist — a random pipeline that
-says so in every row. Also the guidance-interval option on the sampling loop.
+says so in every row; beside it the demo with its few-step adapter ``demo-lcm`` (4 LCM steps at guidance 1,
+one DiT call a step: docs/fewstep.md). Also the guidance-interval option on the sampling loop.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from bench.models import (
     random_dit_weights,
 )
 from bench.plan import Profile, Recorder, failed_row
+from pixsigma.lora import LoraSpec
 from pixsigma.pipeline import GenerationRequest, PixSigmaPipeline
 from pixsigma.sampling import denoise, initial_noise, make_scheduler
 from pixsigma.speed import cfg_interval, optimize
 
 PROMPT = "a small red star above a large blue ring in the photo of a lake at sunset"
 DEMO_PROMPT = "a red star above a blue circle"
+FEW_STEP_LORA = "demo-lcm"  # the demo's consistency adapter: its sampling.json brings 4 LCM steps at guidance 1
+FEW_STEP_PIPELINE = f"demo + {FEW_STEP_LORA} (its own sampling: 4 LCM steps, guidance 1)"
 
 
 def make_dit(p: Profile, size: int, device: torch.device, seed: int):
@@ -47,6 +51,7 @@ def _fresh(pipe: PixSigmaPipeline, offload_t5: bool) -> PixSigmaPipeline:
     fresh = PixSigmaPipeline(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config,
                              pipe.device, pipe.dtype, offload_t5, pipe.name)
     fresh.max_tokens = pipe.max_tokens
+    fresh.loras = pipe.loras  # one record of the adapters hooked on the shared DiT (pipe.set_loras(None) clears)
     return fresh
 
 
@@ -109,6 +114,15 @@ def bench_e2e_random(p: Profile, device: torch.device, rec: Recorder, steps: int
     return rows
 
 
+def _fits(pipe: PixSigmaPipeline, lora: str) -> bool:
+    """Whether ``lora`` exists and its shapes fit the pipeline's DiT."""
+    try:
+        pipe.loras.load(LoraSpec(lora))
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return False
+    return True
+
+
 def bench_e2e_demo(p: Profile, device: torch.device, rec: Recorder, steps: int, seed: int
                    ) -> tuple[list[dict], bool]:
     """The shipped demo at each size (binning off: exactly that many pixels); (rows, found)."""
@@ -127,6 +141,16 @@ def bench_e2e_demo(p: Profile, device: torch.device, rec: Recorder, steps: int, 
                                   lambda req=req, size=size: _run_images(pipe, req, False, device, 1,
                                                                          p.e2e_repeats_for(size)))
         rows.append({**row, **res} if res else failed_row(row, reason))
+        if not _fits(pipe, FEW_STEP_LORA):
+            continue  # a stand-in for the demo (the tests' tiny pipeline): its adapter is not this model's
+        fast = {**row, "pipeline": FEW_STEP_PIPELINE}
+        rec.log(f"e2e demo {size}px, {FEW_STEP_LORA}")
+        req = GenerationRequest(DEMO_PROMPT, width=size, height=size, seed=seed, binning=False, loras=FEW_STEP_LORA)
+        res, reason = rec.attempt(f"e2e demo {size}px {FEW_STEP_LORA}",
+                                  lambda req=req, size=size: _run_images(pipe, req, False, device, 1,
+                                                                         p.e2e_repeats_for(size)))
+        pipe.set_loras(None)
+        rows.append({**fast, **res} if res else failed_row(fast, reason))
     return rows, True
 
 

@@ -60,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output PNG (several images: out-0.png, out-1.png, …)")
     g.add_argument("--negative", default="", help="negative prompt (default: empty, as PixArt was trained)")
     g.add_argument("--seed", type=int, help="random seed (default: random, stored in the PNG)")
-    g.add_argument("--steps", type=int, help="sampling steps (default: the model folder's sampling.json, else the "
-                   "sampler's: 20 for DPM-Solver++)")
-    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: the model folder's "
-                   f"sampling.json, else {DEFAULT_GUIDANCE}; 1 = off)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: a --lora's or the model folder's "
+                   "sampling.json, else the sampler's: 20 for DPM-Solver++, 4 for lcm)")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: a --lora's or the model "
+                   f"folder's sampling.json, else {DEFAULT_GUIDANCE}; 1 = off: one DiT call per step)")
     g.add_argument("--width", type=int, help="image width in px (default: the model's base resolution)")
     g.add_argument("--height", type=int, help="image height in px")
     g.add_argument("--sampler", choices=SAMPLERS, default="default",
-                   help="default = the model folder's scheduler; dpm-solver = DPM-Solver++ multistep")
+                   help="default = a --lora's sampling.json (lcm for a few-step adapter such as demo-lcm), else "
+                   "the model folder's scheduler; dpm-solver = DPM-Solver++ multistep; lcm = 1-8 steps of a "
+                   "consistency-distilled model")
     g.add_argument("--no-binning", action="store_true", help="generate at exactly --width/--height (multiples "
                    "of 16) instead of the nearest aspect-ratio bucket resized back")
     g.add_argument("--kv-compress", type=int, metavar="R", help="KV token compression ratio (1 = off; default: "

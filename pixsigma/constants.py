@@ -8,4 +8,6 @@ VAE_SCALE_FACTOR = 8  # pixels per latent cell of every PixArt VAE
 SIZE_MULTIPLE = 16  # VAE factor × patch size: the smallest step an image side can take
 TILED_DECODE_FROM = 2048  # decode the VAE in tiles from this many pixels (long side) up
 PARAMS_CHUNK = "parameters"  # PNG text chunk holding the generation parameters
+# How a consistency-distilled (LCM) model samples: what its sampling.json names (docs/fewstep.md)
+FEW_STEP_SAMPLING = {"sampler": "lcm", "steps": 4, "guidance": 1.0}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # what --dtype / from_pretrained(dtype=) accept (pipeline.DTYPES maps them)

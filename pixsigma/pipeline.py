@@ -25,20 +25,20 @@ from transformers import AutoTokenizer
 
 from pixsigma.buckets import check_size, nearest_bucket
 from pixsigma.config import PREDICTION_TYPES, KVCompress
-from pixsigma.constants import DEFAULT_GUIDANCE, MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
+from pixsigma.constants import MAX_TOKENS, TILED_DECODE_FROM, VAE_SCALE_FACTOR
 from pixsigma.control import controlnet_for, default_control_type
 from pixsigma.device import DTYPES, default_dtype, dtype_name, resolve_device
 from pixsigma.diffusers_call import DiffusersCall
 from pixsigma.edit import Edit, plan_edit
-from pixsigma.folder_settings import SamplingDefaults
+from pixsigma.folder_settings import SamplingDefaults, adapter_sampling
 from pixsigma.images import resize_and_crop, to_pil
 from pixsigma.lora import LoraStack, parse_loras
 from pixsigma.model.controlnet import ControlNet
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.registry import MODEL_ALIASES, load_expander
 from pixsigma.request import MAX_IMAGES, GenerationRequest, GenerationResult, generators
-from pixsigma.sampling import SAMPLERS, decode, default_steps, latent_preview_array, make_scheduler, micro_conditions
-from pixsigma.speed import optimize
+from pixsigma.sampling import SAMPLERS, decode, latent_preview_array, make_scheduler, micro_conditions
+from pixsigma.speed import optimize, speed_mode
 from pixsigma.stack.conditioning import Conditioning, text_conditioning
 from pixsigma.stack.control import prepare_control
 from pixsigma.stack.denoiser import build_denoiser
@@ -223,13 +223,18 @@ class PixSigmaPipeline(DiffusersCall):
             gh, gw = h, w
         return h, w, gh, gw
 
+    def sampling_for(self, req: GenerationRequest) -> SamplingDefaults:
+        """This model's ``sampling`` defaults under those of the LoRAs the request applies (else the applied
+        ones): a few-step adapter's ``sampling.json`` brings its sampler, steps and guidance."""
+        paths = [s.path for s in req.loras if s.scale] if req.loras is not None else \
+            [p for p, scale in self.loras.active if scale]
+        return self.sampling.with_adapters([adapter_sampling(p) for p in paths])
+
     def resolve_sampling(self, req: GenerationRequest) -> tuple[float, int]:
-        """(guidance, steps) a request runs with: its own, else this model's ``sampling`` defaults (their steps
-        go with the folder's own sampler only), else the sampler's."""
-        guidance = next(g for g in (req.guidance, self.sampling.guidance, DEFAULT_GUIDANCE) if g is not None)
-        own_sampler = req.sampler in (None, "default")
-        steps = req.steps or (self.sampling.steps if own_sampler and self.sampling.steps else None)
-        return float(guidance), steps or default_steps(req.sampler)
+        """(guidance, steps) a request runs with: its own, else this model's (and its adapters') ``sampling``
+        defaults (their steps go with their own sampler only), else the sampler's."""
+        _, steps, guidance = self.sampling_for(req).resolve(req.sampler, req.steps, req.guidance)
+        return guidance, steps
 
     def seed_for(self, req: GenerationRequest) -> int:
         """The request's seed, else its generator's initial seed, else a random one (reported in the result)."""
@@ -257,12 +262,12 @@ class PixSigmaPipeline(DiffusersCall):
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        guidance, steps = self.resolve_sampling(req)
+        sampler, steps, guidance = self.sampling_for(req).resolve(req.sampler, req.steps, req.guidance)
         seed, (h, w, gh, gw) = self.seed_for(req), self.plan_size(req)
         with request_scope(self, req):  # LoRAs, KV: this request's, the pipeline's own again after
             prompts, cond, control, cmap, warnings = self.condition(req, seed, guidance, gh, gw)
             warnings = self.loras.warnings + warnings  # skipped keys of the active adapters' files
-            scheduler = make_scheduler(req.sampler, self.scheduler_config, self.transformer.config.prediction_type)
+            scheduler = make_scheduler(sampler, self.scheduler_config, self.transformer.config.prediction_type)
             steps = set_schedule(scheduler, steps, self.device, req.timesteps, req.sigmas)
             shape = (cond.cond.shape[0], self.transformer.config.in_channels, gh // VAE_SCALE_FACTOR,
                      gw // VAE_SCALE_FACTOR)
@@ -274,7 +279,7 @@ class PixSigmaPipeline(DiffusersCall):
             latents = sample(denoiser, scheduler, latents, timesteps, step_kwargs(scheduler, gen, req.eta), edit,
                              _step_hook(callback, on_step, len(timesteps)))
             images, pixels = self.decode(req, latents, h, w, edit)
-            params = self.params(req, seed, steps, guidance, prompts, edit, (h, w, gh, gw))
+            params = self.params(req, seed, sampler, steps, guidance, prompts, edit, (h, w, gh, gw))
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(images, seed, params, warnings, time.perf_counter() - start, peak, w, h, cmap,
                                 latents, pixels)
@@ -326,13 +331,13 @@ class PixSigmaPipeline(DiffusersCall):
             return edit.finish(to_pil(pixels)), None  # pasted onto the input
         return to_pil(pixels), pixels
 
-    def params(self, req: GenerationRequest, seed: int, steps: int, guidance: float, prompts: list[str],
-               edit: Edit | None, sizes: tuple[int, int, int, int]) -> dict[str, Any]:
+    def params(self, req: GenerationRequest, seed: int, sampler: str, steps: int, guidance: float,
+               prompts: list[str], edit: Edit | None, sizes: tuple[int, int, int, int]) -> dict[str, Any]:
         """What the PNG records of the request (read inside its scope: its LoRAs and KV)."""
         h, w, gh, gw = sizes
         kv = self.transformer.config.kv_compress
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": steps,
-                  "guidance": guidance, "sampler": req.sampler or "default", "width": w, "height": h,
+                  "guidance": guidance, "sampler": sampler, "width": w, "height": h,
                   "generated_size": [gw, gh], "binning": req.binning, "model": self.name,
                   "kv_compress": {"ratio": kv.ratio, "layers": list(kv.layers), "operator": kv.operator},
                   "dtype": str(self.dtype).removeprefix("torch."), "generator": "pixsigma"}
@@ -340,6 +345,8 @@ class PixSigmaPipeline(DiffusersCall):
             params["loras"] = [{"path": p, "scale": s} for p, s in self.loras.active]
         if req.guidance_interval is not None:
             params["guidance_interval"] = list(req.guidance_interval)
+        if speed_mode(self.transformer) != "eager":  # how it ran, not what it computed (up to kernel rounding)
+            params["speed"] = speed_mode(self.transformer)
         if self.t5_precision is not None:  # int8 T5 changes the image slightly
             params["t5"] = self.t5_precision
         if req.control_image is not None:

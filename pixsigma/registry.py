@@ -18,7 +18,8 @@ from pixsigma.layout import DATA_ROOT, local_target
 ASSETS_DIR = DATA_ROOT / "assets"  # found from the package, not the working directory
 DEMO_DIR = ASSETS_DIR / "demo"
 MODEL_ALIASES = {"demo": DEMO_DIR / "sigma", "demo-alpha": DEMO_DIR / "alpha"}
-LORA_ALIASES = {"demo-tiny-huge": DEMO_DIR / "loras" / "tiny-huge"}  # LoRAs of the demo Σ (docs/lora.md)
+LORA_ALIASES = {"demo-tiny-huge": DEMO_DIR / "loras" / "tiny-huge",  # LoRAs of the demo Σ (docs/lora.md)
+                "demo-lcm": DEMO_DIR / "loras" / "lcm"}  # its 4-step consistency adapter (docs/fewstep.md)
 EXPANDER_GROUP = "pixsigma.prompt_expanders"
 
 

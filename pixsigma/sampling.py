@@ -27,9 +27,9 @@ __all__ = ["DEFAULT_STEPS_FOR", "PIXART_BETAS", "SAMPLERS", "decode", "default_s
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, latents)
 
-SAMPLERS = ("default", "dpm-solver", "sa-solver", "ddim", "euler", "euler-a")
+SAMPLERS = ("default", "dpm-solver", "sa-solver", "ddim", "euler", "euler-a", "lcm")
 DEFAULT_STEPS_FOR = {"default": DEFAULT_STEPS, "dpm-solver": DEFAULT_STEPS, "sa-solver": 25, "ddim": 50, "euler": 30,
-                     "euler-a": 30}
+                     "euler-a": 30, "lcm": 4}
 # PixArt's training schedule, used when a model folder carries no scheduler config.
 PIXART_BETAS = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 0.0001, "beta_end": 0.02,
                 "beta_schedule": "linear", "prediction_type": "epsilon"}
@@ -58,6 +58,8 @@ def make_scheduler(name: str | None, folder_config: dict[str, Any] | None = None
         return diffusers.DDIMScheduler.from_config(base, clip_sample=False)  # latents are not in [-1, 1]
     if name == "euler":
         return diffusers.EulerDiscreteScheduler.from_config(base)
+    if name == "lcm":  # a consistency-distilled model's 1-8 steps (docs/fewstep.md); its grid: 50 of 1000 timesteps
+        return diffusers.LCMScheduler.from_config(base, original_inference_steps=50, clip_sample=False)
     # Ancestral: each step re-noises a little, so a small model's errors are partly washed out rather than
     # carried to the end.
     return diffusers.EulerAncestralDiscreteScheduler.from_config(base)

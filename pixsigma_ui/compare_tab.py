@@ -17,6 +17,7 @@ from pixsigma.config import KVCompress, parse_layers
 from pixsigma_ui.aspects import ASPECTS, parse_aspect
 from pixsigma_ui.control_panel import build_compare_control
 from pixsigma_ui.engine import ALPHA, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, layers_spec
+from pixsigma_ui.fast_mode import build_compare_fast
 from pixsigma_ui.generate_tab import expansion_note
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_int, as_text, guarded, resolve_seed
 from pixsigma_ui.model_picker import build_model_picker, check_run, run_panel
@@ -144,3 +145,4 @@ def build_compare_tab(engine: AppEngine, gpu: Callable = lambda fn: fn) -> None:
           api_name="compare", concurrency_id=engine.device_key, concurrency_limit=engine.concurrency,
           preprocess=False)  # inputs checked by name in the handler (inputs.py)
     build_compare_control(engine, gpu)  # Σ vs Σ + ControlNet (control_panel.py)
+    build_compare_fast(engine, gpu)  # Σ vs Σ fast, with the model's consistency adapter (fast_mode.py)

@@ -267,7 +267,7 @@ class AppEngine:
     def info(self, model: str = MAIN) -> ModelInfo:
         self._check_model(model)
         cfg, pipe = self._configs[model], self.pipes[model]
-        guidance, steps = pipe.resolve_sampling(GenerationRequest("-"))
+        guidance, steps = pipe.resolve_sampling(GenerationRequest("-", loras=()))  # its own, whatever LoRAs ran last
         return ModelInfo(name=self.names[model], config=cfg, device=str(pipe.device),
                          resolutions=offered_resolutions(cfg, self.limits.max_resolution), steps=steps,
                          guidance=guidance, prompt_expander=pipe.sampling.prompt_expander)

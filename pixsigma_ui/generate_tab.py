@@ -25,6 +25,7 @@ from pixsigma_ui.aspects import aspect_choices, parse_aspect
 from pixsigma_ui.control_panel import build_control_inputs, build_control_map, with_control
 from pixsigma_ui.edit_panel import build_edit_inputs, with_edit
 from pixsigma_ui.engine import GUIDANCE_RANGE, KV_RATIOS, MAIN, MAX_SEED, AppEngine, Done, Step, layers_spec
+from pixsigma_ui.fast_mode import build_fast_toggle, link_fast_toggle
 from pixsigma_ui.inputs import RANDOM_SEED, as_bool, as_float, as_int, as_text, cap, guarded, resolve_seed
 from pixsigma_ui.lora_panel import build_lora_picker, resolve_loras
 from pixsigma_ui.model_picker import build_model_picker, check_model, link_resolution, resolution_for
@@ -144,6 +145,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler")
                 num_images = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
+            fast = build_fast_toggle(engine)  # "Fast (4 steps)" where the model has a consistency adapter
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=RANDOM_SEED, maximum=MAX_SEED, label="Seed",
                                  info="-1: a random seed")
@@ -153,6 +155,7 @@ def build_generate_tab(engine: AppEngine, outputs: Path, gpu: Callable = lambda 
                                  visible=info.prompt_expander is not None, elem_id="expand")
             edit = build_edit_inputs(resolution)
             loras = build_lora_picker()
+            link_fast_toggle(engine, fast, steps, guidance, sampler, loras)
             with gr.Accordion("KV token compression", open=False):
                 gr.Markdown(f"{info.name}: layers 0–{info.depth - 1}; own setting: "
                             + (f"R={info.kv.ratio} on {layers_spec(info.kv.layers)}" if info.kv.active else "off"))

@@ -32,12 +32,14 @@ else:
     from pixsigma.train.chain import PRESETS, STARTS, chain_status, stop_chain
 
 POLL_SECONDS = 2.0
-PRESET_HELP = "tiny: seconds, a smoke test · quick: about 20 minutes on 2 CPU cores · full: the shipped pair's recipe"
+PRESET_HELP = ("tiny: seconds, a smoke test · quick: about 20 minutes on 2 CPU cores · quick-fast: quick, then the "
+               "consistency stage (4-step Σ) · full: the shipped pair's recipe, then the consistency stage")
 STAGE_HELP = {"from_scratch": "α: the weak model (shipped, or trained from scratch)",
               "vae_adapt": "VAE swap: α learns VAE-σ's latent space (128 px)",
               "res_up": "128 → 256 px, position embeddings interpolated",
               "kv_compress": "KV compression: keys and values pooled 2×2 in deep layers",
-              "finetune": "fine-tune the loaded model (the form below; your data or the shapes world)"}
+              "finetune": "fine-tune the loaded model (the form below; your data or the shapes world)",
+              "consistency": "few-step Σ: distilled to 4 LCM steps without guidance (docs/fewstep.md)"}
 
 
 def score_line(score: dict[str, Any] | None) -> str:

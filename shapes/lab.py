@@ -60,8 +60,10 @@ class ShapesWorld:
         return lab_plan(name, start_from)
 
     def score(self, pipeline: Path, transformer: Path | Any, resolution: int, n: int, steps: int,
-              seed: int = 0) -> dict[str, float | int]:
-        """ShapesBench on the first ``n`` held-out prompts: ``attribute, count, colour, shape, position, n``."""
+              seed: int = 0, sampling: dict[str, Any] | None = None) -> dict[str, float | int]:
+        """ShapesBench on the first ``n`` held-out prompts: ``attribute, count, colour, shape, position, n``.
+        ``sampling``: sampler, guidance and expand_prompt (None: ``BENCH_SAMPLING``; a consistency model's: 4 LCM
+        steps at guidance 1)."""
         from pixsigma.model.dit import PixArtDiT
         from pixsigma.weights import load_dit
 
@@ -71,7 +73,7 @@ class ShapesWorld:
         pipe = _pipeline(str(pipeline))
         net = transformer if isinstance(transformer, PixArtDiT) else load_dit(transformer)
         pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
-        r = shapesbench.evaluate(generate_fn(pipe, resolution, steps=steps, **BENCH_SAMPLING), n=n,
+        r = shapesbench.evaluate(generate_fn(pipe, resolution, steps=steps, **(sampling or BENCH_SAMPLING)), n=n,
                                  width=resolution, height=resolution, batch_size=min(n, 16), seed=seed)
         return {**{k: round(float(r[k]), 4) for k in SCORE_KEYS}, "n": n}
 

@@ -36,6 +36,7 @@ class StageRun:
     batch_size: int
     images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
     short: str = "raw"  # its data's short captions (world.dataset_caption): "raw", or "complete"
+    sets: tuple[str, ...] = ()  # more ``--set`` pairs of this run (the lab's consistency stage: a whole-DiT student)
 
     def __post_init__(self) -> None:
         for name in ("steps", "resolution", "batch_size"):
@@ -47,6 +48,8 @@ class StageRun:
         if self.pipeline not in PIPELINES:
             raise ValueError(f"stage {self.name!r}: pipeline must be one of {', '.join(PIPELINES)}, "
                              f"got {self.pipeline!r}")
+        if isinstance(self.sets, list):
+            object.__setattr__(self, "sets", tuple(self.sets))
         if self.short not in SHORT_STYLES:
             raise ValueError(f"stage {self.name!r}: short must be one of {', '.join(SHORT_STYLES)}, got {self.short!r}")
 
@@ -103,7 +106,7 @@ def plan_from_json(rows: Any, where: str = "the plan") -> list[StageRun]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or set(row) - known or required - set(row):
             raise ValueError(f"{where}: run {i} must be an object with the keys {', '.join(sorted(required))} "
-                             f"(optional: images, short) and no others, got {row!r}")
+                             f"(optional: images, short, sets) and no others, got {row!r}")
         plan.append(StageRun(**row))
     names = [st.name for st in plan]
     if len(set(names)) != len(names):
@@ -141,9 +144,19 @@ def read_build_record(work: Path) -> dict[str, Any]:
 
 
 # The lab's chains (python -m train.chain): α (shipped, or trained from scratch) and the three Σ stages, sized
-# to a budget. ``full`` is the shipped pair's recipe (assets/demo/README.md); ``quick`` fits 2 CPU cores in about
-# 20 minutes; ``tiny`` is the test suite's, seconds long and scoring only that it runs.
-LAB_PRESETS = ("tiny", "quick", "full")
+# to a budget. ``full`` is the shipped pair's recipe (assets/demo/README.md) and ends with the consistency stage;
+# ``quick`` fits 2 CPU cores in about 20 minutes, ``quick-fast`` adds the consistency stage to it; ``tiny`` is
+# the test suite's, seconds long and scoring only that it runs.
+LAB_PRESETS = ("tiny", "quick", "quick-fast", "full")
+# The lab's consistency stage (docs/fewstep.md): the whole DiT as the student, so each point is a model the chain
+# scores like the others (at the 4 LCM steps its export's sampling.json names), on the KV stage's data and cache.
+FEW_STEP_SETS = ("lora=", "data.source=data/shapes", "data.cache=data/cache/shapes_sigma_256")
+
+
+def few_step_run(steps: int, batch: int) -> StageRun:
+    """The consistency stage after the KV stage (``configs/shapes_sigma_lcm.yaml`` with ``FEW_STEP_SETS``)."""
+    return StageRun("sigma_lcm", "shapes_sigma_lcm.yaml", "sigma_256", steps, "sigma", 256, batch, steps * batch,
+                    sets=FEW_STEP_SETS)
 LAB_STARTS = ("shipped", "scratch")
 
 
@@ -179,10 +192,11 @@ def lab_plan(name: str, start_from: str = "shipped") -> LabPlan:
     if name == "tiny":
         return LabPlan(name, start_from, _sized((2, 2), (2, 2, 2), 2, 2), images=8, bench_n=2, bench_steps=2,
                        evals=0)
-    if name == "quick":
+    if name in ("quick", "quick-fast"):
         # scoring dominates on CPU (7 points × 48 images): the stages are short, the inner points left out
-        return LabPlan(name, start_from, _sized((300, 16), (60, 40, 40), 16, 8), images=960, bench_n=48,
-                       bench_steps=8, evals=0, checkpoint_every=20)
-    # the shipped pair's recipe: α 5000 × 128, each Σ stage a tenth of that (shapes.build --alpha-batch-scale 4)
-    return LabPlan(name, start_from, stage_plan(5000, alpha_batch_scale=4), images=16000, bench_n=64,
-                   bench_steps=14, evals=4, checkpoint_every=50)
+        plan = _sized((300, 16), (60, 40, 40), 16, 8) + ([few_step_run(60, 8)] if name == "quick-fast" else [])
+        return LabPlan(name, start_from, plan, images=960, bench_n=48, bench_steps=8, evals=0, checkpoint_every=20)
+    # the shipped pair's recipe: α 5000 × 128, each Σ stage a tenth of that (shapes.build --alpha-batch-scale 4),
+    # then the consistency stage
+    return LabPlan(name, start_from, stage_plan(5000, alpha_batch_scale=4) + [few_step_run(500, 16)], images=16000,
+                   bench_n=64, bench_steps=14, evals=4, checkpoint_every=50)

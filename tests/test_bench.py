@@ -322,3 +322,19 @@ def test_busy_cpu_is_flagged(tmp_path, monkeypatch, threads):
     run = json.loads((tmp_path / "results.json").read_text())["runs"]["cpu-quick-dit"]
     assert run["busy"] is True and any(n.startswith("BUSY MACHINE") for n in run["notes"])
     assert "vs peer (unreliable: busy machine)" in (tmp_path / "results.md").read_text()
+
+
+def test_few_step_target_compares_the_two_demo_rows():
+    from bench.e2e import FEW_STEP_PIPELINE
+    from bench.plan import profile_for
+
+    p = profile_for(BenchSettings(device="cpu"), torch.device("cpu"))
+    slow = {"size": 256, "pipeline": "demo (trained, assets/demo/sigma)", "status": "ok", "steps": 20,
+            "timing": {"median_s": 2.4}}
+    fast = {"size": 256, "pipeline": FEW_STEP_PIPELINE, "status": "ok", "steps": 4, "timing": {"median_s": 0.6}}
+    got = {t["target"]: t for t in targets({"e2e": [slow, fast]}, p)}
+    few = got["demo 256 px with demo-lcm (4 steps) ≥ 3× faster than its 20-step default"]
+    assert few["met"] is True and few["measured"] == "4.0×"
+    assert got["demo 256 px, 20 steps ≤ 3 s on 2 CPU cores"]["value"] == 2.4  # the 20-step row, not the fast one
+    got = {t["target"]: t for t in targets({"e2e": [slow]}, p)}
+    assert got["demo 256 px with demo-lcm (4 steps) ≥ 3× faster than its 20-step default"]["met"] is None

@@ -114,7 +114,7 @@ def test_a_dead_chain_reads_as_failed_and_stop_asks_the_running_stage(tmp_path):
 
 
 def test_bad_preset_or_start_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="^preset must be one of tiny, quick, full, got 'huge'$"):
+    with pytest.raises(ValueError, match="^preset must be one of tiny, quick, quick-fast, full, got 'huge'$"):
         Chain("huge", tmp_path)
     with pytest.raises(ValueError, match="^start_from must be one of shipped, scratch, got 'nowhere'$"):
         Chain("tiny", tmp_path, "nowhere")

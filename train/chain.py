@@ -29,12 +29,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pixsigma.constants import FEW_STEP_SAMPLING
 from pixsigma.layout import CHECKOUT, child_env, companion
 
 from .runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 from .runlock import Lease, acquire, exit_if_busy, spawn
 
-PRESETS = ("tiny", "quick", "full")
+PRESETS = ("tiny", "quick", "quick-fast", "full")  # quick-fast and full end with the consistency stage
 STARTS = ("shipped", "scratch")
 CHAIN_JSON, CHAIN_PLOT, CHAIN_PLAN, CHAIN_RUN, CHAIN_LOG = "chain.json", "chain.png", "chain_plan.json", \
     "chain_run.json", "chain.log"
@@ -146,11 +147,15 @@ class Chain:
                      "bench_n": self.lab.bench_n, "bench_steps": self.lab.bench_steps, "evals": self.lab.evals,
                      "stages": rows}, self.runs_dir / CHAIN_PLAN)
 
-    def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None) -> dict[str, Any]:
-        """ShapesBench of ``model``; its seconds are added to ``bench["score_seconds"]``."""
+    def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None,
+              few_step: bool = False) -> dict[str, Any]:
+        """ShapesBench of ``model`` (``few_step``: a consistency model, at the steps and guidance it samples
+        with); its seconds are added to ``bench["score_seconds"]``."""
         t0 = time.perf_counter()
-        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n,
-                             self.lab.bench_steps)
+        fast = {"steps": FEW_STEP_SAMPLING["steps"], "sampling": {
+            "sampler": FEW_STEP_SAMPLING["sampler"], "guidance": FEW_STEP_SAMPLING["guidance"],
+            "expand_prompt": False}} if few_step else {"steps": self.lab.bench_steps}
+        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n, **fast)
         if bench is not None:
             bench["score_seconds"] = round(bench.get("score_seconds", 0.0) + time.perf_counter() - t0, 2)
         return s
@@ -187,7 +192,7 @@ class Chain:
             return bench
         self.emit(event="stage", name=st.name, state="preparing")
         sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images, self.checkpoint_every),
-                *extra]
+                *getattr(st, "sets", ()), *extra]
         t0 = time.perf_counter()
         prepared = prepare_stage(st, self.runs_dir, sets, world=self.world.name,
                                  progress=lambda p: self.emit(event="progress", name=st.name, **p.as_dict()))
@@ -213,6 +218,7 @@ class Chain:
             _write_json(bench, run_dir / BENCH)
             if result["state"] != "finished":
                 return None
+        few_step = cfg.stage.name == "consistency"  # its points sample as it was distilled to: 4 steps, no CFG
         curve = dict((int(k), v) for k, v in bench.get("curve_points", {}).items())
         scored = intervals(st.steps, self.lab.evals, self.checkpoint_every)[1]
         for ck in checkpoint_dirs(run_dir):  # the inner points of the curve: scored checkpoints before the end
@@ -220,12 +226,12 @@ class Chain:
             if step < st.steps and step % scored == 0 and step not in curve:
                 self.emit(event="stage", name=st.name, state="scoring", point=step)
                 net = checkpoint_model(ck)
-                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench)["attribute"]
+                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench, few_step)["attribute"]
                 bench["curve_points"] = {str(k): v for k, v in curve.items()}
                 _write_json(bench, run_dir / BENCH)
         _prune(run_dir, scored)
         self.emit(event="stage", name=st.name, state="scoring", point="final")
-        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench)
+        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench, few_step)
         bench["curve"] = [[0, bench["start"]["attribute"]], *sorted([k, v] for k, v in curve.items()),
                           [st.steps, bench["final"]["attribute"]]]
         bench["steps"] = st.steps

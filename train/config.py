@@ -224,6 +224,8 @@ class TrainConfig:
             d["timestep_band"] = list(self.timestep_band)
         if self.lora is not None:
             d["lora"]["target_modules"] = list(self.lora.target_modules)
+        if self.stage.consistency is not None:
+            d["stage"]["consistency"]["guidance"] = list(self.stage.consistency.guidance)
         return d
 
 

@@ -9,6 +9,7 @@ holds, so a resumed run continues exactly where the interrupted one was (same da
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -22,19 +23,22 @@ from accelerate.utils import gather_object, set_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
+from pixsigma.constants import FEW_STEP_SAMPLING
+from pixsigma.folder_settings import SamplingDefaults
 from pixsigma.io import atomic_write_text, save_png
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.sampling import latent_rgb, to_pil
 
 from .checkpoint import build_model, clean_partial, export_final, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .consistency import ConsistencyDistiller
 from .controlnet import build_trainee, export_controlnet, optimizer_params
 from .diffusion import GaussianDiffusion
 from .features import open_features
 from .lora import add_lora, export_lora
 from .monitor import Monitor
 from .optim import EMA, TrainState, build_optimizer, lr_schedule
-from .runfiles import CONFIG, SAMPLES, sample_name
+from .runfiles import CONFIG, FINAL, SAMPLES, sample_name
 from .runlock import acquire
 from .sample import generate_latents, micro_kwargs, pad_tokens
 from .sampler import BucketBatchSampler
@@ -80,6 +84,10 @@ class Trainer:
             atomic_write_text(run_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
         set_seed(cfg.seed)  # the same initial weights on every process
         model, report = build_model(cfg)
+        consistency = cfg.stage.consistency
+        # a whole-DiT consistency student needs its own frozen teacher; a LoRA student's is the DiT without adapters
+        teacher = copy.deepcopy(model).requires_grad_(False).eval().to(acc.device) \
+            if consistency is not None and cfg.lora is None else None
         if cfg.lora is not None:
             add_lora(model, cfg.lora)  # the base frozen; only the adapter trains (build_optimizer skips frozen)
         self.dit = model.config
@@ -102,9 +110,17 @@ class Trainer:
         if acc.distributed_type == DistributedType.FSDP and (cfg.optim.ema_decay or cfg.sample_every):
             raise ValueError("with FSDP set optim.ema_decay: null and sample_every: 0 (EMA and validation images "
                              "need the whole model on one process)")
+        if acc.distributed_type == DistributedType.FSDP and consistency is not None:
+            raise ValueError("the consistency stage runs with one process or DDP, not FSDP (its teacher and target "
+                             "run the whole model on each process)")
         self.ema = EMA(self.unwrapped, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.diffusion = GaussianDiffusion(prediction_type=self.dit.prediction_type, snr_gamma=cfg.snr_gamma,
+                                           timestep_band=cfg.timestep_band)
+        self.distiller = None if consistency is None else ConsistencyDistiller(
+            self.unwrapped, self.diffusion.tables["sqrt_ac"] ** 2, consistency, self.dit.prediction_type, teacher)
         self.state = TrainState()
-        acc.register_for_checkpointing(self.scheduler, self.state, *([self.ema] if self.ema else []))
+        acc.register_for_checkpointing(self.scheduler, self.state, *([self.ema] if self.ema else []),
+                                       *([self.distiller] if self.distiller else []))
         if existing is not None:
             acc.load_state(str(existing))  # model, optimizer, schedule, EMA, position, RNG states
             monitor.note(f"resumed from {existing} at step {self.state.step}")
@@ -112,8 +128,6 @@ class Trainer:
             if resume:
                 monitor.note(f"nothing to resume in {run_dir}: starting at step 0")
             set_seed(cfg.seed, device_specific=True)  # different noise on each process
-        self.diffusion = GaussianDiffusion(prediction_type=self.dit.prediction_type, snr_gamma=cfg.snr_gamma,
-                                           timestep_band=cfg.timestep_band)
         self.loader_seed = torch.Generator()  # the DataLoader's base seed: not drawn from the training RNG
         monitor.update(model=self.dit.to_dict(), stage=cfg.stage.name, load_report=report, data=self.stats())
 
@@ -138,6 +152,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns its (loss, mse, vb) means."""
         acc, dev = self.acc, self.acc.device
         x0, y, mask = self.features.batch_to_training(batch, dev)  # (B, C, h, w), (B, L, C_text), (B, L)
+        if self.distiller is not None:
+            return self.consistency_step(x0, y, mask, sync)
         y, mask = drop_captions(y, mask, *self.null, self.cfg.caption_dropout)
         t = self.diffusion.sample_timesteps(x0.shape[0], dev)
         noise = torch.randn_like(x0)
@@ -149,6 +165,15 @@ class Trainer:
             acc.backward(terms["loss"].mean() / self.cfg.grad_accum)
         return torch.stack([terms["loss"].mean(), terms["mse"].mean(), terms["vb"].mean()]).detach()
 
+    def consistency_step(self, x0: Tensor, y: Tensor, mask: Tensor, sync: bool) -> Tensor:
+        """The consistency stage's micro-step (train/consistency.py): its (loss, mse, vb = 0) means."""
+        acc, dev = self.acc, self.acc.device
+        with nullcontext() if sync else acc.no_sync(self.model), attention_kernels(dev, self.cfg.mixed_precision), \
+                acc.autocast():
+            terms = self.distiller.losses(self.model, x0, y, mask, *self.null, micro_kwargs(self.dit, x0))
+            acc.backward(terms["loss"].mean() / self.cfg.grad_accum)
+        return torch.stack([terms["loss"].mean(), terms["mse"].mean(), torch.zeros_like(terms["mse"].mean())]).detach()
+
     def optimizer_step(self) -> Tensor | None:
         cfg, acc = self.cfg, self.acc
         norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
@@ -158,6 +183,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.unwrapped)
+        if self.distiller is not None:
+            self.distiller.update_target()
         return norm.detach().float() if norm is not None else None  # on the device: flush() reads it
 
     def validate(self, step: int) -> None:
@@ -248,6 +275,9 @@ class Trainer:
             else:
                 export = export_controlnet if self.control else export_final
                 exports = export(self.acc, self.model, self.ema, self.dit, cfg.run_dir, extra)
+            if self.distiller is not None and self.acc.is_main_process:
+                # the distilled weights carry how they sample: `--lora RUN/final` alone runs 4 LCM steps, no CFG
+                SamplingDefaults(**FEW_STEP_SAMPLING).write(Path(exports[FINAL]))
         state = "stopped" if stopped else "finished"
         self.monitor.close(state, step=st.step, data=self.stats(), exports=exports)
         return {"state": state, "step": st.step, "run_dir": str(cfg.run_dir), "exports": exports}

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from pixsigma.config import DiTConfig
 from pixsigma.io import swap_in_folder
 from pixsigma.lora import save_lora, to_diffusers_lora
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.t5 import quiet_torchao
+from pixsigma.weights import load_dit
 
 from .runfiles import FINAL
 
@@ -95,3 +97,15 @@ def export_lora(accelerator: Accelerator, model: torch.nn.Module, config: DiTCon
         out[FINAL] = str(dest)
     accelerator.wait_for_everyone()
     return out
+
+
+def export_lora_checkpoint(checkpoint: Path, base: str | Path, cfg: LoraTrainConfig, out: Path) -> Path:
+    """A LoRA folder (as ``export_lora`` writes) from a LoRA run's checkpoint folder and the weights it started
+    from: a stopped run's adapter, or one of its points on the way."""
+    net = add_lora(load_dit(base), cfg)
+    net.load_state_dict(load_file(Path(checkpoint) / "model.safetensors"))
+    with torch.device("meta"):
+        skeleton = PixArtDiT(net.config)
+    tensors = to_diffusers_lora(lora_pairs(net), skeleton)
+    targets = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors})
+    return save_lora(tensors, out, cfg.rank, cfg.lora_alpha, targets, base=str(base))

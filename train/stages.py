@@ -12,6 +12,8 @@ it starts from. Everything else (loop, data, objective, checkpoints) is shared.
 - ``finetune``: same model, same resolution, more data.
 - ``controlnet``: the loaded model frozen; a ControlNet (``stage.controlnet``: condition type, copies, the
   projections' LR) trains on control latents the feature cache also holds (``train/controlnet.py``).
+- ``consistency``: latent consistency distillation of the loaded model into a few-step one (``stage.consistency``:
+  Huber c, solver grid, teacher guidance, target EMA; ``train/consistency.py``); a LoRA student by default.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Protocol
 
 from pixsigma.config import PRESETS, DiTConfig, KVCompress, check_fields, default_kv, parse_layers
 from pixsigma.weights import KV_KEYS
+
+from .consistency import ConsistencyStage
 
 CONTROLNET_TRAIN_TYPES = ("canny", "canny-thick", "regions")  # condition makers a run can derive from its own images
 
@@ -44,6 +48,10 @@ STAGES: dict[str, StageSpec] = {
     "finetune": StageSpec("keep training the same model on (new) data", {}),
     "controlnet": StageSpec("train a ControlNet (copied blocks, zero-init projections) on the frozen model",
                             {"optim": {"warmup_steps": 0}, "sample_every": 0}),
+    # LCM-LoRA by default (``lora: null`` distils the whole DiT); the teacher's guided captions are never dropped
+    "consistency": StageSpec("distil the loaded model into a few-step (LCM) student: 4 steps, no CFG batch",
+                             {"lora": {"rank": 64}, "caption_dropout": 0.0, "sample_every": 0,
+                              "optim": {"warmup_steps": 100, "ema_decay": None}}),
 }
 
 
@@ -92,6 +100,7 @@ class Stage:
     resolution: int | None = None
     kv: KVCompress | None = None
     controlnet: ControlNetStage | None = None  # only for the controlnet stage (None there: the defaults)
+    consistency: ConsistencyStage | None = None  # only for the consistency stage (None there: the defaults)
 
     def __post_init__(self) -> None:
         if self.name not in STAGE_NAMES:
@@ -112,6 +121,13 @@ class Stage:
             raise ValueError(f"stage.controlnet is only used by the controlnet stage, not {self.name!r}")
         if self.name == "controlnet" and self.controlnet is None:
             object.__setattr__(self, "controlnet", ControlNetStage())
+        if isinstance(self.consistency, dict):
+            check_fields(ConsistencyStage, self.consistency, "stage.consistency keys")
+            object.__setattr__(self, "consistency", ConsistencyStage(**self.consistency))
+        if self.consistency is not None and self.name != "consistency":
+            raise ValueError(f"stage.consistency is only used by the consistency stage, not {self.name!r}")
+        if self.name == "consistency" and self.consistency is None:
+            object.__setattr__(self, "consistency", ConsistencyStage())
         if self.name == "from_scratch" and self.load_from:
             raise ValueError("stage from_scratch starts from random weights: remove stage.load_from "
                              "(or use stage finetune)")
