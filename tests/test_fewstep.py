@@ -75,6 +75,9 @@ def test_the_adapter_brings_its_sampling_and_guidance_1_is_one_call_per_step(pip
         res = pipe.generate(GenerationRequest("a red star", seed=1, width=64, height=64, loras=str(fast)))
     assert (res.params["sampler"], res.params["steps"], res.params["guidance"]) == ("lcm", 4, 1.0)
     assert calls.batches == [1, 1, 1, 1]  # no CFG batch
+    res = pipe.generate(GenerationRequest("a red star", seed=1, width=64, height=64))
+    assert res.params["sampler"] == "default" and "loras" not in res.params  # a request's adapter ended with it
+    pipe.set_loras(str(fast))  # the pipeline's own set: every request without loras of its own samples with it
     with Calls(pipe.transformer) as calls:
         res = pipe.generate(GenerationRequest("a red star", seed=1, width=64, height=64, guidance=2.0, steps=2))
     assert (res.params["sampler"], res.params["steps"], res.params["guidance"]) == ("lcm", 2, 2.0)  # still applied
