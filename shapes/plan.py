@@ -36,6 +36,7 @@ class StageRun:
     batch_size: int
     images: int | None = None  # first N world images its cache holds (None: all); a short stage sees each once
     short: str = "raw"  # its data's short captions (world.dataset_caption): "raw", or "complete"
+    sets: tuple[str, ...] = ()  # more "key=value" overrides of its config (a lab preset's schedule: LR, EMA, ...)
 
     def __post_init__(self) -> None:
         for name in ("steps", "resolution", "batch_size"):
@@ -47,6 +48,9 @@ class StageRun:
         if self.pipeline not in PIPELINES:
             raise ValueError(f"stage {self.name!r}: pipeline must be one of {', '.join(PIPELINES)}, "
                              f"got {self.pipeline!r}")
+        if isinstance(self.sets, str) or not all(isinstance(x, str) and "=" in x for x in self.sets):
+            raise ValueError(f"stage {self.name!r}: sets must be a list of 'key=value' strings, got {self.sets!r}")
+        object.__setattr__(self, "sets", tuple(self.sets))
         if self.short not in SHORT_STYLES:
             raise ValueError(f"stage {self.name!r}: short must be one of {', '.join(SHORT_STYLES)}, got {self.short!r}")
 
@@ -90,7 +94,7 @@ def stage_plan(alpha_steps: int, alpha_batch_scale: int = 1, sigma_batch_scale: 
 
 def plan_to_json(plan: list[StageRun]) -> list[dict[str, Any]]:
     """The plan as stored in ``shapesbench.json``: one object per run, in training order."""
-    return [asdict(st) for st in plan]
+    return [{k: v for k, v in asdict(st).items() if k != "sets" or v} for st in plan]  # no schedule: as before
 
 
 def plan_from_json(rows: Any, where: str = "the plan") -> list[StageRun]:
@@ -103,7 +107,7 @@ def plan_from_json(rows: Any, where: str = "the plan") -> list[StageRun]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or set(row) - known or required - set(row):
             raise ValueError(f"{where}: run {i} must be an object with the keys {', '.join(sorted(required))} "
-                             f"(optional: images, short) and no others, got {row!r}")
+                             f"(optional: images, short, sets) and no others, got {row!r}")
         plan.append(StageRun(**row))
     names = [st.name for st in plan]
     if len(set(names)) != len(names):

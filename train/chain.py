@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.runfiles import BENCH, FINAL, LIVE_STATES, METRICS, PREPARE, SAMPLES, STOP, read_status
+from train.protocol import Protocol, change_label, changed, conditions, paired_change, separated, with_interval
+from train.runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 
 PRESETS = ("tiny", "quick", "full")
 STARTS = ("shipped", "scratch")
@@ -38,6 +39,9 @@ CHAIN_JSON, CHAIN_PLOT, CHAIN_PLAN, CHAIN_RUN, CHAIN_LOG = "chain.json", "chain.
 STAGE_STATES = ("pending", "running", "done", "failed", "stopped")
 LOSS_POINTS = 400  # loss points per stage in chain_status (evenly thinned): enough for a curve
 SAMPLE_PROMPTS = ["a red square", "a blue circle to the left of a green triangle"]
+BENCH_BATCH = 16  # prompts per sampling batch when scoring (batch b drawn from seed b)
+# What a stage changes in the model itself at its start (beside the conditions it is scored under).
+MODEL_CHANGES = {"vae_adapt": "", "res_up": "PE interpolation", "kv_compress": "KV compression added"}
 
 Event = dict[str, Any]
 EventFn = Callable[[Event], None]
@@ -108,23 +112,6 @@ def _final_loss(run_dir: Path, last: int = 10) -> float | None:
     return round(sum(losses) / len(losses), 5) if losses else None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """step, loss, time and steps/s of each row of a run's metrics log (a half-written row is skipped)."""
-    rows = []
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-            rows.append({"step": int(row["step"]), "loss": float(row["loss"]), "time": row.get("time"),
-                         "steps_per_s": row.get("steps_per_s")})
-        except (ValueError, KeyError, TypeError):
-            continue
-    return rows
-
-
 class Chain:
     """One chain run: the preset's plan in ``runs_dir``, with events to ``on_event``."""
 
@@ -141,6 +128,10 @@ class Chain:
         self.preset, self.start_from, self.runs_dir = preset, start_from, Path(runs_dir)
         self.on_event = on_event or (lambda e: None)
         self.checkpoint_every = getattr(self.lab, "checkpoint_every", None)
+        sampling = self.world.sampling(self.lab.bench_steps, expand=True)
+        self.protocol = Protocol(bench=self.world.bench, n=self.lab.bench_n, steps=self.lab.bench_steps,
+                                 sampler=sampling["sampler"], guidance=sampling["guidance"], seed=0,
+                                 batch_size=min(self.lab.bench_n, BENCH_BATCH), expander=sampling["expander"])
 
     def emit(self, **event: Any) -> None:
         self.on_event({**event, "time": time.time()})
@@ -160,14 +151,16 @@ class Chain:
                      "bench_n": self.lab.bench_n, "bench_steps": self.lab.bench_steps, "evals": self.lab.evals,
                      "stages": rows}, self.runs_dir / CHAIN_PLAN)
 
-    def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None) -> dict[str, Any]:
-        """ShapesBench of ``model``; its seconds are added to ``bench["score_seconds"]``."""
+    def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None,
+              expand: bool = False) -> dict[str, Any]:
+        """The protocol's benchmark of ``model`` with the ``conditions`` it was scored under (and each prompt's
+        score, ``per_prompt``); its seconds are added to ``bench["score_seconds"]``."""
         t0 = time.perf_counter()
-        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n,
-                             self.lab.bench_steps)
+        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.protocol.n,
+                             self.protocol.steps, seed=self.protocol.seed, expand=expand)
         if bench is not None:
             bench["score_seconds"] = round(bench.get("score_seconds", 0.0) + time.perf_counter() - t0, 2)
-        return s
+        return {**s, "conditions": conditions(pipeline, resolution, expand)}
 
     def shipped_alpha(self) -> dict[str, Any]:
         """α as shipped: scored, not trained."""
@@ -182,7 +175,7 @@ class Chain:
             self.emit(event="stage", name=st.name, state="scoring")
             timing: dict[str, Any] = {}
             s = self.score(st.pipeline, weights, st.resolution, timing)
-            bench = {**timing, "start": s, "final": s, "curve": [[0, s["attribute"]]], "seconds": 0.0, "steps": 0,
+            bench = {**timing, "start": s, "final": s, "curve": [self.point(0, s)], "seconds": 0.0, "steps": 0,
                      "stage": "from_scratch", "source": "shipped", "weights": str(weights)}
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="final", step=0, shapesbench=s)
@@ -201,7 +194,7 @@ class Chain:
             return bench
         self.emit(event="stage", name=st.name, state="preparing")
         sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images, self.checkpoint_every),
-                *extra]
+                *getattr(st, "sets", ()), *extra]  # the preset's schedule, then the caller's
         t0 = time.perf_counter()
         prepared = prepare_stage(st, self.runs_dir, sets, world=self.world.name,
                                  progress=lambda p: self.emit(event="progress", name=st.name, **p.as_dict()))
@@ -227,48 +220,124 @@ class Chain:
             _write_json(bench, run_dir / BENCH)
             if result["state"] != "finished":
                 return None
-        curve = dict((int(k), v) for k, v in bench.get("curve_points", {}).items())
+        curve = {int(k): v for k, v in bench.get("curve_points", {}).items() if isinstance(v, dict)}
         scored = intervals(st.steps, self.lab.evals, self.checkpoint_every)[1]
         for ck in checkpoint_dirs(run_dir):  # the inner points of the curve: scored checkpoints before the end
             step = checkpoint_step(ck)
             if step < st.steps and step % scored == 0 and step not in curve:
                 self.emit(event="stage", name=st.name, state="scoring", point=step)
                 net = checkpoint_model(ck)
-                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench)["attribute"]
+                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench)
                 bench["curve_points"] = {str(k): v for k, v in curve.items()}
                 _write_json(bench, run_dir / BENCH)
         _prune(run_dir, scored)
         self.emit(event="stage", name=st.name, state="scoring", point="final")
         bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench)
-        bench["curve"] = [[0, bench["start"]["attribute"]], *sorted([k, v] for k, v in curve.items()),
-                          [st.steps, bench["final"]["attribute"]]]
+        bench["curve"] = [self.point(0, bench["start"]), *(self.point(k, curve[k]) for k in sorted(curve)),
+                          self.point(st.steps, bench["final"])]
         bench["steps"] = st.steps
         _write_json(bench, run_dir / BENCH)
         self.emit(event="score", name=st.name, point="final", step=st.steps, shapesbench=bench["final"])
         self.emit(event="stage", name=st.name, state="done")
         return bench
 
-    def summary(self) -> dict[str, Any]:
-        """``chain.json``'s content from the runs' files."""
-        stages = []
-        for st in self.lab.plan:
-            run_dir = self.runs_dir / st.name
-            bench = _read_json(run_dir / BENCH)
-            if "final" not in bench:
+    def point(self, step: int, score: dict[str, Any]) -> list[Any]:
+        """A curve point: [step, attribute, interval low, interval high] (no interval without per-prompt scores)."""
+        lo, hi = with_interval(score, self.protocol).get("interval") or (None, None)
+        return [step, score["attribute"], lo, hi]
+
+    def _done(self) -> list[tuple[Any, Path, dict[str, Any]]]:
+        """(plan step, run folder, bench.json) of every scored stage, in order."""
+        rows = [(st, self.runs_dir / st.name, _read_json(self.runs_dir / st.name / BENCH)) for st in self.lab.plan]
+        return [row for row in rows if "final" in row[2]]
+
+    def score_ends(self) -> None:
+        """The chain's two ends (α and the last export) scored once more with the prompts through the world's
+        expander (``final_expanded`` in their bench.json): the protocol's "expander on" comparison."""
+        if not self.protocol.expander or not getattr(self.lab, "expand_ends", True):
+            return
+        done = self._done()
+        for st, run_dir, bench in {id(r): r for r in (done[:1] + done[-1:])}.values():
+            if "final_expanded" in bench:
                 continue
             shipped = bench.get("source") == "shipped"
-            stages.append({"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
-                           "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
-                           "prepare_seconds": bench.get("prepare_seconds"),
-                           "final_loss": None if shipped else _final_loss(run_dir),
-                           "shapesbench": bench["final"], "start_shapesbench": bench.get("start"),
-                           "curve": bench.get("curve", []), "run_dir": str(run_dir),
-                           "start": "shipped" if shipped else bench.get("start_source"),
-                           "batch_size": st.batch_size, "resolution": st.resolution})
+            model = Path(bench["weights"]) if shipped else run_dir / FINAL
+            self.emit(event="stage", name=st.name, state="scoring", point="expanded")
+            bench["final_expanded"] = self.score(st.pipeline, model, st.resolution if shipped else
+                                                 _resolution(run_dir), bench, expand=True)
+            _write_json(bench, run_dir / BENCH)
+            self.emit(event="score", name=st.name, point="expanded", step=bench.get("steps", 0),
+                      shapesbench=bench["final_expanded"])
+
+    def summary(self) -> dict[str, Any]:
+        """``chain.json``'s content from the runs' files: each stage's scores with their intervals and
+        conditions, the boundary between it and the stage before (both scores, what changed), and the
+        recovery verdict."""
+        iv = lambda score: with_interval(score, self.protocol) if score else None  # noqa: E731
+        stages, prev = [], None
+        for st, run_dir, bench in self._done():
+            shipped = bench.get("source") == "shipped"
+            start, final = bench.get("start") or {}, bench["final"]
+            row = {"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
+                   "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
+                   "prepare_seconds": bench.get("prepare_seconds"),
+                   "final_loss": None if shipped else _final_loss(run_dir),
+                   "shapesbench": iv(final), "start_shapesbench": iv(start),
+                   "conditions": final.get("conditions"), "start_conditions": start.get("conditions"),
+                   "curve": bench.get("curve", []), "run_dir": str(run_dir),
+                   "start": "shipped" if shipped else bench.get("start_source"),
+                   "batch_size": st.batch_size, "resolution": st.resolution, "schedule": list(getattr(st, "sets", ()))}
+            if "final_expanded" in bench:
+                row["expanded_shapesbench"] = iv(bench["final_expanded"])
+            if not shipped and start.get("per_prompt") and final.get("per_prompt"):
+                row["training_change"] = self._paired(start, final)  # what the stage's training did
+            if prev is not None and start:
+                before, model = prev["final"], MODEL_CHANGES.get(row["stage"], "")
+                was, now = before.get("conditions", {}), start.get("conditions", {})
+                row["boundary"] = {"changes": changed(was, now),
+                                   "label": ", ".join(x for x in (change_label(was, now), model) if x),
+                                   "model_change": model, "before": iv(before), "after": iv(start),
+                                   "paired": self._paired(before, start)}
+            stages.append(row)
+            prev = bench
         return {"preset": self.preset, "start_from": self.start_from, "world": self.world.name,
-                "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps}, "stages": stages}
+                "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps},
+                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": self._recovery(stages)}
+
+    def _paired(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+        if not (before.get("per_prompt") and after.get("per_prompt")):
+            return None
+        return paired_change(before["per_prompt"], after["per_prompt"], self.protocol.level,
+                             self.protocol.resamples, self.protocol.boot_seed)
+
+    def _recovery(self, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Whether every trained stage ends at or above its start (or within noise of it), and whether the last
+        export beats α by a margin outside both intervals (α as shipped, and α through the Σ side)."""
+        if len(stages) < 2:
+            return None
+        rows = []
+        for r in stages:
+            ch = r.get("training_change")
+            if ch is not None:
+                rows.append({"name": r["name"], "start": r["start_shapesbench"]["attribute"],
+                             "end": r["shapesbench"]["attribute"], **ch,
+                             "recovered": ch["change"] >= 0 or ch["within_noise"]})
+        alpha, last = stages[0], stages[-1]
+
+        def versus(low: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not low:
+                return None
+            high = last["shapesbench"]
+            return {"alpha": low["attribute"], "alpha_interval": low.get("interval"), "final": high["attribute"],
+                    "final_interval": high.get("interval"), "margin": round(high["attribute"] - low["attribute"], 4),
+                    "separated": separated(low, high)}
+        own = versus(alpha["shapesbench"])
+        sigma_side = versus(stages[1].get("start_shapesbench"))  # α's weights decoded through the Σ-side VAE
+        return {"stages": rows, "final_vs_alpha": own, "final_vs_alpha_sigma_side": sigma_side,
+                "met": bool(rows) and all(r["recovered"] for r in rows) and bool(own and own["separated"])}
 
     def finish(self) -> dict[str, Any]:
+        self.score_ends()
         summary = self.summary()
         _write_json(summary, self.runs_dir / CHAIN_JSON)
         from train.chainplot import plot_chain

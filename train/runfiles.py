@@ -44,3 +44,20 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's ``status.json`` (None when it has none yet)."""
     path = Path(run_dir) / STATUS
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """step, loss, time and steps/s of each row of a run's metrics log (a half-written row is skipped)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+            rows.append({"step": int(row["step"]), "loss": float(row["loss"]), "time": row.get("time"),
+                         "steps_per_s": row.get("steps_per_s")})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows

@@ -1,0 +1,123 @@
+"""The chain's one evaluation protocol, the conditions of each scored point, and the 95 % intervals.
+
+Every point of a chain is scored alike: the same held-out prompts as typed (and, at the chain's two ends, the
+same prompts through the world's expander), the same sampler, steps, guidance and seeds. What may differ
+between points is only what a stage changes: the VAE (the pipeline a point decodes through) and the
+resolution. A stage's start and its export are scored under identical conditions; at a boundary where a
+condition changes, the model before it is scored under both (the previous stage's end, and this stage's
+start), so a jump there is credited to the change, not to training.
+
+Intervals are percentile bootstraps over prompts (the mean of per-prompt scores, resampled with a fixed
+seed); a change between two points on the same prompts and seeds is judged on the paired bootstrap of the
+per-prompt differences: "within noise" when its interval holds 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 2000
+BOOT_SEED = 0
+# Which evaluation condition each change between two scored points is, in the plot's words.
+CONDITION_LABELS = {"pipeline": "VAE", "resolution": "px"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How every point of a chain is scored; recorded in ``chain.json``."""
+
+    bench: str  # the benchmark's name
+    n: int  # held-out prompts, the first n of the bench, the same at every point
+    steps: int  # sampler steps
+    sampler: str
+    guidance: float
+    seed: int  # batch b of the bench is drawn from seed + b
+    batch_size: int
+    expander: str | None  # the world's expander, applied at the ends (α and the final export) as well as off
+    level: float = LEVEL
+    resamples: int = RESAMPLES
+    boot_seed: int = BOOT_SEED
+
+    def __post_init__(self) -> None:
+        for name in ("n", "steps", "batch_size", "resamples"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"protocol {name} must be an integer >= 1, got {v!r}")
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"protocol level must be in (0, 1), got {self.level!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompts": f"the first {self.n} held-out {self.bench} prompts as typed",
+                "interval": f"{round(100 * self.level)} % percentile bootstrap over prompts, {self.resamples} "
+                            f"resamples, seed {self.boot_seed}"}
+
+
+def conditions(pipeline: str, resolution: int, expand: bool = False) -> dict[str, Any]:
+    """What may differ between two scored points of one protocol: the pipeline (its VAE), the resolution, and
+    whether the prompts went through the expander."""
+    return {"pipeline": pipeline, "resolution": int(resolution), "expander": bool(expand)}
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The conditions that differ between two points ([] when they were scored alike)."""
+    return [k for k in ("pipeline", "resolution", "expander") if before.get(k) != after.get(k)]
+
+
+def change_label(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """'VAE alpha → sigma', '128 → 256 px', joined by ', '; '' when nothing changed."""
+    parts = []
+    for k in changed(before, after):
+        if k == "pipeline":
+            parts.append(f"VAE {before[k]} → {after[k]}")
+        elif k == "resolution":
+            parts.append(f"{before[k]} → {after[k]} px")
+        else:
+            parts.append("expander " + ("on" if after[k] else "off"))
+    return ", ".join(parts)
+
+
+def _check(values: Any, name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"{name} must be a non-empty list of finite per-prompt scores, got {values!r}")
+    return x
+
+
+def bootstrap_interval(values: Any, level: float = LEVEL, resamples: int = RESAMPLES,
+                       seed: int = BOOT_SEED) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values`` (one score per prompt): ``resamples``
+    resamples of the prompts with replacement, drawn from ``seed``."""
+    x = _check(values, "values")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return round(float(lo), 4), round(float(hi), 4)
+
+
+def paired_change(before: Any, after: Any, level: float = LEVEL, resamples: int = RESAMPLES,
+                  seed: int = BOOT_SEED) -> dict[str, Any]:
+    """The change of the mean from ``before`` to ``after`` (per-prompt scores of the same prompts and seeds),
+    its paired bootstrap interval, and whether it is within noise (the interval holds 0)."""
+    a, b = _check(before, "before"), _check(after, "after")
+    if a.size != b.size:
+        raise ValueError(f"a paired change needs the same prompts on both sides, got {a.size} and {b.size} scores")
+    lo, hi = bootstrap_interval(b - a, level, resamples, seed)
+    return {"change": round(float((b - a).mean()), 4), "interval": [lo, hi], "within_noise": lo <= 0.0 <= hi}
+
+
+def with_interval(score: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """``score`` (a world's scores with ``per_prompt``) with its attribute's interval and without the list."""
+    out = {k: v for k, v in score.items() if k != "per_prompt"}
+    if score.get("per_prompt"):
+        out["interval"] = list(bootstrap_interval(score["per_prompt"], protocol.level, protocol.resamples,
+                                                  protocol.boot_seed))
+    return out
+
+
+def separated(low: dict[str, Any], high: dict[str, Any]) -> bool:
+    """``high`` beats ``low`` by a margin outside both intervals (high's lower end above low's upper end)."""
+    return bool(low.get("interval") and high.get("interval") and high["interval"][0] > low["interval"][1])
