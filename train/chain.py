@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.protocol import Protocol, change_label, changed, conditions, paired_change, separated, with_interval
+from train.protocol import Protocol, boundary, conditions, paired, recovery, with_interval
 from train.runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 
 PRESETS = ("tiny", "quick", "full")
@@ -290,51 +290,14 @@ class Chain:
             if "final_expanded" in bench:
                 row["expanded_shapesbench"] = iv(bench["final_expanded"])
             if not shipped and start.get("per_prompt") and final.get("per_prompt"):
-                row["training_change"] = self._paired(start, final)  # what the stage's training did
+                row["training_change"] = paired(start, final, self.protocol)  # what the stage's training did
             if prev is not None and start:
-                before, model = prev["final"], MODEL_CHANGES.get(row["stage"], "")
-                was, now = before.get("conditions", {}), start.get("conditions", {})
-                row["boundary"] = {"changes": changed(was, now),
-                                   "label": ", ".join(x for x in (change_label(was, now), model) if x),
-                                   "model_change": model, "before": iv(before), "after": iv(start),
-                                   "paired": self._paired(before, start)}
+                row["boundary"] = boundary(prev["final"], start, MODEL_CHANGES.get(row["stage"], ""), self.protocol)
             stages.append(row)
             prev = bench
         return {"preset": self.preset, "start_from": self.start_from, "world": self.world.name,
                 "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps},
-                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": self._recovery(stages)}
-
-    def _paired(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
-        if not (before.get("per_prompt") and after.get("per_prompt")):
-            return None
-        return paired_change(before["per_prompt"], after["per_prompt"], self.protocol.level,
-                             self.protocol.resamples, self.protocol.boot_seed)
-
-    def _recovery(self, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Whether every trained stage ends at or above its start (or within noise of it), and whether the last
-        export beats α by a margin outside both intervals (α as shipped, and α through the Σ side)."""
-        if len(stages) < 2:
-            return None
-        rows = []
-        for r in stages:
-            ch = r.get("training_change")
-            if ch is not None:
-                rows.append({"name": r["name"], "start": r["start_shapesbench"]["attribute"],
-                             "end": r["shapesbench"]["attribute"], **ch,
-                             "recovered": ch["change"] >= 0 or ch["within_noise"]})
-        alpha, last = stages[0], stages[-1]
-
-        def versus(low: dict[str, Any] | None) -> dict[str, Any] | None:
-            if not low:
-                return None
-            high = last["shapesbench"]
-            return {"alpha": low["attribute"], "alpha_interval": low.get("interval"), "final": high["attribute"],
-                    "final_interval": high.get("interval"), "margin": round(high["attribute"] - low["attribute"], 4),
-                    "separated": separated(low, high)}
-        own = versus(alpha["shapesbench"])
-        sigma_side = versus(stages[1].get("start_shapesbench"))  # α's weights decoded through the Σ-side VAE
-        return {"stages": rows, "final_vs_alpha": own, "final_vs_alpha_sigma_side": sigma_side,
-                "met": bool(rows) and all(r["recovered"] for r in rows) and bool(own and own["separated"])}
+                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": recovery(stages)}
 
     def finish(self) -> dict[str, Any]:
         self.score_ends()

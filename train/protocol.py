@@ -121,3 +121,43 @@ def with_interval(score: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
 def separated(low: dict[str, Any], high: dict[str, Any]) -> bool:
     """``high`` beats ``low`` by a margin outside both intervals (high's lower end above low's upper end)."""
     return bool(low.get("interval") and high.get("interval") and high["interval"][0] > low["interval"][1])
+
+
+def paired(before: dict[str, Any], after: dict[str, Any], protocol: Protocol) -> dict[str, Any] | None:
+    """``paired_change`` of two scored points (None when either lacks its per-prompt scores)."""
+    if not (before.get("per_prompt") and after.get("per_prompt")):
+        return None
+    return paired_change(before["per_prompt"], after["per_prompt"], protocol.level, protocol.resamples,
+                         protocol.boot_seed)
+
+
+def boundary(before: dict[str, Any], after: dict[str, Any], model_change: str, protocol: Protocol) -> dict[str, Any]:
+    """The boundary between two stages: the previous export under its own conditions (``before``) and this
+    stage's start (``after``), what changed (conditions, and the model itself), and the paired change."""
+    was, now = before.get("conditions", {}), after.get("conditions", {})
+    return {"changes": changed(was, now), "label": ", ".join(x for x in (change_label(was, now), model_change) if x),
+            "model_change": model_change, "before": with_interval(before, protocol),
+            "after": with_interval(after, protocol), "paired": paired(before, after, protocol)}
+
+
+def recovery(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``chain.json``'s verdict from its stage rows: whether every trained stage ends at or above its start (or
+    within noise of it), and whether the last export beats α by a margin outside both intervals (α as shipped,
+    and α's weights through the Σ-side conditions: the second stage's start)."""
+    if len(stages) < 2:
+        return None
+    rows = [{"name": r["name"], "start": r["start_shapesbench"]["attribute"], "end": r["shapesbench"]["attribute"],
+             **r["training_change"], "recovered": r["training_change"]["change"] >= 0
+             or r["training_change"]["within_noise"]} for r in stages if r.get("training_change")]
+    last = stages[-1]["shapesbench"]
+
+    def versus(low: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not low:
+            return None
+        return {"alpha": low["attribute"], "alpha_interval": low.get("interval"), "final": last["attribute"],
+                "final_interval": last.get("interval"), "margin": round(last["attribute"] - low["attribute"], 4),
+                "separated": separated(low, last)}
+    own = versus(stages[0]["shapesbench"])
+    sigma_side = versus(stages[1].get("start_shapesbench"))
+    return {"stages": rows, "final_vs_alpha": own, "final_vs_alpha_sigma_side": sigma_side,
+            "met": bool(rows) and all(r["recovered"] for r in rows) and bool(own and own["separated"])}
