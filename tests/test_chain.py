@@ -45,6 +45,8 @@ def test_chain_json_has_the_issue_schema_for_every_stage(tiny_chain):
     alpha, *sigma = on_disk["stages"]
     assert (alpha["steps"], alpha["start"], alpha["final_loss"]) == (0, "shipped", None)  # scored, not trained
     assert [s["steps"] for s in sigma] == [2, 2, 2] and all(s["final_loss"] > 0 and s["seconds"] > 0 for s in sigma)
+    assert all(set(s["cpu_seconds"]) == {"prepare", "train", "score"} for s in sigma)  # CPU time beside the wall time
+    assert set(alpha["cpu_seconds"]) == {"score"}
     assert [s["start"] for s in sigma] == ["shipped alpha", "previous run", "previous run"]
     assert all(s["curve"][0][0] == 0 and s["curve"][-1][0] == 2 for s in sigma)
     assert all(len(p) == 4 and p[2] <= p[1] <= p[3] for s in on_disk["stages"] for p in s["curve"])  # intervals

@@ -155,11 +155,11 @@ class Chain:
               expand: bool = False) -> dict[str, Any]:
         """The protocol's benchmark of ``model`` with the ``conditions`` it was scored under (and each prompt's
         score, ``per_prompt``); its seconds are added to ``bench["score_seconds"]``."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.protocol.n,
                              self.protocol.steps, seed=self.protocol.seed, expand=expand)
         if bench is not None:
-            bench["score_seconds"] = round(bench.get("score_seconds", 0.0) + time.perf_counter() - t0, 2)
+            _add_time(bench, "score", t0, c0)
         return {**s, "conditions": conditions(pipeline, resolution, expand)}
 
     def shipped_alpha(self) -> dict[str, Any]:
@@ -195,10 +195,10 @@ class Chain:
         self.emit(event="stage", name=st.name, state="preparing")
         sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images, self.checkpoint_every),
                 *getattr(st, "sets", ()), *extra]  # the preset's schedule, then the caller's
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         prepared = prepare_stage(st, self.runs_dir, sets, world=self.world.name,
                                  progress=lambda p: self.emit(event="progress", name=st.name, **p.as_dict()))
-        bench["prepare_seconds"] = round(bench.get("prepare_seconds", 0.0) + time.perf_counter() - t0, 2)
+        _add_time(bench, "prepare", t0, c0)
         cfg = prepared.config
         if "start" not in bench:  # the starting point, in this stage's model (new resolution, new KV layers)
             import torch
@@ -214,9 +214,9 @@ class Chain:
             if self.stopped():
                 return None
             self.emit(event="stage", name=st.name, state="running")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = train(cfg, resume=prepared.resume)
-            bench["seconds"] = round(bench.get("seconds", 0.0) + time.perf_counter() - t0, 2)
+            _add_time(bench, "train", t0, c0)
             _write_json(bench, run_dir / BENCH)
             if result["state"] != "finished":
                 return None
@@ -280,7 +280,7 @@ class Chain:
             start, final = bench.get("start") or {}, bench["final"]
             row = {"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
                    "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
-                   "prepare_seconds": bench.get("prepare_seconds"),
+                   "prepare_seconds": bench.get("prepare_seconds"), "cpu_seconds": bench.get("cpu_seconds"),
                    "final_loss": None if shipped else _final_loss(run_dir),
                    "shapesbench": iv(final), "start_shapesbench": iv(start),
                    "conditions": final.get("conditions"), "start_conditions": start.get("conditions"),
@@ -346,6 +346,16 @@ class Chain:
         _write_json(record, self.runs_dir / CHAIN_RUN)
         self.emit(event="chain", state="done", chain=str(self.runs_dir / CHAIN_JSON))
         return summary
+
+
+def _add_time(bench: dict[str, Any], part: str, t0: float, c0: float) -> None:
+    """Add the wall seconds since ``t0`` to ``bench``'s ``{part}_seconds`` (training's: ``seconds``) and this
+    process's CPU seconds since ``c0`` to ``cpu_seconds[part]``: on a shared machine the wall time says how
+    busy it was, the CPU time what the part costs."""
+    key = "seconds" if part == "train" else f"{part}_seconds"
+    bench[key] = round(bench.get(key, 0.0) + time.perf_counter() - t0, 2)
+    cpu = bench.setdefault("cpu_seconds", {})
+    cpu[part] = round(cpu.get(part, 0.0) + time.process_time() - c0, 2)
 
 
 def _prune(run_dir: Path, scored: int) -> None:
