@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from train.protocol import Protocol, boundary, conditions, paired, recovery, with_interval
+from train.protocol import Protocol, boundary, conditions, format_summary, paired, recovery, with_interval
 from train.runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 
 PRESETS = ("tiny", "quick", "full")
@@ -508,20 +508,19 @@ def main(argv: list[str] | None = None) -> int:
             eta = f" ETA {e['eta_s']:.0f} s" if e.get("eta_s") else ""
             print(f"[chain] {e['name']}: {e['message']}{rate}{eta}", flush=True)
         elif e["event"] == "score":
-            print(f"[chain] {e['name']} {e['point']}: {json.dumps(e['shapesbench'])}", flush=True)
+            shown = {k: v for k, v in e["shapesbench"].items() if k != "per_prompt"}
+            print(f"[chain] {e['name']} {e['point']}: {json.dumps(shown)}", flush=True)
         else:
             print(f"[chain] {json.dumps({k: v for k, v in e.items() if k != 'time'})}", flush=True)
 
     if args.ablation == "kv":
-        from train.ablation import run_kv_ablation
+        from train.ablation import format_table, run_kv_ablation
 
         result = run_kv_ablation(args.preset, args.runs_dir, args.start_from, on_event=show)
-        print(json.dumps(result["variants"], indent=1))
+        print(format_table(result))
         return 0
     summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show, until=args.until)
-    for s in summary["stages"]:
-        print(f"{s['name']:12s} {s['stage'] or '':13s} steps {s['steps']:5d}  {s['seconds'] or 0:8.1f} s  "
-              f"attribute {s['shapesbench']['attribute']:.3f}")
+    print(format_summary(summary))
     return 0
 
 

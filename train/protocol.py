@@ -161,3 +161,45 @@ def recovery(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     sigma_side = versus(stages[1].get("start_shapesbench"))
     return {"stages": rows, "final_vs_alpha": own, "final_vs_alpha_sigma_side": sigma_side,
             "met": bool(rows) and all(r["recovered"] for r in rows) and bool(own and own["separated"])}
+
+
+def _pct(score: dict[str, Any] | None) -> str:
+    if not score:
+        return "–"
+    iv = score.get("interval")
+    return f"{100 * score['attribute']:.1f}" + (f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]" if iv else "")
+
+
+def _change(ch: dict[str, Any] | None) -> str:
+    if not ch:
+        return ""
+    lo, hi = ch["interval"]
+    verdict = "within noise" if ch["within_noise"] else "real"
+    return f"{100 * ch['change']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], {verdict}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """``chain.json`` in words: each boundary and stage with its scores, intervals and whether a change is
+    within noise, then the verdict."""
+    lines = []
+    for st in summary["stages"]:
+        b = st.get("boundary")
+        if b:
+            lines.append(f"  | {b['label'] or 'no change'}: {_pct(b['before'])} → {_pct(b['after'])} "
+                         f"({_change(b.get('paired'))})")
+        if st.get("steps"):
+            lines.append(f"{st['name']:12s} {st['steps']:4d} steps: {_pct(st['start_shapesbench'])} → "
+                         f"{_pct(st['shapesbench'])} ({_change(st.get('training_change'))})")
+        else:
+            lines.append(f"{st['name']:12s} scored: {_pct(st['shapesbench'])}")
+    rec = summary.get("recovery")
+    if rec:
+        for key, what in (("final_vs_alpha", "α as shipped"), ("final_vs_alpha_sigma_side", "α through VAE-Σ")):
+            v = rec.get(key)
+            if v:
+                sep = "outside both intervals" if v["separated"] else "NOT outside both intervals"
+                lines.append(f"final vs {what}: {100 * v['final']:.1f} vs {100 * v['alpha']:.1f}, "
+                             f"margin {100 * v['margin']:+.1f}, {sep}")
+        lines.append("recovery criteria " + ("met" if rec["met"] else "NOT met"))
+    n = (summary.get("protocol") or {}).get("n")
+    return "\n".join(lines + [f"(ShapesBench attribute %, n = {n}, 95 % intervals)"])
