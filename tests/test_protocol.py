@@ -10,10 +10,14 @@ from train.chainplot import draw_chain, ema, stage_colours
 from train.protocol import (
     Protocol,
     bootstrap_interval,
+    boundary,
     change_label,
     changed,
     conditions,
+    format_summary,
+    paired,
     paired_change,
+    recovery,
     separated,
     with_interval,
 )
@@ -106,3 +110,28 @@ def test_plot_draws_each_stage_in_one_colour_in_both_panels(tmp_path):
     finally:
         plt.close(fig)
     assert ema([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected: no pull toward 0
+
+
+def test_recovery_verdict_and_its_words():
+    proto = Protocol("ShapesBench", 96, 8, "dpm-solver", 4.5, 0, 16, None)
+    low, mid = [1.0] * 24 + [0.0] * 72, [1.0] * 48 + [0.0] * 48
+    alpha = {"attribute": 0.25, "per_prompt": low, "conditions": conditions("alpha", 128)}
+    start = {"attribute": 0.5, "per_prompt": mid, "conditions": conditions("sigma", 128)}
+    end = {"attribute": 0.5 + 1 / 96, "per_prompt": [1.0] * 49 + [0.0] * 47, "conditions": conditions("sigma", 128)}
+    stages = [{"name": "alpha", "steps": 0, "shapesbench": with_interval(alpha, proto)},
+              {"name": "sigma_vae", "steps": 10, "start_shapesbench": with_interval(start, proto),
+               "shapesbench": with_interval(end, proto), "training_change": paired(start, end, proto),
+               "boundary": boundary(alpha, start, "", proto)}]
+    rec = recovery(stages)
+    assert rec["stages"][0]["within_noise"] and rec["stages"][0]["recovered"]  # +1 point on one prompt
+    assert rec["final_vs_alpha"]["separated"] and rec["met"]
+    assert rec["final_vs_alpha_sigma_side"]["alpha"] == 0.5 and not rec["final_vs_alpha_sigma_side"]["separated"]
+    text = format_summary({"stages": stages, "recovery": rec, "protocol": {"n": 96}})
+    assert "| VAE alpha → sigma: 25.0 [" in text and "+25.0 [" in text and ", real)" in text
+    assert "sigma_vae      10 steps: 50.0 [" in text and "within noise)" in text
+    assert "final vs α as shipped: 51.0 vs 25.0, margin +26.0, outside both intervals" in text
+    assert text.splitlines()[-2:] == ["recovery criteria met", "(ShapesBench attribute %, n = 96, 95 % intervals)"]
+    worse = {**end, "attribute": 0.3, "per_prompt": [1.0] * 29 + [0.0] * 67}  # 19 prompts lost: a real drop
+    stages[1].update(shapesbench=with_interval(worse, proto), training_change=paired(start, worse, proto))
+    rec = recovery(stages)
+    assert not rec["stages"][0]["recovered"] and not rec["final_vs_alpha"]["separated"] and not rec["met"]
