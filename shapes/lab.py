@@ -17,8 +17,11 @@ from .plan import LabPlan, lab_plan
 # The configs' data.source names this world makes (configs/_shapes_base.yaml, shapes_sigma_complete.yaml),
 # with the short-caption style and the seed their headers give.
 SOURCES = {"shapes": ("raw", 0), "shapes_complete": ("complete", 3)}
-# Every scored point samples alike: DPM-Solver++ at guidance 4.5, prompts as written (shapes.report's curves).
+# Every scored point samples alike: DPM-Solver++ at guidance 4.5 (shapes.report's curves). The pipeline's own
+# expander is always off: with ``expand`` the world's expander rewrites the prompts for every model alike (α's
+# folder names none, so its own setting would score α and Σ on different prompts).
 BENCH_SAMPLING = {"sampler": "dpm-solver", "guidance": 4.5, "expand_prompt": False}
+EXPANDER = "shapes"
 SCORE_KEYS = ("attribute", "count", "colour", "shape", "position")
 
 
@@ -32,6 +35,7 @@ def _pipeline(folder: str):
 
 class ShapesWorld:
     name = "shapes"
+    bench = "ShapesBench"
 
     def pipelines(self) -> dict[str, Path]:
         return {"alpha": DEMO_ALPHA, "sigma": DEMO_SIGMA}
@@ -59,12 +63,19 @@ class ShapesWorld:
     def preset(self, name: str, start_from: str) -> LabPlan:
         return lab_plan(name, start_from)
 
+    def sampling(self, steps: int, expand: bool = False) -> dict[str, Any]:
+        """How every point is sampled: the protocol's sampler, guidance, steps and expander."""
+        return {**BENCH_SAMPLING, "steps": steps, "expander": EXPANDER if expand else None}
+
     def score(self, pipeline: Path, transformer: Path | Any, resolution: int, n: int, steps: int,
-              seed: int = 0, sampling: dict[str, Any] | None = None) -> dict[str, float | int]:
-        """ShapesBench on the first ``n`` held-out prompts: ``attribute, count, colour, shape, position, n``.
-        ``sampling``: sampler, guidance and expand_prompt (None: ``BENCH_SAMPLING``; a consistency model's: 4 LCM
-        steps at guidance 1)."""
+              seed: int = 0, expand: bool = False, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """ShapesBench on the first ``n`` held-out prompts (batch ``b`` drawn from seed ``seed + b``):
+        ``attribute, count, colour, shape, position, n`` and ``per_prompt`` (each prompt's attribute score, in
+        bench order: what an interval resamples). ``expand``: the prompts rewritten by the world's expander
+        first (scored against the prompt as typed). ``sampling``: sampler, guidance and expand_prompt (None:
+        ``BENCH_SAMPLING``; a consistency model's: 4 LCM steps at guidance 1)."""
         from pixsigma.model.dit import PixArtDiT
+        from pixsigma.registry import load_expander
         from pixsigma.weights import load_dit
 
         from . import shapesbench
@@ -73,9 +84,14 @@ class ShapesWorld:
         pipe = _pipeline(str(pipeline))
         net = transformer if isinstance(transformer, PixArtDiT) else load_dit(transformer)
         pipe.transformer = net.to(pipe.device, pipe.dtype).eval()
-        r = shapesbench.evaluate(generate_fn(pipe, resolution, steps=steps, **(sampling or BENCH_SAMPLING)), n=n,
-                                 width=resolution, height=resolution, batch_size=min(n, 16), seed=seed)
-        return {**{k: round(float(r[k]), 4) for k in SCORE_KEYS}, "n": n}
+        gen = generate_fn(pipe, resolution, steps=steps, **(sampling or BENCH_SAMPLING))
+        if expand:
+            rewrite = load_expander(EXPANDER)
+            typed = gen
+            gen = lambda prompts, s: typed([rewrite(p, s + i) for i, p in enumerate(prompts)], s)  # noqa: E731
+        r = shapesbench.evaluate(gen, n=n, width=resolution, height=resolution, batch_size=min(n, 16), seed=seed)
+        return {**{k: round(float(r[k]), 4) for k in SCORE_KEYS}, "n": n,
+                "per_prompt": [round(float(row["attribute"]), 4) for row in r["per_prompt"]]}
 
 
 WORLD = ShapesWorld()

@@ -22,7 +22,7 @@ from train.chain import (
 )
 
 SCHEMA = {"name", "stage", "steps", "seconds", "final_loss", "shapesbench"}
-BENCH_KEYS = {"attribute", "count", "colour", "shape", "position", "n"}
+BENCH_KEYS = {"attribute", "count", "colour", "shape", "position", "n", "interval", "conditions"}
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,45 @@ def test_chain_json_has_the_issue_schema_for_every_stage(tiny_chain):
     alpha, *sigma = on_disk["stages"]
     assert (alpha["steps"], alpha["start"], alpha["final_loss"]) == (0, "shipped", None)  # scored, not trained
     assert [s["steps"] for s in sigma] == [2, 2, 2] and all(s["final_loss"] > 0 and s["seconds"] > 0 for s in sigma)
+    assert all(set(s["cpu_seconds"]) == {"prepare", "train", "score"} for s in sigma)  # CPU time beside the wall time
+    assert set(alpha["cpu_seconds"]) == {"score"}
     assert [s["start"] for s in sigma] == ["shipped alpha", "previous run", "previous run"]
     assert all(s["curve"][0][0] == 0 and s["curve"][-1][0] == 2 for s in sigma)
+    assert all(len(p) == 4 and p[2] <= p[1] <= p[3] for s in on_disk["stages"] for p in s["curve"])  # intervals
     assert (runs / CHAIN_PLOT).read_bytes()[:4] == b"\x89PNG"
-    assert {e["point"] for e in events if e["event"] == "score"} == {"start", "final"}
+    assert {e["point"] for e in events if e["event"] == "score"} == {"start", "final", "expanded"}
     assert events[-1]["event"] == "chain" and events[-1]["state"] == "done"
+
+
+def test_every_point_is_scored_under_the_recorded_protocol(tiny_chain):
+    runs, summary, _ = tiny_chain
+    proto = summary["protocol"]
+    assert (proto["bench"], proto["n"], proto["steps"], proto["sampler"], proto["guidance"], proto["expander"]) == (
+        "ShapesBench", 2, 2, "dpm-solver", 4.5, "shapes")
+    for s in summary["stages"]:  # identical conditions at a stage's start and its end
+        assert s["start_conditions"] == s["conditions"] == s["shapesbench"]["conditions"]
+        lo, hi = s["shapesbench"]["interval"]
+        assert lo <= s["shapesbench"]["attribute"] <= hi
+        bench = json.loads((runs / s["name"] / "bench.json").read_text())
+        assert len(bench["final"]["per_prompt"]) == 2  # what the interval resamples, kept with the run
+    alpha, vae, resup, kv = summary["stages"]
+    assert alpha["conditions"] == {"pipeline": "alpha", "resolution": 128, "expander": False}
+    assert vae["conditions"] == {"pipeline": "sigma", "resolution": 128, "expander": False}
+    assert resup["conditions"] == kv["conditions"] == {"pipeline": "sigma", "resolution": 256, "expander": False}
+    # at each boundary, both scores: the model before it under its own conditions, and under the new ones
+    assert [s["boundary"]["changes"] for s in (vae, resup, kv)] == [["pipeline"], ["resolution"], []]
+    assert [s["boundary"]["label"] for s in (vae, resup, kv)] == [
+        "VAE alpha → sigma", "128 → 256 px, PE interpolation", "KV compression added"]
+    for before, s in ((alpha, vae), (vae, resup), (resup, kv)):
+        assert s["boundary"]["before"] == before["shapesbench"] and s["boundary"]["after"] == s["start_shapesbench"]
+    # the ends once more with the expander on, under otherwise the same conditions
+    assert alpha["expanded_shapesbench"]["conditions"] == {**alpha["conditions"], "expander": True}
+    assert kv["expanded_shapesbench"]["conditions"] == {**kv["conditions"], "expander": True}
+    rec = summary["recovery"]
+    assert [r["name"] for r in rec["stages"]] == ["sigma_vae", "sigma_resup", "sigma_kv"]
+    assert rec["final_vs_alpha"]["alpha"] == alpha["shapesbench"]["attribute"]
+    assert rec["final_vs_alpha_sigma_side"]["alpha"] == vae["start_shapesbench"]["attribute"]
+    assert isinstance(rec["met"], bool)
 
 
 def test_status_is_read_from_files(tiny_chain):
@@ -90,6 +124,12 @@ def test_kv_ablation_trains_each_variant_from_the_same_resup_export(tiny_chain):
     assert all(r["steps"] == 2 and r["shapesbench"]["n"] == 2 for r in v.values())
     assert json.loads((runs / ABLATION_JSON).read_text()) == result
     assert "| pool_deep | pool | 4-7 |" in (runs / ABLATION_MD).read_text()
+    assert all(set(r["shapesbench"]["interval"]) and "per_prompt" not in r["shapesbench"] for r in v.values())
+    diffs = result["differences"]
+    assert [(d["variant"], d["versus"]) for d in diffs] == [("pool_deep", "conv_deep"), ("discard_deep", "conv_deep"),
+                                                            ("conv_shallow", "conv_deep")]
+    assert all(d["real"] == (not d["interval"][0] <= 0 <= d["interval"][1]) for d in diffs)
+    assert "pool_deep vs conv_deep:" in (runs / ABLATION_MD).read_text()
 
 
 def test_checkpoints_are_saved_on_a_grid_through_the_scored_steps(tmp_path):

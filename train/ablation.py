@@ -5,7 +5,9 @@ from that same export for the same steps with: conv (the paper's choice), pool a
 the layers, and conv on the shallow half. Each variant's starting point and export are scored on the same
 held-out prompts and seeds as the chain; its seconds per step come from its own run. Writes
 ``DIR/ablation_kv.json`` and ``DIR/ablation_kv.md`` (beside the paper's FIDs: deep 8.53 vs shallow 9.28;
-conv 8.51, pool 9.42, discard 8.92).
+conv 8.51, pool 9.42, discard 8.92). Every score carries its 95 % interval (``train.protocol``), and each
+variant's export is compared with the paper's choice (conv, deep) on the same prompts and seeds: a difference is
+"real" when its paired interval leaves out 0, else within noise.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .chain import Chain
 
+from .protocol import Protocol, paired_change, with_interval
+
 ABLATION_JSON, ABLATION_MD, ABLATION_DIR = "ablation_kv.json", "ablation_kv.md", "ablation_kv"
 BURST_S = 0.05  # metrics rows closer in time than this were written together
 # variant -> (operator, "deep"/"shallow", the paper's FID for the same comparison: Table 3)
+REFERENCE = "conv_deep"  # the paper's choice, which every other variant is compared with
 VARIANTS = {"conv_deep": ("conv", "deep", "8.51 (deep 8.53)"), "pool_deep": ("pool", "deep", "9.42"),
             "discard_deep": ("discard", "deep", "8.92"), "conv_shallow": ("conv", "shallow", "9.28")}
 
@@ -45,6 +50,7 @@ def run_kv_ablation(chain: Chain) -> dict[str, Any]:
     chain.run(until=resup.name)
     depth = _depth(runs_dir / resup.name)
     rows: dict[str, Any] = {}
+    finals: dict[str, Any] = {}  # each variant's per-prompt scores of its export
     for name, (operator, where, paper) in VARIANTS.items():
         layers = variant_layers(depth, where)
         run = _same_run(runs_dir / kv_step.name, kv_step.steps, operator, layers)
@@ -57,13 +63,37 @@ def run_kv_ablation(chain: Chain) -> dict[str, Any]:
         bench = json.loads((run / BENCH).read_text())
         rows[name] = {"operator": operator, "layers": layers, "where": where, "steps": bench["steps"],
                       "seconds": bench.get("seconds"), "seconds_per_step": seconds_per_step(read_metrics(run)),
-                      "start_shapesbench": bench["start"], "shapesbench": bench["final"], "paper_fid": paper,
+                      "start_shapesbench": with_interval(bench["start"], chain.protocol),
+                      "shapesbench": with_interval(bench["final"], chain.protocol), "paper_fid": paper,
                       "run_dir": str(run)}
+        finals[name] = bench["final"].get("per_prompt")
     result = {"preset": preset, "start_from": start_from, "from": str(runs_dir / resup.name),
-              "bench": {"n": chain.lab.bench_n, "steps": chain.lab.bench_steps}, "variants": rows}
+              "bench": {"n": chain.lab.bench_n, "steps": chain.lab.bench_steps},
+              "protocol": chain.protocol.to_dict(), "variants": rows,
+              "differences": differences(finals, chain.protocol)}
     atomic_write_json(result, runs_dir / ABLATION_JSON, indent=1)
     atomic_write_text(runs_dir / ABLATION_MD, format_table(result))
     return result
+
+
+def differences(finals: dict[str, Any], protocol: Protocol) -> list[dict[str, Any]]:
+    """Each variant's export against ``REFERENCE``'s on the same prompts and seeds: the change, its paired
+    interval, and ``real`` (the interval leaves out 0)."""
+    ref = finals.get(REFERENCE)
+    out = []
+    for name, values in finals.items():
+        if name == REFERENCE or not ref or not values:
+            continue
+        ch = paired_change(ref, values, protocol.level, protocol.resamples, protocol.boot_seed)
+        out.append({"variant": name, "versus": REFERENCE, "change": ch["change"], "interval": ch["interval"],
+                    "real": not ch["within_noise"]})
+    return out
+
+
+def _pct(score: dict[str, Any]) -> str:
+    """'38.8 [32.1, 45.0]': the attribute score and its interval in %."""
+    iv = score.get("interval")
+    return f"{100 * score['attribute']:.1f}" + (f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]" if iv else "")
 
 
 def seconds_per_step(rows: list[dict[str, Any]]) -> float | None:
@@ -111,13 +141,19 @@ def _depth(run_dir: Path) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
     """The variants side by side (accuracies in %), with the paper's FID for the same comparison."""
-    lines = ["| variant | operator | layers | attribute | count | colour | shape | position | at start | s/step | "
-             "paper FID ↓ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | operator | layers | attribute [95 % interval] | count | colour | shape | position | "
+             "at start | s/step | paper FID ↓ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["variants"].items():
         s = r["shapesbench"]
-        cells = [f"{100 * s[k]:.1f}" for k in ("attribute", "count", "colour", "shape", "position")]
+        cells = [_pct(s)] + [f"{100 * s[k]:.1f}" for k in ("count", "colour", "shape", "position")]
         sps = f"{r['seconds_per_step']:.3f}" if r.get("seconds_per_step") else "–"
         lines.append(f"| {name} | {r['operator']} | {r['layers']} | " + " | ".join(cells)
-                     + f" | {100 * r['start_shapesbench']['attribute']:.1f} | {sps} | {r['paper_fid']} |")
+                     + f" | {_pct(r['start_shapesbench'])} | {sps} | {r['paper_fid']} |")
     b = result["bench"]
-    return "\n".join(lines) + f"\n\nShapesBench n = {b['n']}, {b['steps']} sampler steps; higher is better.\n"
+    lines += ["", f"ShapesBench n = {b['n']}, {b['steps']} sampler steps; higher is better; intervals: 95 % bootstrap "
+              "over prompts.", ""]
+    for d in result.get("differences", []):
+        verdict = "real" if d["real"] else "within noise"
+        lines.append(f"- {d['variant']} vs {d['versus']}: {100 * d['change']:+.1f} points "
+                     f"[{100 * d['interval'][0]:+.1f}, {100 * d['interval'][1]:+.1f}]: {verdict}")
+    return "\n".join(lines) + "\n"

@@ -32,6 +32,16 @@ from typing import Any
 from pixsigma.constants import FEW_STEP_SAMPLING
 from pixsigma.layout import CHECKOUT, child_env, companion
 
+from .protocol import (
+    PROTOCOL_SAMPLING,
+    Protocol,
+    boundary,
+    conditions,
+    format_summary,
+    paired,
+    recovery,
+    with_interval,
+)
 from .runfiles import BENCH, FINAL, LIVE_STATES, PREPARE, SAMPLES, STOP, read_metrics, read_status
 from .runlock import Lease, acquire, exit_if_busy, spawn
 
@@ -42,6 +52,9 @@ CHAIN_JSON, CHAIN_PLOT, CHAIN_PLAN, CHAIN_RUN, CHAIN_LOG = "chain.json", "chain.
 STAGE_STATES = ("pending", "running", "done", "failed", "stopped")
 LOSS_POINTS = 400  # loss points per stage in chain_status (evenly thinned): enough for a curve
 SAMPLE_PROMPTS = ["a red square", "a blue circle to the left of a green triangle"]
+BENCH_BATCH = 16  # prompts per sampling batch when scoring (batch b drawn from seed b)
+# What a stage changes in the model itself at its start (beside the conditions it is scored under).
+MODEL_CHANGES = {"vae_adapt": "", "res_up": "PE interpolation", "kv_compress": "KV compression added"}
 
 Event = dict[str, Any]
 EventFn = Callable[[Event], None]
@@ -128,6 +141,10 @@ class Chain:
         self.preset, self.start_from, self.runs_dir = preset, start_from, Path(runs_dir)
         self.on_event = on_event or (lambda e: None)
         self.checkpoint_every = getattr(self.lab, "checkpoint_every", None)
+        sampling = self.world.sampling(self.lab.bench_steps, expand=True)
+        self.protocol = Protocol(bench=self.world.bench, n=self.lab.bench_n, steps=self.lab.bench_steps,
+                                 sampler=sampling["sampler"], guidance=sampling["guidance"], seed=0,
+                                 batch_size=min(self.lab.bench_n, BENCH_BATCH), expander=sampling["expander"])
 
     def emit(self, **event: Any) -> None:
         self.on_event({**event, "time": time.time()})
@@ -148,17 +165,21 @@ class Chain:
                      "stages": rows}, self.runs_dir / CHAIN_PLAN)
 
     def score(self, pipeline: str, model: Any, resolution: int, bench: dict[str, Any] | None = None,
-              few_step: bool = False) -> dict[str, Any]:
-        """ShapesBench of ``model`` (``few_step``: a consistency model, at the steps and guidance it samples
-        with); its seconds are added to ``bench["score_seconds"]``."""
-        t0 = time.perf_counter()
-        fast = {"steps": FEW_STEP_SAMPLING["steps"], "sampling": {
-            "sampler": FEW_STEP_SAMPLING["sampler"], "guidance": FEW_STEP_SAMPLING["guidance"],
-            "expand_prompt": False}} if few_step else {"steps": self.lab.bench_steps}
-        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.lab.bench_n, **fast)
+              expand: bool = False, few_step: bool = False) -> dict[str, Any]:
+        """The protocol's benchmark of ``model`` with the ``conditions`` it was scored under (and each prompt's
+        score, ``per_prompt``; ``few_step``: a consistency model, at the steps and guidance it samples with, a
+        condition of its own); its seconds are added to ``bench["score_seconds"]``."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        fast = {"sampling": {"sampler": FEW_STEP_SAMPLING["sampler"], "guidance": FEW_STEP_SAMPLING["guidance"],
+                             "expand_prompt": False}} if few_step else {}
+        steps = FEW_STEP_SAMPLING["steps"] if few_step else self.protocol.steps
+        s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.protocol.n, steps,
+                             seed=self.protocol.seed, expand=expand, **fast)
         if bench is not None:
-            bench["score_seconds"] = round(bench.get("score_seconds", 0.0) + time.perf_counter() - t0, 2)
-        return s
+            _add_time(bench, "score", t0, c0)
+        sampling = (f"{FEW_STEP_SAMPLING['sampler']} {FEW_STEP_SAMPLING['steps']}, guidance "
+                    f"{FEW_STEP_SAMPLING['guidance']:g}") if few_step else PROTOCOL_SAMPLING
+        return {**s, "conditions": conditions(pipeline, resolution, expand, sampling)}
 
     def shipped_alpha(self) -> dict[str, Any]:
         """α as shipped: scored, not trained."""
@@ -173,7 +194,7 @@ class Chain:
             self.emit(event="stage", name=st.name, state="scoring")
             timing: dict[str, Any] = {}
             s = self.score(st.pipeline, weights, st.resolution, timing)
-            bench = {**timing, "start": s, "final": s, "curve": [[0, s["attribute"]]], "seconds": 0.0, "steps": 0,
+            bench = {**timing, "start": s, "final": s, "curve": [self.point(0, s)], "seconds": 0.0, "steps": 0,
                      "stage": "from_scratch", "source": "shipped", "weights": str(weights)}
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="final", step=0, shapesbench=s)
@@ -192,19 +213,20 @@ class Chain:
             return bench
         self.emit(event="stage", name=st.name, state="preparing")
         sets = [*stage_overrides(st, prev, self.runs_dir, self.lab.evals, self.lab.images, self.checkpoint_every),
-                *getattr(st, "sets", ()), *extra]
-        t0 = time.perf_counter()
+                *getattr(st, "sets", ()), *extra]  # the preset's schedule, then the caller's
+        t0, c0 = time.perf_counter(), time.process_time()
         prepared = prepare_stage(st, self.runs_dir, sets, world=self.world.name,
                                  progress=lambda p: self.emit(event="progress", name=st.name, **p.as_dict()))
-        bench["prepare_seconds"] = round(bench.get("prepare_seconds", 0.0) + time.perf_counter() - t0, 2)
+        _add_time(bench, "prepare", t0, c0)
         cfg = prepared.config
+        few_step = cfg.stage.name == "consistency"  # its points sample as it was distilled to: 4 steps, no CFG
         if "start" not in bench:  # the starting point, in this stage's model (new resolution, new KV layers)
             import torch
 
             torch.manual_seed(cfg.seed)
             self.emit(event="stage", name=st.name, state="scoring", point="start")
             net, _ = build_model(cfg)
-            bench["start"] = self.score(st.pipeline, net, net.config.resolution, bench)
+            bench["start"] = self.score(st.pipeline, net, net.config.resolution, bench, few_step=few_step)
             bench.update(stage=cfg.stage.name, start_source=prepared.start, load_from=str(prepared.load_from))
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="start", step=0, shapesbench=bench["start"])
@@ -212,55 +234,93 @@ class Chain:
             if self.stopped():
                 return None
             self.emit(event="stage", name=st.name, state="running")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = train(cfg, resume=prepared.resume)
-            bench["seconds"] = round(bench.get("seconds", 0.0) + time.perf_counter() - t0, 2)
+            _add_time(bench, "train", t0, c0)
             _write_json(bench, run_dir / BENCH)
             if result["state"] != "finished":
                 return None
-        few_step = cfg.stage.name == "consistency"  # its points sample as it was distilled to: 4 steps, no CFG
-        curve = dict((int(k), v) for k, v in bench.get("curve_points", {}).items())
+        curve = {int(k): v for k, v in bench.get("curve_points", {}).items() if isinstance(v, dict)}
         scored = intervals(st.steps, self.lab.evals, self.checkpoint_every)[1]
         for ck in checkpoint_dirs(run_dir):  # the inner points of the curve: scored checkpoints before the end
             step = checkpoint_step(ck)
             if step < st.steps and step % scored == 0 and step not in curve:
                 self.emit(event="stage", name=st.name, state="scoring", point=step)
                 net = checkpoint_model(ck)
-                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench, few_step)["attribute"]
+                curve[step] = self.score(st.pipeline, net, net.config.resolution, bench, few_step=few_step)
                 bench["curve_points"] = {str(k): v for k, v in curve.items()}
                 _write_json(bench, run_dir / BENCH)
         _prune(run_dir, scored)
         self.emit(event="stage", name=st.name, state="scoring", point="final")
-        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench, few_step)
-        bench["curve"] = [[0, bench["start"]["attribute"]], *sorted([k, v] for k, v in curve.items()),
-                          [st.steps, bench["final"]["attribute"]]]
+        bench["final"] = self.score(st.pipeline, run_dir / FINAL, _resolution(run_dir), bench, few_step=few_step)
+        bench["curve"] = [self.point(0, bench["start"]), *(self.point(k, curve[k]) for k in sorted(curve)),
+                          self.point(st.steps, bench["final"])]
         bench["steps"] = st.steps
         _write_json(bench, run_dir / BENCH)
         self.emit(event="score", name=st.name, point="final", step=st.steps, shapesbench=bench["final"])
         self.emit(event="stage", name=st.name, state="done")
         return bench
 
-    def summary(self) -> dict[str, Any]:
-        """``chain.json``'s content from the runs' files."""
-        stages = []
-        for st in self.lab.plan:
-            run_dir = self.runs_dir / st.name
-            bench = _read_json(run_dir / BENCH)
-            if "final" not in bench:
+    def point(self, step: int, score: dict[str, Any]) -> list[Any]:
+        """A curve point: [step, attribute, interval low, interval high] (no interval without per-prompt scores)."""
+        lo, hi = with_interval(score, self.protocol).get("interval") or (None, None)
+        return [step, score["attribute"], lo, hi]
+
+    def _done(self) -> list[tuple[Any, Path, dict[str, Any]]]:
+        """(plan step, run folder, bench.json) of every scored stage, in order."""
+        rows = [(st, self.runs_dir / st.name, _read_json(self.runs_dir / st.name / BENCH)) for st in self.lab.plan]
+        return [row for row in rows if "final" in row[2]]
+
+    def score_ends(self) -> None:
+        """The chain's two ends (α and the last export) scored once more with the prompts through the world's
+        expander (``final_expanded`` in their bench.json): the protocol's "expander on" comparison."""
+        if not self.protocol.expander or not getattr(self.lab, "expand_ends", True):
+            return
+        done = self._done()
+        for st, run_dir, bench in {id(r): r for r in (done[:1] + done[-1:])}.values():
+            if "final_expanded" in bench:
                 continue
             shipped = bench.get("source") == "shipped"
-            stages.append({"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
-                           "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
-                           "prepare_seconds": bench.get("prepare_seconds"),
-                           "final_loss": None if shipped else _final_loss(run_dir),
-                           "shapesbench": bench["final"], "start_shapesbench": bench.get("start"),
-                           "curve": bench.get("curve", []), "run_dir": str(run_dir),
-                           "start": "shipped" if shipped else bench.get("start_source"),
-                           "batch_size": st.batch_size, "resolution": st.resolution})
+            model = Path(bench["weights"]) if shipped else run_dir / FINAL
+            self.emit(event="stage", name=st.name, state="scoring", point="expanded")
+            bench["final_expanded"] = self.score(st.pipeline, model, st.resolution if shipped else
+                                                 _resolution(run_dir), bench, expand=True)
+            _write_json(bench, run_dir / BENCH)
+            self.emit(event="score", name=st.name, point="expanded", step=bench.get("steps", 0),
+                      shapesbench=bench["final_expanded"])
+
+    def summary(self) -> dict[str, Any]:
+        """``chain.json``'s content from the runs' files: each stage's scores with their intervals and
+        conditions, the boundary between it and the stage before (both scores, what changed), and the
+        recovery verdict."""
+        iv = lambda score: with_interval(score, self.protocol) if score else None  # noqa: E731
+        stages, prev = [], None
+        for st, run_dir, bench in self._done():
+            shipped = bench.get("source") == "shipped"
+            start, final = bench.get("start") or {}, bench["final"]
+            row = {"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
+                   "seconds": bench.get("seconds"), "score_seconds": bench.get("score_seconds"),
+                   "prepare_seconds": bench.get("prepare_seconds"), "cpu_seconds": bench.get("cpu_seconds"),
+                   "final_loss": None if shipped else _final_loss(run_dir),
+                   "shapesbench": iv(final), "start_shapesbench": iv(start),
+                   "conditions": final.get("conditions"), "start_conditions": start.get("conditions"),
+                   "curve": bench.get("curve", []), "run_dir": str(run_dir),
+                   "start": "shipped" if shipped else bench.get("start_source"),
+                   "batch_size": st.batch_size, "resolution": st.resolution, "schedule": list(getattr(st, "sets", ()))}
+            if "final_expanded" in bench:
+                row["expanded_shapesbench"] = iv(bench["final_expanded"])
+            if not shipped and start.get("per_prompt") and final.get("per_prompt"):
+                row["training_change"] = paired(start, final, self.protocol)  # what the stage's training did
+            if prev is not None and start:
+                row["boundary"] = boundary(prev["final"], start, MODEL_CHANGES.get(row["stage"], ""), self.protocol)
+            stages.append(row)
+            prev = bench
         return {"preset": self.preset, "start_from": self.start_from, "world": self.world.name,
-                "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps}, "stages": stages}
+                "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps},
+                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": recovery(stages)}
 
     def finish(self) -> dict[str, Any]:
+        self.score_ends()
         summary = self.summary()
         _write_json(summary, self.runs_dir / CHAIN_JSON)
         from .chainplot import plot_chain
@@ -306,6 +366,16 @@ class Chain:
         _write_json(record, self.runs_dir / CHAIN_RUN)
         self.emit(event="chain", state="done", chain=str(self.runs_dir / CHAIN_JSON))
         return summary
+
+
+def _add_time(bench: dict[str, Any], part: str, t0: float, c0: float) -> None:
+    """Add the wall seconds since ``t0`` to ``bench``'s ``{part}_seconds`` (training's: ``seconds``) and this
+    process's CPU seconds since ``c0`` to ``cpu_seconds[part]``: on a shared machine the wall time says how
+    busy it was, the CPU time what the part costs."""
+    key = "seconds" if part == "train" else f"{part}_seconds"
+    bench[key] = round(bench.get(key, 0.0) + time.perf_counter() - t0, 2)
+    cpu = bench.setdefault("cpu_seconds", {})
+    cpu[part] = round(cpu.get(part, 0.0) + time.process_time() - c0, 2)
 
 
 def _prune(run_dir: Path, scored: int) -> None:
@@ -461,21 +531,20 @@ def main(argv: list[str] | None = None) -> int:
             eta = f" ETA {e['eta_s']:.0f} s" if e.get("eta_s") else ""
             print(f"[chain] {e['name']}: {e['message']}{rate}{eta}", flush=True)
         elif e["event"] == "score":
-            print(f"[chain] {e['name']} {e['point']}: {json.dumps(e['shapesbench'])}", flush=True)
+            shown = {k: v for k, v in e["shapesbench"].items() if k != "per_prompt"}
+            print(f"[chain] {e['name']} {e['point']}: {json.dumps(shown)}", flush=True)
         else:
             print(f"[chain] {json.dumps({k: v for k, v in e.items() if k != 'time'})}", flush=True)
 
     exit_if_busy(args.runs_dir, doing="chain")  # the folder is this chain's until it exits
     if args.ablation == "kv":
-        from .ablation import run_kv_ablation
+        from .ablation import format_table, run_kv_ablation
 
         result = run_kv_ablation(Chain(args.preset, args.runs_dir, args.start_from, on_event=show))
-        print(json.dumps(result["variants"], indent=1))
+        print(format_table(result))
         return 0
     summary = run_chain(args.preset, args.runs_dir, args.start_from, on_event=show, until=args.until)
-    for s in summary["stages"]:
-        print(f"{s['name']:12s} {s['stage'] or '':13s} steps {s['steps']:5d}  {s['seconds'] or 0:8.1f} s  "
-              f"attribute {s['shapesbench']['attribute']:.3f}")
+    print(format_summary(summary))
     return 0
 
 

@@ -46,11 +46,11 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """step, loss, time and steps/s of each row of a run's metrics log (a half-written row is skipped)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
-        lines = (run_dir / METRICS).read_text().splitlines()
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
     except OSError:
         return rows
     for line in lines:

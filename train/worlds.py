@@ -59,9 +59,15 @@ class World(Protocol):
     def preset(self, name: str, start_from: str) -> LabPreset:
         """The chain of preset ``name`` (``tiny``, ``quick``, ``full``); ``start_from``: ``shipped`` or ``scratch``."""
 
+    bench: str  # the held-out benchmark's name (ShapesBench)
+
+    def sampling(self, steps: int, expand: bool = False) -> dict[str, Any]:
+        """How every scored point samples: ``sampler``, ``guidance``, ``steps``, ``expander`` (None when off)."""
+
     def score(self, pipeline: Path, transformer: Path | Any, resolution: int, n: int, steps: int,
-              seed: int = 0) -> dict[str, float | int]:
-        """The held-out benchmark of a model: ``attribute, count, colour, shape, position, n``."""
+              seed: int = 0, expand: bool = False) -> dict[str, Any]:
+        """The held-out benchmark of a model: ``attribute, count, colour, shape, position, n`` and
+        ``per_prompt`` (each prompt's attribute score); ``expand``: prompts through the world's expander."""
 
 
 def installed_worlds() -> dict[str, str]:
