@@ -67,9 +67,10 @@ def test_every_point_is_scored_under_the_recorded_protocol(tiny_chain):
         bench = json.loads((runs / s["name"] / "bench.json").read_text())
         assert len(bench["final"]["per_prompt"]) == 2  # what the interval resamples, kept with the run
     alpha, vae, resup, kv = summary["stages"]
-    assert alpha["conditions"] == {"pipeline": "alpha", "resolution": 128, "expander": False}
-    assert vae["conditions"] == {"pipeline": "sigma", "resolution": 128, "expander": False}
-    assert resup["conditions"] == kv["conditions"] == {"pipeline": "sigma", "resolution": 256, "expander": False}
+    alike = {"expander": False, "sampling": "protocol"}
+    assert alpha["conditions"] == {"pipeline": "alpha", "resolution": 128, **alike}
+    assert vae["conditions"] == {"pipeline": "sigma", "resolution": 128, **alike}
+    assert resup["conditions"] == kv["conditions"] == {"pipeline": "sigma", "resolution": 256, **alike}
     # at each boundary, both scores: the model before it under its own conditions, and under the new ones
     assert [s["boundary"]["changes"] for s in (vae, resup, kv)] == [["pipeline"], ["resolution"], []]
     assert [s["boundary"]["label"] for s in (vae, resup, kv)] == [

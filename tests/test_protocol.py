@@ -68,6 +68,10 @@ def test_conditions_name_what_changed_between_two_points():
     assert changed(a, b) == ["pipeline"] and changed(b, c) == ["resolution"] and changed(c, c) == []
     assert change_label(a, b) == "VAE alpha → sigma" and change_label(b, c) == "128 → 256 px"
     assert change_label(c, c) == "" and changed(c, conditions("sigma", 256, expand=True)) == ["expander"]
+    fast = conditions("sigma", 256, sampling="lcm 4, guidance 1")  # the consistency stage's points
+    assert changed(c, fast) == ["sampling"] and change_label(c, fast) == "sampling protocol → lcm 4, guidance 1"
+    old = {k: v for k, v in c.items() if k != "sampling"}  # a chain.json point from before the key existed
+    assert changed(old, c) == [] and changed(old, fast) == ["sampling"]
 
 
 def _summary(tmp_path):
