@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -356,3 +357,20 @@ def wait_for(manager: Any, name: str, cond, timeout: float = 30.0) -> dict:
             return s
         time.sleep(0.05)
     raise AssertionError(f"run {name} never reached the condition; last state {manager.state(name)}")
+
+
+def fake_manager(tmp_path: Path, monkeypatch: Any) -> Any:
+    """A Train tab RunManager over ``tmp_path / "runs"`` whose trainer is ``FAKE_TRAINER`` (a ``python -m`` module on
+    the children's PYTHONPATH) and whose recipes are one empty config per stage."""
+    from pixsigma_ui.train_tab import STAGES, RunManager, find_recipes
+
+    pkg = tmp_path / "modules" / "fake_trainer"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(textwrap.dedent(FAKE_TRAINER))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "modules"))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for stage in STAGES:
+        (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
+    return RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer", precheck=False)

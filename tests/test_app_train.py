@@ -9,32 +9,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import gradio as gr
 import pytest
-from fixtures import FAKE_TRAINER, wait_for
+from fixtures import fake_manager, wait_for
 from PIL import Image
 
 from pixsigma.pipeline import PixSigmaPipeline
 from pixsigma_ui.engine import MAIN, AppEngine
 from pixsigma_ui.server import build_demo
-from pixsigma_ui.train_tab import STAGES, Recipe, RunManager, find_recipes, log_tail, read_metrics
+from pixsigma_ui.train_tab import Recipe, RunManager, find_recipes, log_tail, read_metrics
 from pixsigma_ui.uploads import UploadLimits, Uploads
 
 
 @pytest.fixture
 def manager(tmp_path, monkeypatch):
-    pkg = tmp_path / "modules" / "fake_trainer"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "__main__.py").write_text(textwrap.dedent(FAKE_TRAINER))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "modules"))
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    for stage in STAGES:
-        (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
-    m = RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer", precheck=False)
+    m = fake_manager(tmp_path, monkeypatch)
     yield m
     for child in m._children.values():  # never leave a trainer behind
         child.kill()

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from fixtures import FAKE_TRAINER, make_encoders, make_images, wait_for, write_config
+from fixtures import fake_manager, make_encoders, make_images, wait_for, write_config
 
 from train.config import load_config
 from train.extract import extract
@@ -108,18 +107,8 @@ def app(tmp_path, monkeypatch, tiny_pipeline):
     from pixsigma.pipeline import PixSigmaPipeline
     from pixsigma_ui.engine import MAIN, AppEngine
     from pixsigma_ui.server import build_demo
-    from pixsigma_ui.train_tab import STAGES, RunManager, find_recipes
 
-    pkg = tmp_path / "modules" / "fake_trainer"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "__main__.py").write_text(textwrap.dedent(FAKE_TRAINER))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "modules"))
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    for stage in STAGES:
-        (configs / f"shapes_{stage}.yaml").write_text(f"stage: {stage}\n")
-    manager = RunManager(tmp_path / "runs", find_recipes([configs]), module="fake_trainer", precheck=False)
+    manager = fake_manager(tmp_path, monkeypatch)
     engine = AppEngine({MAIN: PixSigmaPipeline.from_pretrained(str(tiny_pipeline), device="cpu")})
     demo = build_demo(engine, runs=manager)
     handlers = {f.fn.__qualname__.replace(".<locals>", ""): f.fn for f in demo.fns.values() if f.fn is not None}

@@ -193,24 +193,21 @@ def test_one_unpack_per_session_and_a_global_cap_under_concurrent_calls():
         except ValueError as e:
             results.append(str(e))
 
-    threads = [threading.Thread(target=call, args=("same",)) for _ in range(n)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    release.set()
-    for t in threads:
-        t.join()
+    def run_all(clients: list[str]) -> None:  # all at once behind the barrier; held until the refusals are in
+        results.clear()
+        release.clear()
+        threads = [threading.Thread(target=call, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        release.set()
+        for t in threads:
+            t.join()
+
+    run_all(["same"] * n)
     assert results.count("in") == 1
     assert results.count("your previous upload is still being unpacked: wait for it to finish") == n - 1
-    results.clear()
-    release.clear()
-    threads = [threading.Thread(target=call, args=(f"client-{i}",)) for i in range(n)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    release.set()
-    for t in threads:
-        t.join()
+    run_all([f"client-{i}" for i in range(n)])
     assert results.count("in") == 2
     assert results.count("2 uploads are being unpacked right now (the server's limit): try again in a minute") == n - 2
     with gate.hold("same"):  # released after the refusals: free again
