@@ -170,15 +170,15 @@ class Chain:
         score, ``per_prompt``; ``few_step``: a consistency model, at the steps and guidance it samples with, a
         condition of its own); its seconds are added to ``bench["score_seconds"]``."""
         t0, c0 = time.perf_counter(), time.process_time()
-        fast = {"sampling": {"sampler": FEW_STEP_SAMPLING["sampler"], "guidance": FEW_STEP_SAMPLING["guidance"],
-                             "expand_prompt": False}} if few_step else {}
-        steps = FEW_STEP_SAMPLING["steps"] if few_step else self.protocol.steps
+        steps, fast, sampling = self.protocol.steps, {}, PROTOCOL_SAMPLING
+        if few_step:
+            f = FEW_STEP_SAMPLING
+            steps, sampling = f["steps"], f"{f['sampler']} {f['steps']}, guidance {f['guidance']:g}"
+            fast = {"sampling": {"sampler": f["sampler"], "guidance": f["guidance"], "expand_prompt": False}}
         s = self.world.score(self.world.pipelines()[pipeline], model, resolution, self.protocol.n, steps,
                              seed=self.protocol.seed, expand=expand, **fast)
         if bench is not None:
             _add_time(bench, "score", t0, c0)
-        sampling = (f"{FEW_STEP_SAMPLING['sampler']} {FEW_STEP_SAMPLING['steps']}, guidance "
-                    f"{FEW_STEP_SAMPLING['guidance']:g}") if few_step else PROTOCOL_SAMPLING
         return {**s, "conditions": conditions(pipeline, resolution, expand, sampling)}
 
     def shipped_alpha(self) -> dict[str, Any]:
@@ -284,7 +284,8 @@ class Chain:
             model = Path(bench["weights"]) if shipped else run_dir / FINAL
             self.emit(event="stage", name=st.name, state="scoring", point="expanded")
             bench["final_expanded"] = self.score(st.pipeline, model, st.resolution if shipped else
-                                                 _resolution(run_dir), bench, expand=True)
+                                                 _resolution(run_dir), bench, expand=True,
+                                                 few_step=bench.get("stage") == "consistency")
             _write_json(bench, run_dir / BENCH)
             self.emit(event="score", name=st.name, point="expanded", step=bench.get("steps", 0),
                       shapesbench=bench["final_expanded"])
