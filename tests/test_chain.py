@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from shapes.plan import StageRun
+from pixsigma.registry import DEMO_DIR
+from shapes.plan import StageRun, lab_plan, plan_to_json
 from train.ablation import ABLATION_JSON, ABLATION_MD, run_kv_ablation, seconds_per_step
 from train.chain import (
     CHAIN_JSON,
@@ -159,3 +160,14 @@ def test_bad_preset_or_start_is_refused(tmp_path):
         Chain("huge", tmp_path)
     with pytest.raises(ValueError, match="^start_from must be one of shipped, scratch, got 'nowhere'$"):
         Chain("tiny", tmp_path, "nowhere")
+
+
+def test_the_full_preset_is_the_shipped_pairs_recipe():
+    """``full`` must retrain what ships: the build's stored plan, then the polish and band runs its curves extend."""
+    shipped = json.loads((DEMO_DIR / "shapesbench.json").read_text())
+    full = lab_plan("full").plan
+    assert plan_to_json(full[:4]) == shipped["plan"]
+    extra = {st.name: st.steps for st in full[4:]}
+    assert {k: extra[k] for k in ("sigma_polish", "sigma_band")} == {k: shipped["curves"][k]["steps"]
+                                                                     for k in ("sigma_polish", "sigma_band")}
+    assert [st.name for st in full][-1] == "sigma_lcm"
