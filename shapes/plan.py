@@ -214,14 +214,16 @@ def lab_plan(name: str, start_from: str = "shipped") -> LabPlan:
 # most of the quick chain's time (9 points, 5 of them at 256 px).
 BENCH_PROTOCOL = (96, 8)
 FULL_POLISH = (5600, 5000)  # the shipped Σ's polish and band steps after its three stages (at batch 16)
-QUICK_IMAGES = 960  # world images of the quick chain: every Σ stage revisits the same ones (features made once)
-# The quick chain's schedule (docs/lab.md has what was tried): each stage short, at a fine-tuning LR with a
-# short warm-up, and an EMA whose horizon is a fraction of the stage, so its export is the trained model and
-# not mostly its start.
-QUICK_SCHEDULE = {
-    "sigma_vae": (100, 16, ["optim.lr=1.0e-4", "optim.warmup_steps=10", "optim.ema_decay=0.99"]),
-    "sigma_resup": (150, 16, ["optim.lr=2.0e-4", "optim.warmup_steps=10", "optim.ema_decay=0.98"]),
-    "sigma_kv": (60, 16, ["optim.lr=1.0e-4", "optim.warmup_steps=10", "optim.ema_decay=0.98"]),
+# The quick chain's schedule (docs/lab.md has what was tried). The VAE stage is also where the dense captions
+# arrive (α read short ones only): at 128 px a step costs a quarter of a 256 px one, so the chain spends its
+# budget there, on fresh images, at the shipped build's LR, long enough for the DiT to learn to read long
+# captions; the 256 px stages then recover the resolution change and add KV compression. Each EMA's horizon
+# is a fraction of its stage, so an export is the model the stage trained and not mostly its start.
+QUICK_VAE_IMAGES, QUICK_IMAGES = 6400, 1600  # world images of the VAE stage (128 px) and of the 256 px stages
+QUICK_SCHEDULE = {  # stage: (steps, batch, world images it reads, its config's overrides)
+    "sigma_vae": (1000, 16, QUICK_VAE_IMAGES, ["optim.lr=3.0e-4", "optim.warmup_steps=50", "optim.ema_decay=0.995"]),
+    "sigma_resup": (300, 16, QUICK_IMAGES, ["optim.lr=3.0e-4", "optim.warmup_steps=30", "optim.ema_decay=0.99"]),
+    "sigma_kv": (100, 16, QUICK_IMAGES, ["optim.lr=1.0e-4", "optim.warmup_steps=10", "optim.ema_decay=0.98"]),
 }
 
 
@@ -229,5 +231,5 @@ def quick_plan(alpha: tuple[int, int] = (300, 16)) -> list[StageRun]:
     """The quick chain: α (steps, batch; trained only ``--from scratch``) and ``QUICK_SCHEDULE``'s Σ stages."""
     base = {st.name: st for st in _sized(alpha, (1, 1, 1), 1, 1)}
     return [base["alpha"], *(StageRun(name, base[name].config, base[name].cache, steps, base[name].pipeline,
-                                      base[name].resolution, batch, QUICK_IMAGES, sets=tuple(sets))
-                             for name, (steps, batch, sets) in QUICK_SCHEDULE.items())]
+                                      base[name].resolution, batch, images, sets=tuple(sets))
+                             for name, (steps, batch, images, sets) in QUICK_SCHEDULE.items())]
