@@ -21,6 +21,7 @@ from train.chain import (
     stage_overrides,
     stop_chain,
 )
+from train.protocol import paired_change
 
 SCHEMA = {"name", "stage", "steps", "seconds", "final_loss", "shapesbench"}
 BENCH_KEYS = {"attribute", "count", "colour", "shape", "position", "n", "interval", "conditions"}
@@ -86,6 +87,11 @@ def test_every_point_is_scored_under_the_recorded_protocol(tiny_chain):
     assert rec["final_vs_alpha"]["alpha"] == alpha["shapesbench"]["attribute"]
     assert rec["final_vs_alpha_sigma_side"]["alpha"] == vae["start_shapesbench"]["attribute"]
     assert isinstance(rec["met"], bool)
+    # the final against each α on the same prompts and seeds: the paired test on the runs' per-prompt scores
+    per = {name: json.loads((runs / name / "bench.json").read_text()) for name in ("alpha", "sigma_vae", "sigma_kv")}
+    final = per["sigma_kv"]["final"]["per_prompt"]
+    assert rec["final_vs_alpha"]["paired"] == paired_change(per["alpha"]["final"]["per_prompt"], final)
+    assert rec["final_vs_alpha_sigma_side"]["paired"] == paired_change(per["sigma_vae"]["start"]["per_prompt"], final)
 
 
 def test_status_is_read_from_files(tiny_chain):

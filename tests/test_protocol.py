@@ -135,6 +135,9 @@ def test_recovery_verdict_and_its_words():
     assert "sigma_vae      10 steps: 50.0 [" in text and "within noise)" in text
     assert "final vs α as shipped: 51.0 vs 25.0, margin +26.0, outside both intervals" in text
     assert text.splitlines()[-2:] == ["recovery criteria met", "(ShapesBench attribute %, n = 96, 95 % intervals)"]
+    rec["final_vs_alpha_sigma_side"]["paired"] = paired(start, end, proto)  # as Chain.summary adds it
+    assert "final vs α through VAE-Σ: 51.0 vs 50.0, margin +1.0, NOT outside both intervals; paired +1.0 [" in (
+        format_summary({"stages": stages, "recovery": rec, "protocol": {"n": 96}}))
     worse = {**end, "attribute": 0.3, "per_prompt": [1.0] * 29 + [0.0] * 67}  # 19 prompts lost: a real drop
     stages[1].update(shapesbench=with_interval(worse, proto), training_change=paired(start, worse, proto))
     rec = recovery(stages)

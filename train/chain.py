@@ -316,9 +316,16 @@ class Chain:
                 row["boundary"] = boundary(prev["final"], start, MODEL_CHANGES.get(row["stage"], ""), self.protocol)
             stages.append(row)
             prev = bench
+        verdict = recovery(stages)
+        done = [bench for _, _, bench in self._done()]
+        if verdict and len(done) >= 2:  # the final against each α on the same prompts and seeds: the paired test
+            alphas = {"final_vs_alpha": done[0]["final"], "final_vs_alpha_sigma_side": done[1].get("start")}
+            for key, alpha in alphas.items():
+                if verdict.get(key) and alpha:
+                    verdict[key]["paired"] = paired(alpha, done[-1]["final"], self.protocol)
         return {"preset": self.preset, "start_from": self.start_from, "world": self.world.name,
                 "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps},
-                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": recovery(stages)}
+                "protocol": self.protocol.to_dict(), "stages": stages, "recovery": verdict}
 
     def finish(self) -> dict[str, Any]:
         self.score_ends()

@@ -206,8 +206,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             v = rec.get(key)
             if v:
                 sep = "outside both intervals" if v["separated"] else "NOT outside both intervals"
+                pair = f"; paired {_change(v['paired'])}" if v.get("paired") else ""
                 lines.append(f"final vs {what}: {100 * v['final']:.1f} vs {100 * v['alpha']:.1f}, "
-                             f"margin {100 * v['margin']:+.1f}, {sep}")
+                             f"margin {100 * v['margin']:+.1f}, {sep}{pair}")
         lines.append("recovery criteria " + ("met" if rec["met"] else "NOT met"))
     n = (summary.get("protocol") or {}).get("n")
     return "\n".join(lines + [f"(ShapesBench attribute %, n = {n}, 95 % intervals)"])
