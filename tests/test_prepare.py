@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from fixtures import make_encoders, make_images, write_config
 from pixsigma.config import PRESETS
 from pixsigma.model.dit import PixArtDiT
 from pixsigma.weights import save_dit
-from train.prepare import REPO, check_stage, prepare_stage
+from train.prepare import REPO, check_stage, make_inputs, prepare_stage
 
 CONFIGS = REPO / "configs"
 
@@ -93,3 +95,15 @@ def test_the_apps_finetune_default_resolves_on_a_fresh_clone(tmp_path):
     assert (st.start, st.load_from) == ("given", REPO / "assets" / "demo" / "sigma")
     assert st.run_dir == tmp_path / "ft" and st.to_make == ("data", "features")
     assert st.config.data.cache == str(st.cache) and st.cache.name.startswith("shapes-")
+
+
+def test_a_set_data_source_makes_that_sources_world_data(tmp_path):
+    """``--set data.source=data/shapes_complete`` on a config naming data/shapes makes complete-caption data."""
+    sets = ["stage.load_from=assets/demo/sigma", f"output_dir={tmp_path / 'ft'}",
+            "data.source=data/shapes_complete", "data.max_images=24"]
+    st = check_stage(CONFIGS / "_shapes_base.yaml", tmp_path / "runs", sets)
+    assert st.data == tmp_path / "runs" / "data" / "shapes_complete" and "data" in st.to_make
+    make_inputs(replace(st, to_make=("data",)), tmp_path / "runs")
+    rows = [json.loads(line) for line in (st.data / "metadata.jsonl").read_text().splitlines()]
+    full = [r for r in rows if len(r["scene"]["objects"]) >= 3]
+    assert len(rows) == 24 and full and all(r["caption"] == r["long_caption"] for r in full)  # both slots long

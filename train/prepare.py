@@ -342,8 +342,8 @@ def make_inputs(st: PreparedStage, runs_dir: str | Path, progress: ProgressFn | 
     st.run_dir.mkdir(parents=True, exist_ok=True)
     if "data" in st.to_make:
         meter = _Meter("data", progress, st.run_dir)
-        load_world(world or DEFAULT_WORLD).make_data(st.data, cfg.data.max_images, read_config_file(
-            st.config_path)["data"].get("source"), progress=meter)
+        # the folder is named after the source in effect (a --set data.source included), not the config file's
+        load_world(world or DEFAULT_WORLD).make_data(st.data, cfg.data.max_images, st.data.name, progress=meter)
     if st.data_report.get("list"):
         from .userdata import read_user_data, write_clean_jsonl
 
