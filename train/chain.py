@@ -295,8 +295,8 @@ class Chain:
         conditions, the boundary between it and the stage before (both scores, what changed), and the
         recovery verdict."""
         iv = lambda score: with_interval(score, self.protocol) if score else None  # noqa: E731
-        stages, prev = [], None
-        for st, run_dir, bench in self._done():
+        stages, prev, done = [], None, self._done()
+        for st, run_dir, bench in done:
             shipped = bench.get("source") == "shipped"
             start, final = bench.get("start") or {}, bench["final"]
             row = {"name": st.name, "stage": bench.get("stage"), "steps": bench.get("steps", st.steps),
@@ -317,12 +317,12 @@ class Chain:
             stages.append(row)
             prev = bench
         verdict = recovery(stages)
-        done = [bench for _, _, bench in self._done()]
-        if verdict and len(done) >= 2:  # the final against each α on the same prompts and seeds: the paired test
-            alphas = {"final_vs_alpha": done[0]["final"], "final_vs_alpha_sigma_side": done[1].get("start")}
+        benches = [bench for _, _, bench in done]
+        if verdict and len(benches) >= 2:  # the final against each α on the same prompts and seeds: the paired test
+            alphas = {"final_vs_alpha": benches[0]["final"], "final_vs_alpha_sigma_side": benches[1].get("start")}
             for key, alpha in alphas.items():
                 if verdict.get(key) and alpha:
-                    verdict[key]["paired"] = paired(alpha, done[-1]["final"], self.protocol)
+                    verdict[key]["paired"] = paired(alpha, benches[-1]["final"], self.protocol)
         return {"preset": self.preset, "start_from": self.start_from, "world": self.world.name,
                 "bench": {"n": self.lab.bench_n, "steps": self.lab.bench_steps},
                 "protocol": self.protocol.to_dict(), "stages": stages, "recovery": verdict}
